@@ -1,0 +1,35 @@
+"""weightlab: inspect, adapt, merge and compress neural-network weights, and score the data behind them.
+
+    import weightlab as wl
+    ckpt = wl.open_checkpoint("path/to/model")     # lazy: names, shapes, dtypes
+    w = ckpt.get("model.embed_tokens.weight")      # one tensor, memory-mapped
+    wl.list_methods("compress")                    # every registered method
+"""
+from __future__ import annotations
+
+import importlib
+
+from ._version import __version__
+from .errors import (CheckpointError, ConfigError, CorruptCheckpointError, MissingDependencyError,
+                     MissingShardError, OutputExistsError, TensorValueError, TruncatedCheckpointError,
+                     UnsafeCheckpointError, UnsupportedFormatError, WeightlabError)
+from .io import Checkpoint, CheckpointWriter, Provenance, open_checkpoint, save_state_dict
+from .recipe import load_recipe, run_recipe
+from .registry import Regime, get_method, list_methods, register
+
+__all__ = [
+    "Checkpoint", "CheckpointError", "CheckpointWriter", "ConfigError", "CorruptCheckpointError",
+    "MissingDependencyError", "MissingShardError", "OutputExistsError", "Provenance", "Regime",
+    "TensorValueError", "TruncatedCheckpointError", "UnsafeCheckpointError", "UnsupportedFormatError",
+    "WeightlabError", "__version__", "get_method", "list_methods", "load_recipe", "open_checkpoint",
+    "register", "run_recipe", "save_state_dict", "zoo",
+]
+
+_LAZY = {"zoo", "engine", "inspect", "adapt", "merge", "compress", "data", "tensor"}
+
+
+def __getattr__(name: str):
+    # heavy optional dependencies (transformers, gensim) load only when asked for
+    if name in _LAZY:
+        return importlib.import_module(f"weightlab.{name}")
+    raise AttributeError(f"module 'weightlab' has no attribute {name!r}")

@@ -1,0 +1,56 @@
+"""The ``weightlab`` command. Thin: parse, call the library, print."""
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from .._version import __version__
+from ..errors import WeightlabError
+from ._common import err_console
+
+app = typer.Typer(name="weightlab", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Inspect, adapt, merge and compress neural-network weights; score the data behind them.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"weightlab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    pass
+
+
+from . import demo, info, methods, run  # noqa: E402,F401  (commands register on the app)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors print one line (no traceback) and exit 1."""
+    try:
+        rv = app(args=argv, standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except WeightlabError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+        code = 1
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except click.ClickException as e:
+        e.show()
+        code = e.exit_code
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        code = 130
+    except KeyboardInterrupt:
+        err_console.print("interrupted; no output was written under the final name")
+        code = 130
+    except OSError as e:  # disk full, permissions: environment, not a bug
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        code = 1
+    if argv is None:
+        sys.exit(code)
+    return code

@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from ..registry import list_methods
+from . import app
+from ._common import console, print_json
+
+
+@app.command()
+def methods(family: str = typer.Option(None, "--family", "-f", help="inspect, adapt, merge, compress or data"),
+            json_out: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """List every registered method with its paper, memory regime and defaults."""
+    specs = list_methods(family)
+    if json_out:
+        print_json([{"family": s.family, "name": s.name, "kind": s.kind, "regime": s.regime.value,
+                     "paper": s.paper, "summary": s.summary, "defaults": s.defaults()} for s in specs])
+        return
+    t = Table("family", "method", "regime", "paper", "what it does")
+    for s in specs:
+        t.add_row(s.family, s.name, s.regime.value, s.paper, s.summary)
+    console.print(t)

@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import typer
+
+from ..recipe import load_recipe, run_recipe
+from . import app
+from ._common import console
+
+
+@app.command()
+def run(recipe: str = typer.Argument(..., help="recipe YAML: model, output and a list of steps"),
+        output: str = typer.Option(None, "--output", "-o", help="output folder (overrides the recipe's)"),
+        force: bool = typer.Option(False, "--force", help="replace an existing output folder"),
+        dry_run: bool = typer.Option(False, "--dry-run", help="validate the recipe and stop")) -> None:
+    """Run a recipe: every step is resolved and validated before anything runs."""
+    r = load_recipe(recipe)
+    if output:
+        r.output = output
+    if dry_run:
+        from ..recipe import plan_recipe
+
+        plan = plan_recipe(r)
+        for i, (spec, cfg) in enumerate(plan.steps, 1):
+            console.print(f"step {i}: {spec.family}/{spec.name} {cfg.model_dump()}")
+        console.print("[green]recipe is valid[/]")
+        return
+    res = run_recipe(r, force=force)
+    for rep in res.reports:
+        summ = rep["result"].get("summary", {}) if isinstance(rep["result"], dict) else {}
+        console.print(f"step {rep['step']}: {rep['family']}/{rep['method']} -> "
+                      + ", ".join(f"{k}={v}" for k, v in summ.items() if not isinstance(v, (list, dict))))
+    if res.output:
+        console.print(f"[green]wrote[/] {res.output}")

@@ -1,0 +1,2 @@
+"""Compress family: make weights smaller. Each method registers itself on import."""
+from . import cast  # noqa: F401

@@ -1,0 +1,1 @@
+"""Data family: score and reweight training samples. Methods register themselves on import (one file per method)."""

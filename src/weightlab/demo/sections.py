@@ -1,0 +1,73 @@
+"""Demo sections, one per capability; each returns (result dict, markdown text)."""
+from __future__ import annotations
+
+from ..cli.info import describe
+from ..engine.evaluate import perplexity
+from ..engine.streaming import write_source
+from ..io.provenance import Provenance
+from ..io.reader import open_checkpoint
+from ..registry import get_method
+
+
+def structure(ctx):
+    d = describe(ctx.model_path)
+    d.pop("tensors")
+    cfg = d["config"]
+    text = (f"{d['architecture']}: {d['num_parameters']:,} parameters in {d['num_tensors']} tensors "
+            f"({', '.join(d['dtypes'])}), {cfg.get('num_hidden_layers')} layers, hidden {cfg.get('hidden_size')}, "
+            f"MLP {cfg.get('intermediate_size')}, {cfg.get('num_attention_heads')} heads "
+            f"({cfg.get('num_key_value_heads')} KV), vocabulary {cfg.get('vocab_size')}.")
+    return d, text
+
+
+def dense_perplexity(ctx):
+    model, tok = ctx.model_and_tokenizer()
+    r = perplexity(model, tok, ctx.heldout(), max_tokens=ctx.eval_tokens)
+    ctx.cache["dense_ppl"] = r["perplexity"]
+    return r, (f"Held-out Wikipedia perplexity (fp32): **{r['perplexity']:.3f}** over {r['tokens']:,} tokens "
+               f"({r['windows']} windows of {r['seqlen']}, {r['seconds']} s).")
+
+
+def inspect_stats(ctx):
+    spec = get_method("inspect", "stats")
+    with open_checkpoint(ctx.model_path) as ck:
+        rep = spec.fn(ck, spec.make_config({"top": 5}))
+    s = rep["summary"]
+    rows = "\n".join(f"| `{r['name']}` | {r['norm']:.2f} |" for r in s["largest_norm"])
+    text = (f"`inspect/stats` read {s['tensors']} tensors one at a time; non-finite tensors: "
+            f"{len(s['nonfinite_tensors'])}; share of exact zeros {s['zero_share']:.4%}.\n\n"
+            f"| largest-norm tensor | Frobenius norm |\n|---|---|\n{rows}")
+    return s, text
+
+
+def cast_bf16(ctx):
+    import torch
+
+    from ..io.hf import load_causal_lm
+
+    spec = get_method("compress", "cast")
+    cfg = spec.make_config({"dtype": "bfloat16"})
+    out = ctx.work / "smollm2-bf16"
+    with open_checkpoint(ctx.model_path) as ck:
+        src = spec.fn(ck, cfg)
+        write_source(src, out, provenance=Provenance("compress/cast", cfg.model_dump(), [str(ctx.model_path)]),
+                     inputs=[ctx.model_path])
+    size_in = sum(f.stat().st_size for f in ctx.model_path.glob("*.safetensors"))
+    size_out = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    model, tok = load_causal_lm(out, dtype=torch.float32)
+    r = perplexity(model, tok, ctx.heldout(), max_tokens=ctx.eval_tokens)
+    del model
+    dense = ctx.cache.get("dense_ppl")
+    res = {"size_in": size_in, "size_out": size_out, "perplexity": r["perplexity"], "dense_perplexity": dense}
+    text = (f"`compress/cast` to bfloat16 streamed into `smollm2-bf16/` ({size_in / 2**20:.0f} MiB -> "
+            f"{size_out / 2**20:.0f} MiB); it loads with transformers and scores perplexity "
+            f"**{r['perplexity']:.3f}**" + (f" (fp32: {dense:.3f})." if dense else "."))
+    return res, text
+
+
+SECTIONS = [
+    ("structure", structure),
+    ("perplexity", dense_perplexity),
+    ("inspect", inspect_stats),
+    ("compress: cast", cast_bf16),
+]

@@ -1,0 +1,98 @@
+"""Atomic output folders: build in a hidden temporary folder beside the target, rename at the end.
+
+A crash, a kill or a full disk leaves at most a hidden ``.NAME.weightlab-tmp-PID-*`` folder
+(removed by the next writer once PID is gone), never a half-written folder under NAME.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from ..errors import OutputExistsError
+
+
+def check_not_input(out: Path, inputs) -> None:
+    """Refuse an output that equals, lies inside, or contains an input."""
+    o = Path(out).expanduser().resolve()
+    for inp in inputs:
+        if inp is None:
+            continue
+        i = Path(inp).expanduser().resolve()
+        if o == i or i in o.parents or o in i.parents:
+            raise OutputExistsError(
+                f"output '{out}' would write into or over the input '{inp}'; choose another output path")
+
+
+class AtomicFolder:
+    """``with AtomicFolder(out) as tmp: ...write into tmp...`` publishes ``out`` on success."""
+
+    def __init__(self, out: str | os.PathLike, *, force: bool = False, inputs=()):
+        self.out = Path(out).expanduser()
+        self.force = force
+        check_not_input(self.out, inputs)
+        if self.out.exists() and not force:
+            raise OutputExistsError(f"output '{self.out}' already exists; pass --force (force=True) to replace it")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        _clean_stale(self.out)
+        self.tmp = self.out.parent / f".{self.out.name}.weightlab-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.tmp.mkdir()
+        self.done = False
+
+    def publish(self) -> Path:
+        if self.done:
+            return self.out
+        old = None
+        if self.out.exists():
+            if not self.force:
+                raise OutputExistsError(f"output '{self.out}' appeared while writing; nothing was replaced")
+            old = self.out.parent / f".{self.out.name}.weightlab-old-{uuid.uuid4().hex[:8]}"
+            os.rename(self.out, old)
+        try:
+            os.rename(self.tmp, self.out)
+        except OSError:
+            if old is not None:
+                os.rename(old, self.out)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        self.done = True
+        return self.out
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.done = True
+
+    def __enter__(self) -> Path:
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                self.publish()
+            except BaseException:
+                self.abort()
+                raise
+        else:
+            self.abort()
+
+
+def _clean_stale(out: Path) -> None:
+    for p in out.parent.glob(f".{out.name}.weightlab-tmp-*"):
+        try:
+            pid = int(p.name.rsplit("-", 2)[1])
+        except (ValueError, IndexError):
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

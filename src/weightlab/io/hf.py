@@ -1,0 +1,28 @@
+"""Load Hugging Face models from local folders (transformers is the optional 'hf' extra)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..errors import CheckpointError, MissingDependencyError
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise MissingDependencyError("transformers", "loading a Hugging Face model", "'weightlab[hf]'") from None
+    return transformers
+
+
+def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype = torch.float32, local_files_only: bool = True):
+    """(model, tokenizer) from an HF folder; eval mode. Hub names work when local_files_only=False."""
+    tf = _transformers()
+    try:
+        tok = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=local_files_only)
+        model = tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=local_files_only)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"transformers cannot load this folder as a causal LM: {str(e).splitlines()[0]}",
+                              path) from None
+    return model.eval(), tok

@@ -1,0 +1,337 @@
+"""Lazy checkpoint reader: names, shapes and dtypes without reading data; one tensor at a time.
+
+Formats: a Hugging Face model folder (single or sharded safetensors, or pytorch_model.bin
+with or without index), a single .safetensors file, a .bin/.pt/.pth state dict (loaded only
+with ``weights_only=True``), and a PEFT adapter folder.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..errors import (CheckpointError, CorruptCheckpointError, MissingShardError, UnsafeCheckpointError,
+                      UnsupportedFormatError)
+from .dtypes import ST_TO_TORCH, dtype_name
+from .safetensors_format import SafetensorsHeader, read_header
+
+TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: str
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": dtype_name(self.dtype)}
+
+
+class _SafetensorsFile:
+    """One .safetensors file, memory-mapped on first tensor access (copy-on-write)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.header: SafetensorsHeader = read_header(path)
+        self._mm: mmap.mmap | None = None
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return {n: TensorInfo(n, e.shape, ST_TO_TORCH[e.dtype], self.path.name) for n, e in self.header.entries.items()}
+
+    def get(self, name: str) -> torch.Tensor:
+        e = self.header.entries[name]
+        dtype = ST_TO_TORCH[e.dtype]
+        if e.nbytes == 0:
+            return torch.empty(e.shape, dtype=dtype)
+        if self._mm is None:
+            size = self.path.stat().st_size
+            if size < self.header.data_start + max(x.end for x in self.header.entries.values()):
+                raise CorruptCheckpointError("file shrank after it was opened", self.path, name)
+            with open(self.path, "rb") as f:
+                # ACCESS_COPY: pages are shared with the page cache for reading, but a caller
+                # that writes into a returned tensor can never modify the file.
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        start = self.header.data_start + e.begin
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if start % itemsize:
+            buf = bytearray(self._mm[start:start + e.nbytes])  # misaligned: copy
+            return torch.frombuffer(buf, dtype=dtype).reshape(e.shape)
+        return torch.frombuffer(self._mm, dtype=dtype, count=e.nbytes // itemsize, offset=start).reshape(e.shape)
+
+
+class _TorchFile:
+    """A pickled state dict, read only through torch.load(weights_only=True)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.extra: dict[str, object] = {}
+        obj = _safe_torch_load(path)
+        sd = _unwrap_state_dict(obj, path)
+        self.tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        self.extra = {k: v for k, v in sd.items() if not isinstance(v, torch.Tensor)}
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return {n: TensorInfo(n, tuple(t.shape), t.dtype, self.path.name) for n, t in self.tensors.items()}
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+
+def _safe_torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            "refused to unpickle: the file contains objects other than tensors and plain containers "
+            f"({str(e).splitlines()[0] if str(e) else 'unsafe global'}). weightlab never runs arbitrary "
+            "pickle code; convert the checkpoint to safetensors with a trusted tool if you trust its source.",
+            path) from None
+    except RuntimeError as e:
+        msg = str(e)
+        if "mmap" in msg or "zipfile" in msg.lower() and "legacy" in msg.lower():
+            try:  # legacy (pre-zip) serialization cannot be memory-mapped
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e2:
+                raise UnsafeCheckpointError(f"refused to unpickle: {str(e2).splitlines()[0]}", path) from None
+            except Exception as e2:  # noqa: BLE001 - any failure here means the file is damaged
+                raise CorruptCheckpointError(f"cannot read PyTorch file: {str(e2).splitlines()[0]}", path) from None
+        raise CorruptCheckpointError(
+            f"cannot read PyTorch file (truncated or corrupt?): {msg.splitlines()[0] if msg else e!r}", path) from None
+    except (EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError) as e:
+        raise CorruptCheckpointError(f"cannot read PyTorch file (truncated or corrupt?): {e}", path) from None
+
+
+def _unwrap_state_dict(obj: object, path: Path) -> dict:
+    if not isinstance(obj, dict):
+        raise UnsupportedFormatError(f"expected a state dict (a dict of tensors), found {type(obj).__name__}", path)
+    if not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in ("state_dict", "model_state_dict", "model", "module"):
+            inner = obj.get(key)
+            if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+                return inner
+    for k in obj:
+        if not isinstance(k, str):
+            raise UnsupportedFormatError(f"state dict key {k!r} is not a string", path)
+    return obj
+
+
+class Checkpoint:
+    """Lazy view over a checkpoint. Use ``open_checkpoint(path)`` to make one."""
+
+    def __init__(self, path: Path, fmt: str, files: list, where: dict[str, object],
+                 config: dict | None = None, metadata: dict[str, str] | None = None,
+                 config_name: str | None = None):
+        self.path = path
+        self.format = fmt
+        self._files = files
+        self._where = where  # tensor name -> backend
+        self._infos: dict[str, TensorInfo] = {}
+        for backend in files:
+            for n, info in backend.infos().items():
+                if where.get(n) is backend:
+                    self._infos[n] = info
+        self.config = config
+        self.config_name = config_name
+        self.metadata = metadata or {}
+
+    # mapping-like API
+    def names(self) -> list[str]:
+        return list(self._infos)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.get(name)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise CheckpointError("no such tensor in the checkpoint", self.path, name) from None
+
+    def infos(self) -> list[TensorInfo]:
+        return list(self._infos.values())
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Read one tensor. Memory-mapped for safetensors; ``dtype`` converts (a copy)."""
+        info = self.info(name)
+        t = self._where[name].get(name)  # type: ignore[attr-defined]
+        if tuple(t.shape) != info.shape:
+            raise CorruptCheckpointError(f"tensor has shape {tuple(t.shape)}, header says {info.shape}", self.path, name)
+        return t.to(dtype) if dtype is not None and t.dtype != dtype else t
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for n in self._infos:
+            yield n, self.get(n)
+
+    def state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        return {n: self.get(n, dtype) for n in self._infos}
+
+    @property
+    def files(self) -> list[Path]:
+        return [b.path for b in self._files]
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(i.numel for i in self._infos.values())
+
+    @property
+    def architecture(self) -> str | None:
+        if self.config and isinstance(self.config.get("architectures"), list) and self.config["architectures"]:
+            return str(self.config["architectures"][0])
+        return None
+
+    def folder(self) -> Path:
+        return self.path if self.path.is_dir() else self.path.parent
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        # mmaps are released when the last tensor that views them is collected
+        for b in self._files:
+            if isinstance(b, _SafetensorsFile):
+                b._mm = None
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, format={self.format!r}, tensors={len(self)})"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpointError(f"cannot parse JSON: {e}", path) from None
+    if not isinstance(obj, dict):
+        raise CorruptCheckpointError("expected a JSON object", path)
+    return obj
+
+
+def _open_file(path: Path):
+    if path.suffix == ".safetensors":
+        return _SafetensorsFile(path)
+    if path.suffix in TORCH_SUFFIXES:
+        return _TorchFile(path)
+    if path.suffix == ".gguf":
+        raise UnsupportedFormatError(
+            "GGUF files are not read directly; load them with transformers "
+            "(from_pretrained(folder, gguf_file=...)) or, for SmolLM2, use weightlab.zoo.smollm2()", path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] == b"PK":
+        return _TorchFile(path)
+    raise UnsupportedFormatError(
+        "unsupported checkpoint file; expected .safetensors, .bin, .pt or .pth "
+        "(or a Hugging Face / PEFT folder)", path)
+
+
+def _sharded(folder: Path, index_path: Path) -> tuple[list, dict[str, object], dict[str, str]]:
+    index = _read_json(index_path)
+    wmap = index.get("weight_map")
+    if not isinstance(wmap, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()):
+        raise CorruptCheckpointError("index has no valid 'weight_map' (tensor name -> shard file)", index_path)
+    root = folder.resolve()
+    backends: dict[str, object] = {}
+    for shard in sorted(set(wmap.values())):
+        p = (folder / shard).resolve()
+        if Path(shard).is_absolute() or root not in p.parents:
+            raise MissingShardError(f"index points to shard '{shard}' outside the checkpoint folder; refusing to read it",
+                                    index_path)
+        if not p.is_file():
+            raise MissingShardError(f"index points to shard '{shard}', which does not exist "
+                                    "(incomplete download?)", index_path)
+        backends[shard] = _open_file(p)
+    where: dict[str, object] = {}
+    for name, shard in wmap.items():
+        b = backends[shard]
+        if name not in b.infos():  # type: ignore[attr-defined]
+            raise CorruptCheckpointError(f"index says tensor is in '{shard}' but that shard does not hold it",
+                                         index_path, name)
+        where[name] = b
+    meta = {k: str(v) for k, v in (index.get("metadata") or {}).items()} if isinstance(index.get("metadata"), dict) else {}
+    return list(backends.values()), where, meta
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open a checkpoint lazily. Raises CheckpointError subclasses naming the file."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError("no such file or folder", p)
+    if p.is_file():
+        b = _open_file(p)
+        fmt = "safetensors" if isinstance(b, _SafetensorsFile) else "torch"
+        meta = dict(b.header.metadata) if isinstance(b, _SafetensorsFile) else {}
+        return Checkpoint(p, fmt, [b], {n: b for n in b.infos()}, metadata=meta)
+
+    config_path = p / "config.json"
+    adapter_cfg = p / "adapter_config.json"
+    candidates = [
+        ("peft-adapter", None, "adapter_model.safetensors"),
+        ("peft-adapter", None, "adapter_model.bin"),
+        ("hf-sharded", "model.safetensors.index.json", None),
+        ("hf", None, "model.safetensors"),
+        ("hf-sharded", "pytorch_model.bin.index.json", None),
+        ("hf", None, "pytorch_model.bin"),
+    ]
+    for fmt, index_name, file_name in candidates:
+        if fmt == "peft-adapter" and not adapter_cfg.is_file():
+            continue
+        if index_name and (p / index_name).is_file():
+            files, where, meta = _sharded(p, p / index_name)
+            first = files[0] if files else None
+            if isinstance(first, _SafetensorsFile):
+                meta = {**first.header.metadata, **meta}
+            break
+        if file_name and (p / file_name).is_file():
+            b = _open_file(p / file_name)
+            files, where = [b], {n: b for n in b.infos()}
+            meta = dict(b.header.metadata) if isinstance(b, _SafetensorsFile) else {}
+            break
+    else:
+        st = sorted(p.glob("*.safetensors"))
+        if len(st) == 1:
+            fmt = "safetensors-folder"
+            b = _open_file(st[0])
+            files, where, meta = [b], {n: b for n in b.infos()}, dict(b.header.metadata)
+        else:
+            found = ", ".join(sorted(x.name for x in p.iterdir())[:10]) or "nothing"
+            raise UnsupportedFormatError(
+                "folder is not a Hugging Face model or PEFT adapter folder: expected model.safetensors, "
+                f"model.safetensors.index.json, pytorch_model.bin or adapter_model.safetensors; found {found}", p)
+
+    config, config_name = None, None
+    if fmt == "peft-adapter":
+        config, config_name = _read_json(adapter_cfg), adapter_cfg.name
+    elif config_path.is_file():
+        config, config_name = _read_json(config_path), config_path.name
+    return Checkpoint(p, fmt, files, where, config=config, metadata=meta, config_name=config_name)

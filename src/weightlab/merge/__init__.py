@@ -1,0 +1,1 @@
+"""Merge family: combine several models. Methods register themselves on import (one file per method)."""

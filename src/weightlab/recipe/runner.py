@@ -1,0 +1,114 @@
+"""Plan (validate everything) then run a recipe's steps in order.
+
+Transform steps wrap the current tensor source lazily; report steps read it and return a
+dict. The model is written once at the end, with all reports, into one atomic folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from ..engine.streaming import write_source
+from ..errors import ConfigError
+from ..io.atomic import AtomicFolder, check_not_input
+from ..io.dtypes import parse_dtype
+from ..io.provenance import Provenance
+from ..io.reader import open_checkpoint
+from ..registry import MethodSpec, get_method
+from .models import resolve_model
+from .schema import Recipe
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    model_path: Path
+    steps: list[tuple[MethodSpec, object]]
+
+    @property
+    def writes_model(self) -> bool:
+        return any(spec.kind == "transform" for spec, _ in self.steps)
+
+
+@dataclass
+class RunResult:
+    output: Path | None
+    reports: list[dict] = field(default_factory=list)
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"recipe file '{p}' does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe '{p}' is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe '{p}' must be a mapping with 'model' and 'steps'")
+    try:
+        return Recipe(**data)
+    except ValidationError as e:
+        msgs = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"recipe '{p}' is invalid: {msgs}") from None
+
+
+def plan_recipe(recipe: Recipe) -> Plan:
+    """Resolve and validate every step, and open the model's header, before any work."""
+    problems, steps = [], []
+    for i, step in enumerate(recipe.steps, 1):
+        try:
+            spec = get_method(step.family, step.method)
+            steps.append((spec, spec.make_config(step.params)))
+        except ConfigError as e:
+            problems.append(f"step {i}: {e}")
+    if recipe.dtype is not None:
+        try:
+            parse_dtype(recipe.dtype)
+        except ValueError as e:
+            problems.append(f"dtype: {e}")
+    if problems:
+        raise ConfigError("recipe has errors:\n  " + "\n  ".join(problems))
+    model_path = resolve_model(recipe.model)
+    open_checkpoint(model_path).close()  # header checks now, not after an hour of work
+    plan = Plan(recipe, model_path, steps)
+    if plan.writes_model and not recipe.output:
+        raise ConfigError("the recipe changes the model but has no 'output' folder (set output: or pass -o)")
+    if recipe.output:
+        check_not_input(Path(recipe.output), [model_path])
+    return plan
+
+
+def run_recipe(recipe: Recipe, *, force: bool = False, show_progress: bool | None = None) -> RunResult:
+    plan = plan_recipe(recipe)
+    out = Path(recipe.output) if recipe.output else None
+    if out is not None and out.exists() and not force:
+        raise ConfigError(f"output '{out}' already exists; pass --force to replace it")
+    source = open_checkpoint(plan.model_path)
+    reports: list[dict] = []
+    for i, (spec, cfg) in enumerate(plan.steps, 1):
+        if spec.kind == "transform":
+            source = spec.fn(source, cfg)
+        else:
+            rep = spec.fn(source, cfg, show_progress=show_progress)
+            reports.append({"step": i, "family": spec.family, "method": spec.name, "result": rep})
+    prov = Provenance(method="recipe", params=recipe.model_dump(), inputs=[str(plan.model_path)])
+    files = {f"report-{r['step']:02d}-{r['family']}-{r['method']}.json": json.dumps(r["result"], indent=1, default=str)
+             for r in reports}
+    if out is None:
+        return RunResult(None, reports)
+    if plan.writes_model:
+        write_source(source, out, provenance=prov, inputs=[plan.model_path], force=force,
+                     max_shard_size=recipe.max_shard_size, dtype=recipe.dtype, extra_files=files,
+                     show_progress=show_progress)
+    else:
+        with AtomicFolder(out, force=force, inputs=[plan.model_path]) as tmp:
+            for name, content in files.items():
+                (tmp / name).write_text(content)
+            (tmp / "README.md").write_text(prov.readme("weightlab recipe reports"))
+    return RunResult(out, reports)
