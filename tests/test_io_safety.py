@@ -1,0 +1,154 @@
+"""Bad input gets a typed error naming the file; outputs are atomic and never clobber inputs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import weightlab as wl
+from weightlab.io import CheckpointWriter
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['WL_MARKER']}",))
+
+
+def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("WL_MARKER", str(marker))
+    torch.save({"w": torch.zeros(2), "payload": Evil()}, tmp_path / "evil.bin")
+    assert not marker.exists()
+    with pytest.raises(wl.UnsafeCheckpointError) as e:
+        wl.open_checkpoint(tmp_path / "evil.bin")
+    assert "evil.bin" in str(e.value) and "refused" in str(e.value)
+    assert not marker.exists()
+
+
+def test_corrupt_header_is_typed_and_names_file(tmp_path):
+    save_file({"w": torch.zeros(4)}, tmp_path / "m.safetensors")
+    raw = bytearray((tmp_path / "m.safetensors").read_bytes())
+    raw[10:14] = b"\xff\xfe{]"
+    (tmp_path / "bad.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(wl.CorruptCheckpointError) as e:
+        wl.open_checkpoint(tmp_path / "bad.safetensors")
+    assert "bad.safetensors" in str(e.value)
+
+
+def test_truncated_file_is_typed_and_names_file_and_tensor(tmp_path):
+    save_file({"a": torch.zeros(4), "b": torch.ones(100)}, tmp_path / "m.safetensors")
+    raw = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(raw[:-10])
+    with pytest.raises(wl.TruncatedCheckpointError) as e:
+        wl.open_checkpoint(tmp_path / "cut.safetensors")
+    assert "cut.safetensors" in str(e.value) and "'b'" in str(e.value) and "truncated" in str(e.value)
+    (tmp_path / "tiny.safetensors").write_bytes(raw[:5])
+    with pytest.raises(wl.TruncatedCheckpointError):
+        wl.open_checkpoint(tmp_path / "tiny.safetensors")
+
+
+def test_truncated_torch_file(tmp_path):
+    torch.save({"w": torch.randn(1000)}, tmp_path / "m.bin")
+    raw = (tmp_path / "m.bin").read_bytes()
+    (tmp_path / "cut.bin").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(wl.CorruptCheckpointError, match="cut.bin"):
+        wl.open_checkpoint(tmp_path / "cut.bin")
+
+
+def _sharded(tmp_path):
+    out = wl.save_state_dict({"a": torch.zeros(100), "b": torch.ones(100)}, tmp_path / "m", max_shard_size=400)
+    return out, json.loads((out / "model.safetensors.index.json").read_text())
+
+
+def test_index_pointing_to_missing_shard(tmp_path):
+    out, index = _sharded(tmp_path)
+    index["weight_map"]["b"] = "model-00009-of-00009.safetensors"
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(wl.MissingShardError, match="does not exist"):
+        wl.open_checkpoint(out)
+
+
+@pytest.mark.parametrize("evil", ["../outside.safetensors", "/etc/passwd", "sub/../../outside.safetensors"])
+def test_index_path_traversal_refused(tmp_path, evil):
+    out, index = _sharded(tmp_path)
+    save_file({"b": torch.ones(100)}, tmp_path / "outside.safetensors")
+    index["weight_map"]["b"] = evil
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(wl.MissingShardError, match="outside the checkpoint folder"):
+        wl.open_checkpoint(out)
+
+
+def test_index_naming_tensor_absent_from_shard(tmp_path):
+    out, index = _sharded(tmp_path)
+    index["weight_map"]["ghost"] = index["weight_map"]["a"]
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(wl.CorruptCheckpointError, match="ghost"):
+        wl.open_checkpoint(out)
+
+
+def test_unsupported_formats(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(wl.UnsupportedFormatError, match="notes.txt"):
+        wl.open_checkpoint(tmp_path / "notes.txt")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    with pytest.raises(wl.UnsupportedFormatError, match="GGUF"):
+        wl.open_checkpoint(tmp_path / "m.gguf")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(wl.UnsupportedFormatError, match="not a Hugging Face"):
+        wl.open_checkpoint(tmp_path / "empty")
+    with pytest.raises(wl.CheckpointError, match="no such file"):
+        wl.open_checkpoint(tmp_path / "missing")
+    torch.save([torch.zeros(1)], tmp_path / "list.pt")
+    with pytest.raises(wl.UnsupportedFormatError, match="state dict"):
+        wl.open_checkpoint(tmp_path / "list.pt")
+
+
+def test_refuses_existing_output_unless_force(tmp_path):
+    wl.save_state_dict({"a": torch.zeros(1)}, tmp_path / "m")
+    with pytest.raises(wl.OutputExistsError, match="--force"):
+        wl.save_state_dict({"a": torch.ones(1)}, tmp_path / "m")
+    assert torch.equal(wl.open_checkpoint(tmp_path / "m").get("a"), torch.zeros(1))
+    wl.save_state_dict({"a": torch.ones(1)}, tmp_path / "m", force=True)
+    assert torch.equal(wl.open_checkpoint(tmp_path / "m").get("a"), torch.ones(1))
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temp or old folders left behind
+
+
+def test_refuses_to_write_into_or_over_inputs(tmp_path):
+    inp = wl.save_state_dict({"a": torch.zeros(1)}, tmp_path / "in")
+    for bad in (inp, inp / "sub", tmp_path):
+        with pytest.raises(wl.OutputExistsError, match="input"):
+            CheckpointWriter(bad, inputs=[inp], force=True)
+    assert torch.equal(wl.open_checkpoint(inp).get("a"), torch.zeros(1))
+
+
+def test_exception_while_writing_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with CheckpointWriter(tmp_path / "m") as w:
+            w.add("a", torch.zeros(10))
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_killed_writer_leaves_no_final_folder(tmp_path):
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        from weightlab.io import CheckpointWriter
+        w = CheckpointWriter({str(tmp_path / 'm')!r}, max_shard_size=1000)
+        for i in range(20):
+            w.add(f"t{{i}}", torch.randn(100))
+            if i == 12:
+                os.kill(os.getpid(), signal.SIGKILL)
+        w.close()
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "m").exists()
+    leftovers = list(tmp_path.glob(".m.weightlab-tmp-*"))
+    assert len(leftovers) == 1  # the dead writer's hidden temp folder...
+    wl.save_state_dict({"a": torch.zeros(1)}, tmp_path / "m")  # ...is cleaned by the next writer
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

@@ -1,0 +1,38 @@
+import pytest
+from pydantic import Field
+
+import weightlab as wl
+from weightlab.registry import MethodConfig, Registry
+
+
+class Cfg(MethodConfig):
+    k: float = Field(0.2, ge=0, le=1)
+
+
+def test_register_get_defaults_and_validation():
+    reg = Registry()
+
+    @reg.register("merge", "toy", paper="A paper", summary="toy", config=Cfg, aliases=("toy2",))
+    def toy(src, cfg):
+        return cfg.k
+
+    spec = reg.get("merge", "toy2")
+    assert spec.fn is toy and spec.defaults() == {"k": 0.2} and spec.paper == "A paper"
+    assert spec.make_config({"k": 0.5}).k == 0.5
+    with pytest.raises(wl.ConfigError, match="k"):
+        spec.make_config({"k": 2})
+    with pytest.raises(wl.ConfigError, match="extra|Extra"):
+        spec.make_config({"kk": 1})
+    with pytest.raises(wl.ConfigError, match="Did you mean 'toy'"):
+        reg.get("merge", "tyo")
+    with pytest.raises(wl.ConfigError, match="unknown family"):
+        reg.get("nope", "toy")
+    with pytest.raises(ValueError, match="twice"):
+        reg.register("merge", "toy", paper="", summary="")(lambda s, c: None)
+
+
+def test_global_registry_has_every_family_loaded():
+    specs = wl.list_methods()
+    assert {s.family for s in specs} >= {"inspect", "compress"}
+    for s in specs:
+        assert s.paper and s.summary and s.regime in wl.Regime
