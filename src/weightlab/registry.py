@@ -17,6 +17,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from .errors import ConfigError
 
 FAMILIES = ("inspect", "adapt", "merge", "compress", "data")
+KINDS = {
+    "transform": "takes a tensor source, returns a new source (lazily)",
+    "report": "takes a tensor source, returns a JSON-able dict",
+    "merge": "per-tensor rule f(tensors, base, ctx) -> tensor, run by the merge engine",
+    "whole": "works on in-memory models or state dicts (training, search)",
+}
 
 
 class Regime(str, Enum):
@@ -28,7 +34,7 @@ class Regime(str, Enum):
 class MethodConfig(BaseModel):
     """Base for method configs: unknown keys are errors, not silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, populate_by_name=True)
 
 
 class NoConfig(MethodConfig):
@@ -44,8 +50,9 @@ class MethodSpec:
     regime: Regime
     paper: str
     summary: str
-    kind: str = "transform"  # "transform": returns a new tensor source; "report": returns a dict
+    kind: str = "transform"  # see KINDS
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    extra: dict = field(default_factory=dict)  # family-specific facts, e.g. a merge's "requires_base"
 
     def make_config(self, params: dict | None = None) -> BaseModel:
         try:
@@ -61,7 +68,7 @@ class MethodSpec:
         for name, f in self.config.model_fields.items():
             if not f.is_required():
                 d = f.get_default(call_default_factory=True)
-                out[name] = d.value if isinstance(d, Enum) else d
+                out[f.alias or name] = d.value if isinstance(d, Enum) else d
         return out
 
 
@@ -81,17 +88,19 @@ class Registry:
         regime: Regime = Regime.STREAMING,
         kind: str = "transform",
         aliases: tuple[str, ...] = (),
+        **extra,
     ) -> Callable[[Callable], Callable]:
         if family not in FAMILIES:
             raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
-        if kind not in ("transform", "report"):
-            raise ValueError(f"kind must be 'transform' or 'report', got {kind!r}")
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
 
         def deco(fn: Callable) -> Callable:
             key = (family, name)
             if key in self._methods and self._methods[key].fn is not fn:
                 raise ValueError(f"method {family}/{name} is registered twice")
-            self._methods[key] = MethodSpec(family, name, fn, config, Regime(regime), paper, summary, kind, tuple(aliases))
+            self._methods[key] = MethodSpec(family, name, fn, config, Regime(regime), paper, summary, kind,
+                                           tuple(aliases), dict(extra))
             for a in aliases:
                 self._aliases[(family, a)] = name
             return fn

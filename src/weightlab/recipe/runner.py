@@ -64,6 +64,9 @@ def plan_recipe(recipe: Recipe) -> Plan:
     for i, step in enumerate(recipe.steps, 1):
         try:
             spec = get_method(step.family, step.method)
+            if spec.kind not in ("transform", "report"):
+                raise ConfigError(f"{spec.family}/{spec.name} cannot be a recipe step yet (it is a '{spec.kind}' "
+                                  "method; use its own command, e.g. weightlab merge)")
             steps.append((spec, spec.make_config(step.params)))
         except ConfigError as e:
             problems.append(f"step {i}: {e}")

@@ -1,0 +1,57 @@
+"""Python entry points: ``wl.merge(...)`` and loading merge configs (weightlab or mergekit YAML)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from ..errors import ConfigError
+from .engine import run_merge
+from .job import MergeJob
+from .mergekit import from_mergekit, is_mergekit
+
+
+def merge(method: str, models: list, base=None, *, out: str | os.PathLike | None = None,
+          weights: list[float] | None = None, densities: list[float | None] | None = None,
+          dtype: str | None = None, seed: int = 0, force: bool = False, allow_nonfinite: bool = False,
+          show_progress: bool | None = None, **params):
+    """Merge ``models`` (paths, Checkpoints or state dicts) with a registered merge method.
+
+    Returns the merged state dict, or the output folder when ``out`` is given.
+    ``params`` are the method's parameters (e.g. density=0.2, lambda_=1.0 or **{"lambda": 1.0}).
+    """
+    refs = []
+    for i, m in enumerate(models):
+        ref = {"path": str(getattr(m, "path", "")) if not isinstance(m, (str, os.PathLike)) else str(m)}
+        if weights is not None:
+            ref["weight"] = weights[i]
+        if densities is not None:
+            ref["density"] = densities[i]
+        refs.append(ref)
+    if "lambda_" in params:
+        params["lambda"] = params.pop("lambda_")
+    job = MergeJob(method=method, models=refs, base=None, params=params, dtype=dtype, seed=seed,
+                   allow_nonfinite=allow_nonfinite)
+    res = run_merge(job, out, force=force, show_progress=show_progress, models=models, base=base)
+    return res.output if out is not None else res.state_dict
+
+
+def load_merge_config(path: str | os.PathLike) -> MergeJob:
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"merge config '{p}' does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"merge config '{p}' is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"merge config '{p}' must be a mapping")
+    if is_mergekit(data):
+        return from_mergekit(data)
+    try:
+        return MergeJob(**data)
+    except ValidationError as e:
+        msgs = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"merge config '{p}' is invalid: {msgs}") from None

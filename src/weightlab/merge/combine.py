@@ -1,0 +1,53 @@
+"""Shared steps of the task-vector merges (task arithmetic, TIES, DARE): pure tensor math."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+ZeroSign = Literal["majority", "positive"]
+
+
+def elect_sign(stacked: torch.Tensor, zero_sign: ZeroSign = "majority") -> torch.Tensor:
+    """TIES step 2: gamma = sign(sum_i tau_i) per coordinate.
+
+    Where the sum is exactly 0: "majority" (the paper's reference) takes the sign of the sum
+    of the elected signs over the tensor; "positive" takes +1 (mergekit's rule).
+    """
+    total = stacked.sum(0)
+    if zero_sign == "positive":
+        return torch.where(total >= 0, 1.0, -1.0).to(stacked.dtype)
+    gamma = torch.sign(total)
+    majority = torch.sign(gamma.sum())
+    return torch.where(gamma == 0, majority if majority != 0 else torch.ones((), dtype=gamma.dtype), gamma)
+
+
+def disjoint_merge(deltas: list[torch.Tensor], weights: list[float], zero_sign: ZeroSign = "majority",
+                   normalize: bool = True) -> torch.Tensor:
+    """TIES step 3: combine only entries whose sign agrees with the elected sign.
+
+    With weights w_i: sum_i w_i tau_i [agree] / sum_i w_i [agree] (the disjoint mean when
+    normalize, the disjoint sum otherwise). Zero entries never agree, so a coordinate where
+    every trimmed entry is zero merges to 0.
+    """
+    w = torch.tensor(weights, dtype=deltas[0].dtype).view(-1, *([1] * deltas[0].dim()))
+    stacked = torch.stack(deltas) * w
+    gamma = elect_sign(stacked, zero_sign)
+    agree = torch.sign(stacked) == gamma
+    num = (stacked * agree).sum(0)
+    if not normalize:
+        return num
+    den = (w * agree).sum(0)
+    den = torch.where(den == 0, torch.ones_like(den), den)
+    return num / den
+
+
+def weighted_sum(deltas: list[torch.Tensor], weights: list[float], normalize: bool = False) -> torch.Tensor:
+    out = torch.zeros_like(deltas[0])
+    for d, w in zip(deltas, weights):
+        out.add_(d, alpha=w)
+    if normalize:
+        s = sum(weights)
+        if abs(s) >= 1e-8:
+            out /= s
+    return out

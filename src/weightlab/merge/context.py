@@ -1,0 +1,34 @@
+"""What a per-tensor merge rule sees besides the tensors."""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import BaseModel
+
+
+@dataclass
+class TensorContext:
+    name: str
+    cfg: BaseModel
+    weights: list[float]
+    densities: list[float | None]
+    seed: int = 0
+    state: dict = field(default_factory=dict)  # what the method's prepare() computed over all tensors
+
+    def density(self, i: int) -> float:
+        d = self.densities[i]
+        return d if d is not None else getattr(self.cfg, "density", 1.0)
+
+    def generator(self, i: int = 0) -> torch.Generator:
+        """A generator per (seed, tensor, model): results do not depend on order or threads."""
+        g = torch.Generator()
+        g.manual_seed((self.seed * 1_000_003 + zlib.crc32(self.name.encode()) * 131 + i) % (2**63))
+        return g
+
+
+def make_context(name: str, cfg: BaseModel, weights=None, densities=None, n: int = 1, seed: int = 0,
+                 state: dict | None = None) -> TensorContext:
+    """Convenience for calling a rule directly (tests, notebooks)."""
+    return TensorContext(name, cfg, list(weights or [1.0] * n), list(densities or [None] * n), seed, state or {})

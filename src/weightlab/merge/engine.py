@@ -1,0 +1,184 @@
+"""The merge engine (tensor streaming regime).
+
+Never builds a model: for each tensor name it reads that tensor from every input (the next
+names are prefetched by reader threads), converts to the compute dtype, applies the
+method's per-tensor rule and hands the result to the atomic sharded writer. Peak memory is
+a few tensors per input. Integer buffers are copied from the base, never averaged.
+"""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..engine.progress import progress
+from ..engine.source import StateDictSource
+from ..errors import ConfigError, TensorValueError
+from ..io.dtypes import parse_dtype
+from ..io.provenance import Provenance
+from ..io.reader import Checkpoint, open_checkpoint
+from ..io.writer import CheckpointWriter
+from ..registry import get_method
+from .context import TensorContext
+from .job import MergeJob
+from .validate import plan_tensors
+
+
+@dataclass
+class MergeResult:
+    output: Path | None
+    state_dict: dict[str, torch.Tensor] | None
+    report: dict = field(default_factory=dict)
+
+
+class MergeInputs:
+    """The opened inputs and the tensor plan; what a method's prepare() may read from."""
+
+    def __init__(self, models: list, base, plan, compute_dtype: torch.dtype | None):
+        self.models, self.base, self.plan = models, base, plan
+        self._dtype = compute_dtype
+        self.densities: list[float | None] = [None] * len(models)
+
+    def compute_dtype(self, tp) -> torch.dtype:
+        if self._dtype is not None:
+            return self._dtype
+        ref = self.base if self.base is not None else self.models[0]
+        itemsize = max([ref.info(tp.name).dtype.itemsize] + [m.info(s).dtype.itemsize
+                                                               for m, s in zip(self.models, tp.sources)])
+        # 16-bit inputs: float32 holds their differences exactly; 32-bit inputs need float64 for that
+        return torch.float64 if itemsize >= 4 else torch.float32
+
+    def load(self, i: int, tp) -> torch.Tensor:
+        return self.models[i].get(tp.sources[i]).to(self.compute_dtype(tp))
+
+    def load_base(self, tp) -> torch.Tensor | None:
+        return None if self.base is None else self.base.get(tp.name).to(self.compute_dtype(tp))
+
+    def merged_plans(self):
+        return [tp for tp in self.plan if tp.merged]
+
+
+def _as_source(x):
+    if isinstance(x, dict):
+        return StateDictSource(x)
+    if isinstance(x, (str, os.PathLike)):
+        return open_checkpoint(x)
+    if hasattr(x, "names") and hasattr(x, "get"):
+        return x
+    raise ConfigError(f"cannot merge a {type(x).__name__}; pass a path, a Checkpoint or a state dict")
+
+
+def run_merge(job: MergeJob, out: str | os.PathLike | None = None, *, force: bool = False,
+              show_progress: bool | None = None, models=None, base=None) -> MergeResult:
+    """Run a merge. ``models``/``base`` may override the job's paths with opened sources or state dicts."""
+    spec = get_method("merge", job.method)
+    if spec.kind != "merge":
+        raise ConfigError(f"merge/{spec.name} is not a per-tensor merge rule; call it from Python "
+                          f"(weightlab.merge.{spec.fn.__name__})")
+    cfg = spec.make_config(job.params)
+    out_dtype = _dtype(job.dtype, "dtype")
+    cdtype = None if job.compute_dtype == "auto" else _dtype(job.compute_dtype, "compute_dtype")
+    srcs = [_as_source(m) for m in (models if models is not None else [m.path for m in job.models])]
+    base_src = _as_source(base) if base is not None else (_as_source(job.base) if job.base else None)
+    if spec.extra.get("requires_base") and base_src is None:
+        raise ConfigError(f"merge method '{spec.name}' needs a base model (the common starting point)")
+    if spec.extra.get("min_models", 1) > len(srcs):
+        raise ConfigError(f"merge method '{spec.name}' needs at least {spec.extra['min_models']} models")
+    plan = plan_tensors(srcs, base_src, [m.name_map for m in job.models])
+    inputs = MergeInputs(srcs, base_src, plan, cdtype)
+    inputs.densities = [m.density for m in job.models]
+    paths = [str(s.path) for s in [*srcs, base_src] if s is not None and getattr(s, "path", None)]
+
+    writer = None
+    if out is not None:
+        ref = base_src if base_src is not None else srcs[0]
+        template = getattr(ref, "path", None) if isinstance(ref, Checkpoint) else None
+        prov = Provenance(method=f"merge/{spec.name}", params=job.model_dump(), inputs=paths)
+        writer = CheckpointWriter(out, template=template, provenance=prov, inputs=paths, force=force,
+                                  max_shard_size=job.max_shard_size, dtype=out_dtype)
+    t0 = time.perf_counter()
+    try:
+        state = spec.extra["prepare"](inputs, cfg) if "prepare" in spec.extra else {}
+        result, bad = _stream(spec, cfg, job, inputs, state, writer, out_dtype, show_progress)
+        if bad:
+            raise TensorValueError(f"NaN/Inf in {len(bad)} input tensor(s): {', '.join(bad[:8])}"
+                                   + (" ..." if len(bad) > 8 else "")
+                                   + "; fix the inputs or pass allow_nonfinite (--allow-nonfinite)")
+        if writer is not None:
+            writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    report = {"method": spec.name, "tensors": len(plan), "merged": sum(tp.merged for tp in plan),
+              "copied_from_base": sum(not tp.merged for tp in plan), "seconds": round(time.perf_counter() - t0, 3)}
+    return MergeResult(writer.out if writer else None, None if writer else result, report)
+
+
+def _stream(spec, cfg, job, inputs: MergeInputs, state, writer, out_dtype, show_progress):
+    plan = inputs.plan
+    weights = [m.weight for m in job.models]
+    densities = [m.density for m in job.models]
+    ref = inputs.base if inputs.base is not None else inputs.models[0]
+    result: dict[str, torch.Tensor] = {}
+    bad: list[str] = []
+
+    def load(tp):
+        if not tp.merged:
+            return None, None
+        ts = [inputs.load(i, tp) for i in range(len(inputs.models))]
+        return ts, inputs.load_base(tp)
+
+    pool = ThreadPoolExecutor(max_workers=job.threads) if job.threads > 0 else None
+    futures = {}
+    lookahead = max(1, job.threads)
+    try:
+        for k, tp in enumerate(progress(plan, f"merge/{spec.name}", enabled=show_progress)):
+            if pool is not None:
+                for j in range(k, min(k + lookahead + 1, len(plan))):
+                    if j not in futures:
+                        futures[j] = pool.submit(load, plan[j])
+                tensors, base_t = futures.pop(k).result()
+            else:
+                tensors, base_t = load(tp)
+            if not tp.merged:
+                merged = ref.get(tp.name) if writer is not None else ref.get(tp.name).clone()
+            else:
+                if not job.allow_nonfinite:
+                    names = [f"{tp.name} ({_label(inputs, i)})" for i, t in enumerate(tensors)
+                             if not bool(torch.isfinite(t).all())]
+                    if base_t is not None and not bool(torch.isfinite(base_t).all()):
+                        names.append(f"{tp.name} (base)")
+                    if names or bad:
+                        bad += names
+                        continue  # keep scanning so every bad tensor is listed at once
+                ctx = TensorContext(tp.name, cfg, weights, densities, job.seed, state)
+                merged = spec.fn(tensors, base_t, ctx)
+                dt = out_dtype or ref.info(tp.name).dtype
+                merged = merged.to(dt)
+            if writer is not None:
+                writer.add(tp.name, merged)
+            else:
+                result[tp.name] = merged
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return result, bad
+
+
+def _label(inputs: MergeInputs, i: int) -> str:
+    p = getattr(inputs.models[i], "path", None)
+    return str(p) if p is not None else f"model #{i + 1}"
+
+
+def _dtype(name, what):
+    if name is None:
+        return None
+    try:
+        return parse_dtype(name)
+    except ValueError as e:
+        raise ConfigError(f"{what}: {e}") from None

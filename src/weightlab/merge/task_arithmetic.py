@@ -1,0 +1,21 @@
+"""Task arithmetic (Ilharco et al., "Editing models with task arithmetic", ICLR 2023)."""
+from __future__ import annotations
+
+from pydantic import Field
+
+from ..registry import MethodConfig, Regime, register
+from .combine import weighted_sum
+
+
+class TaskArithmeticConfig(MethodConfig):
+    lambda_: float = Field(1.0, alias="lambda", description="scale of the summed task vectors")
+    normalize: bool = Field(False, description="divide the summed task vectors by the sum of the weights")
+
+
+@register("merge", "task-arithmetic", kind="merge", config=TaskArithmeticConfig, regime=Regime.STREAMING,
+          aliases=("task_arithmetic",), requires_base=True,
+          paper="Editing models with task arithmetic (Ilharco et al., 2023)",
+          summary="base + lambda * sum of weighted task vectors; a negative weight negates (forgets) a task")
+def task_arithmetic(tensors, base, ctx):
+    deltas = [t - base for t in tensors]
+    return base + ctx.cfg.lambda_ * weighted_sum(deltas, ctx.weights, ctx.cfg.normalize)

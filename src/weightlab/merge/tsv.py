@@ -1,0 +1,92 @@
+"""TSV-M: Task Singular Vectors merging (Gargiulo et al., "Task Singular Vectors: Reducing Task
+Interference in Model Merging", CVPR 2025), and a provisional R-TSVM.
+
+Per 2-D weight: keep each task's top k = floor(min(m, n) / T) singular triplets, stack the
+left and right singular vectors, replace each stack by its polar (closest orthonormal)
+factor, and rebuild Delta = U S V^T; theta = base + alpha * Delta. Other tensors (biases,
+norms, excluded names) take the mean of the task vectors, as the reference does.
+Triplets with sigma <= rel_eps * sigma_max are dropped (ours): their singular vectors are
+arbitrary and would perturb the polar factor.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+
+import torch
+from pydantic import Field
+
+from ..registry import MethodConfig, Regime, register
+from ..tensor.linalg import excess_kurtosis, polar_factor
+
+
+class TsvConfig(MethodConfig):
+    alpha: float = Field(1.0, description="scale of the merged update (reference grid-searches it; 1.0 without data)")
+    exclude: list[str] = Field(default_factory=lambda: ["*text_projection*"],
+                               description="glob patterns of 2-D tensors merged by the mean instead")
+    rel_eps: float = Field(1e-6, ge=0, description="drop triplets with sigma <= rel_eps * largest sigma")
+
+
+def tsv_merge_matrix(deltas: list[torch.Tensor], k: int | list[int], rel_eps: float = 1e-6,
+                     task_weights: list[float] | None = None) -> torch.Tensor:
+    """Delta = polar(U) diag(S) polar(V)^T from each task's top-k singular triplets."""
+    us, ss, vs = [], [], []
+    ks = k if isinstance(k, list) else [k] * len(deltas)
+    for i, d in enumerate(deltas):
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        ki = min(ks[i], s.numel())
+        keep = s[:ki] > rel_eps * (s[0] if s.numel() else 0)
+        ki = int(keep.sum())
+        if ki == 0:
+            continue
+        us.append(u[:, :ki])
+        ss.append(s[:ki] * (task_weights[i] if task_weights else 1.0))
+        vs.append(vh[:ki].T)
+    if not us:
+        return torch.zeros_like(deltas[0])
+    u_cat, s_cat, v_cat = torch.cat(us, 1), torch.cat(ss), torch.cat(vs, 1)
+    return polar_factor(u_cat) @ torch.diag(s_cat) @ polar_factor(v_cat).T
+
+
+def _is_matrix(name: str, t: torch.Tensor, exclude: list[str], n_tasks: int) -> bool:
+    return t.dim() == 2 and min(t.shape) >= n_tasks and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+
+
+@register("merge", "tsv-m", kind="merge", config=TsvConfig, regime=Regime.STREAMING, requires_base=True,
+          aliases=("tsvm", "tsv"),
+          paper="Task Singular Vectors: Reducing Task Interference in Model Merging (Gargiulo et al., 2025)",
+          summary="per-layer low-rank task updates with decorrelated (orthogonalized) singular vectors")
+def tsv_m(tensors, base, ctx):
+    cfg: TsvConfig = ctx.cfg
+    deltas = [t - base for t in tensors]
+    if not _is_matrix(ctx.name, base, cfg.exclude, len(deltas)):
+        return base + torch.stack(deltas).mean(0)
+    k = min(base.shape) // len(deltas)
+    return base + cfg.alpha * tsv_merge_matrix(deltas, k, cfg.rel_eps)
+
+
+class RTsvConfig(TsvConfig):
+    small_share: float = Field(0.01, gt=0, lt=1, description="|Delta| below this share of max counts as sparse")
+
+
+@register("merge", "r-tsvm", kind="merge", config=RTsvConfig, regime=Regime.STREAMING, requires_base=True,
+          paper="PROVISIONAL, weightlab's reading of R-TSVM/RESM (arXiv 2502.06876, 'Mix Data or Merge Models?'); "
+                "no reference code exists and parity with the paper is not claimed",
+          summary="PROVISIONAL: TSV-M with kurtosis-based task weights and sparsity-adaptive rank per layer")
+def r_tsvm(tensors, base, ctx):
+    cfg: RTsvConfig = ctx.cfg
+    deltas = [t - base for t in tensors]
+    T = len(deltas)
+    if not _is_matrix(ctx.name, base, cfg.exclude, T):
+        return base + torch.stack(deltas).mean(0)
+    # (i) outlier-aware weights: heavy-tailed task vectors count less; renormalised to mean 1
+    w = [1.0 / (1.0 + max(0.0, excess_kurtosis(d))) for d in deltas]
+    w = [x * T / sum(w) for x in w]
+    # (ii) sparsity-adaptive rank: a mostly-near-zero update keeps fewer triplets
+    ks = []
+    for d in deltas:
+        a = d.abs()
+        rho = 1.0 - float((a < cfg.small_share * a.max()).float().mean()) if a.max() > 0 else 0.0
+        ks.append(max(1, round(rho * min(base.shape) / T)))
+    ks = [min(k, math.floor(min(base.shape) / T)) for k in ks]
+    return base + cfg.alpha * tsv_merge_matrix(deltas, ks, cfg.rel_eps, w)
