@@ -19,6 +19,7 @@ def _transformers():
 def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype = torch.float32, local_files_only: bool = True):
     """(model, tokenizer) from an HF folder; eval mode. Hub names work when local_files_only=False."""
     tf = _transformers()
+    tf.utils.logging.disable_progress_bar()  # weightlab shows its own progress
     try:
         tok = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=local_files_only)
         model = tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=local_files_only)
