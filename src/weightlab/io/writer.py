@@ -186,6 +186,7 @@ def _copy(src, dst, nbytes: int) -> None:
 
 
 def save_state_dict(state_dict: dict[str, torch.Tensor], out_dir: str | os.PathLike, **kwargs) -> Path:
+    # kwargs: CheckpointWriter's options (max_shard_size, template, provenance, inputs, force, dtype, readme)
     """Write a whole state dict through CheckpointWriter (atomic, sharded)."""
     with CheckpointWriter(out_dir, **kwargs) as w:
         for name, t in state_dict.items():
