@@ -58,10 +58,9 @@ class MethodSpec:
         try:
             return self.config(**(params or {}))
         except ValidationError as e:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg']}" for err in e.errors()
-            )
-            raise ConfigError(f"invalid parameters for {self.family}/{self.name}: {problems}") from None
+            from .configfile import describe_validation_error
+
+            raise ConfigError(f"invalid parameters for {self.family}/{self.name}: {describe_validation_error(e)}") from None
 
     def defaults(self) -> dict:
         out = {}

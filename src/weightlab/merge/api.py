@@ -2,12 +2,8 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import yaml
-from pydantic import ValidationError
-
-from ..errors import ConfigError
+from ..configfile import build, read_yaml_mapping
 from .engine import run_merge
 from .job import MergeJob
 from .mergekit import from_mergekit, is_mergekit
@@ -39,19 +35,7 @@ def merge(method: str, models: list, base=None, *, out: str | os.PathLike | None
 
 
 def load_merge_config(path: str | os.PathLike) -> MergeJob:
-    p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"merge config '{p}' does not exist") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"merge config '{p}' is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"merge config '{p}' must be a mapping")
+    data = read_yaml_mapping(path, "merge config")
     if is_mergekit(data):
         return from_mergekit(data)
-    try:
-        return MergeJob(**data)
-    except ValidationError as e:
-        msgs = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"merge config '{p}' is invalid: {msgs}") from None
+    return build(MergeJob, data, f"merge config '{path}'")

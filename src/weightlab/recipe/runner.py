@@ -10,9 +10,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-from pydantic import ValidationError
-
+from ..configfile import build, read_yaml_mapping
 from ..engine.streaming import write_source
 from ..errors import ConfigError
 from ..io.atomic import AtomicFolder, check_not_input
@@ -42,20 +40,7 @@ class RunResult:
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
-    p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"recipe file '{p}' does not exist") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"recipe '{p}' is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"recipe '{p}' must be a mapping with 'model' and 'steps'")
-    try:
-        return Recipe(**data)
-    except ValidationError as e:
-        msgs = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"recipe '{p}' is invalid: {msgs}") from None
+    return build(Recipe, read_yaml_mapping(path, "recipe"), f"recipe '{path}'")
 
 
 def plan_recipe(recipe: Recipe) -> Plan:
