@@ -1,4 +1,5 @@
 """Greedy/learned soups, Robust Weight Signatures and Weight Aligning (method notes M1, M9, M11)."""
+import math
 import subprocess
 import sys
 
@@ -156,3 +157,23 @@ steps: [{{family: merge, method: weight-align, params: {{head: fc.weight, old_cl
     out = wl.open_checkpoint(tmp_path / "out")
     assert torch.allclose(out.get("fc.weight")[2:], torch.tensor([[3.0, 0], [0, 3]]))
     assert torch.equal(out.get("fc.bias"), torch.ones(4))
+
+
+def test_lm_scorer_is_minus_log_perplexity():
+    transformers = pytest.importorskip("transformers")
+    from weightlab.engine.evaluate import perplexity
+    from weightlab.merge.scorers import lm_scorer
+
+    class Tok:
+        def __call__(self, text, return_tensors=None, add_special_tokens=False):
+            return {"input_ids": torch.tensor([[ord(c) % 64 for c in text]])}
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    a, b = transformers.LlamaForCausalLM(cfg).eval(), transformers.LlamaForCausalLM(cfg).eval()
+    text = "the quick brown fox jumps over the lazy dog " * 8
+    score = lm_scorer(a, Tok(), text, seqlen=32, max_tokens=256)
+    sb = {k: v.clone() for k, v in b.state_dict().items()}
+    expect = -math.log(perplexity(b, Tok(), text, seqlen=32, max_tokens=256, show_progress=False)["perplexity"])
+    assert score(sb) == pytest.approx(expect, rel=1e-6)

@@ -43,3 +43,21 @@ def test_merges_keep_accuracy(finetunes, method, params):
     ft = [acc(sd) for sd in sds]
     assert acc(merged) >= sum(ft) / len(ft)
     assert acc(merged) >= acc(base) - 0.02
+
+
+def test_greedy_soup_from_config_with_accuracy_scorer(tmp_path):
+    from weightlab.cli import main
+
+    assert main(["zoo", "export", "-o", str(tmp_path / "z")]) == 0
+    cfg = tmp_path / "soup.yaml"
+    cfg.write_text(f"""method: greedy-soup
+models: [{tmp_path}/z/ft0, {tmp_path}/z/ft1, {tmp_path}/z/ft2, {tmp_path}/z/ft3]
+scorer: {{type: accuracy, dataset: digits}}
+""")
+    res = wl.merge.run_merge(wl.merge.api.load_merge_config(cfg), tmp_path / "soup")
+    assert res.report["soup_score"] >= max(res.report["scores"].values())
+    prov = wl.Provenance.from_metadata(wl.open_checkpoint(tmp_path / "soup").metadata)
+    assert prov.method == "merge/greedy-soup" and prov.params["result"]["accepted"]
+    cfg.write_text(cfg.read_text().replace("scorer: {type: accuracy, dataset: digits}\n", ""))
+    with pytest.raises(wl.ConfigError, match="needs a held-out scorer"):
+        wl.merge.run_merge(wl.merge.api.load_merge_config(cfg), tmp_path / "soup2")

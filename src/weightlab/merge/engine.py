@@ -76,6 +76,8 @@ def run_merge(job: MergeJob, out: str | os.PathLike | None = None, *, force: boo
               show_progress: bool | None = None, models=None, base=None) -> MergeResult:
     """Run a merge. ``models``/``base`` may override the job's paths with opened sources or state dicts."""
     spec = get_method("merge", job.method)
+    if "job_runner" in spec.extra:  # whole-model merges with their own loop (greedy soup)
+        return spec.extra["job_runner"](job, spec.make_config(job.params), out, force, show_progress)
     if spec.kind != "merge":
         raise ConfigError(f"merge/{spec.name} is not a per-tensor merge rule; call it from Python "
                           f"(weightlab.merge.{spec.fn.__name__})")

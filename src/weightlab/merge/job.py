@@ -28,6 +28,7 @@ class MergeJob(BaseModel):
     max_shard_size: str = "5GB"
     threads: int = Field(2, ge=0, description="reader threads that prefetch the next tensors")
     source_format: str = "weightlab"
+    scorer: dict | None = Field(None, description="greedy-soup: {type: accuracy|lm-loss, dataset, text, ...}")
 
     @field_validator("models", mode="before")
     @classmethod

@@ -37,7 +37,39 @@ def _floating(sd: StateDict) -> list[str]:
     return [k for k, v in sd.items() if v.is_floating_point()]
 
 
+def run_greedy_soup_job(job, cfg: GreedySoupConfig, out, force: bool, show_progress: bool | None):
+    """`weightlab merge` with method greedy-soup: ingredients from disk, scorer from the config."""
+    from ..configfile import build
+    from ..engine.source import StateDictSource
+    from ..engine.streaming import write_source
+    from ..errors import ConfigError
+    from ..io.provenance import Provenance
+    from ..io.reader import open_checkpoint
+    from .engine import MergeResult
+    from .scorers import ScorerConfig, scorer_from_config
+    from .validate import plan_tensors
+
+    if job.scorer is None:
+        raise ConfigError("greedy-soup needs a held-out scorer, e.g. scorer: {type: lm-loss, text: zoo:wiki-heldout} "
+                          "or scorer: {type: accuracy, dataset: digits}")
+    scfg = build(ScorerConfig, job.scorer, "scorer")
+    cks = [open_checkpoint(m.path) for m in job.models]
+    plan_tensors(cks, None, [m.name_map for m in job.models])  # same structure, before any scoring
+    score = scorer_from_config(scfg, cks[0].folder())
+    res = greedy_soup([ck.state_dict() for ck in cks], score, cfg, show_progress=show_progress)
+    report = {"method": "greedy-soup", "accepted": [job.models[i].path for i in res.accepted],
+              "scores": dict(zip([m.path for m in job.models], res.scores)), "soup_score": res.soup_score}
+    if out is None:
+        return MergeResult(None, res.state_dict, report)
+    prov = Provenance(method="merge/greedy-soup", params={**job.model_dump(), "result": report},
+                      inputs=[m.path for m in job.models])
+    path = write_source(StateDictSource(res.state_dict, cks[0].config, cks[0].path), out, provenance=prov,
+                        inputs=[ck.path for ck in cks], force=force, show_progress=show_progress)
+    return MergeResult(path, None, report)
+
+
 @register("merge", "greedy-soup", kind="whole", config=GreedySoupConfig, regime=Regime.WHOLE_MODEL,
+          job_runner=run_greedy_soup_job,
           paper="Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing "
                 "inference time (Wortsman et al., 2022)",
           summary="add ingredients best-first, keeping each only if the held-out score strictly improves")
