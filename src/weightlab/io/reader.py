@@ -79,6 +79,21 @@ class _SafetensorsFile:
         return torch.frombuffer(self._mm, dtype=dtype, count=e.nbytes // itemsize, offset=start).reshape(e.shape)
 
 
+    def release(self, name: str) -> None:
+        """Tell the kernel the pages of this tensor are no longer needed (re-read if touched again)."""
+        if self._mm is None or not hasattr(self._mm, "madvise"):
+            return
+        e = self.header.entries[name]
+        page = mmap.PAGESIZE
+        start = (self.header.data_start + e.begin) // page * page
+        end = self.header.data_start + e.end
+        if end > start:
+            try:
+                self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+            except (OSError, ValueError):
+                pass
+
+
 class _TorchFile:
     """A pickled state dict, read only through torch.load(weights_only=True)."""
 
@@ -186,6 +201,12 @@ class Checkpoint:
         if tuple(t.shape) != info.shape:
             raise CorruptCheckpointError(f"tensor has shape {tuple(t.shape)}, header says {info.shape}", self.path, name)
         return t.to(dtype) if dtype is not None and t.dtype != dtype else t
+
+    def release(self, name: str) -> None:
+        """Hint that ``name``'s data will not be read again soon (frees resident pages of mmapped files)."""
+        backend = self._where.get(name)
+        if isinstance(backend, _SafetensorsFile):
+            backend.release(name)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for n in self._infos:

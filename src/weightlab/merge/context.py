@@ -16,6 +16,14 @@ class TensorContext:
     densities: list[float | None]
     seed: int = 0
     state: dict = field(default_factory=dict)  # what the method's prepare() computed over all tensors
+    dtype: torch.dtype | None = None  # compute dtype; None: the inputs' own
+    out_dtype: torch.dtype | None = None  # dtype the engine writes; None: the compute dtype
+
+    def compute_dtype(self, tensors) -> torch.dtype:
+        return self.dtype or tensors[0].dtype
+
+    def output_dtype(self, tensors) -> torch.dtype:
+        return self.out_dtype or self.compute_dtype(tensors)
 
     def density(self, i: int) -> float:
         d = self.densities[i]

@@ -121,19 +121,32 @@ def run_merge(job: MergeJob, out: str | os.PathLike | None = None, *, force: boo
     return MergeResult(writer.out if writer else None, None if writer else result, report)
 
 
+def _finite(t: torch.Tensor) -> bool:
+    # one reduction first: far cheaper than isfinite() on every element, and exact when it passes
+    return not t.is_floating_point() or bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def _stream(spec, cfg, job, inputs: MergeInputs, state, writer, out_dtype, show_progress):
     plan = inputs.plan
     weights = [m.weight for m in job.models]
     densities = [m.density for m in job.models]
     ref = inputs.base if inputs.base is not None else inputs.models[0]
+    raw = bool(spec.extra.get("raw_inputs"))
     result: dict[str, torch.Tensor] = {}
     bad: list[str] = []
 
     def load(tp):
+        """Runs in a reader thread: the raw (memory-mapped) tensors, pages touched by the finite check."""
         if not tp.merged:
-            return None, None
-        ts = [inputs.load(i, tp) for i in range(len(inputs.models))]
-        return ts, inputs.load_base(tp)
+            return None, None, []
+        ts = [m.get(src) for m, src in zip(inputs.models, tp.sources)]
+        b = inputs.base.get(tp.name) if inputs.base is not None else None
+        if job.allow_nonfinite:
+            return ts, b, []
+        nonfinite = [f"{tp.name} ({_label(inputs, i)})" for i, t in enumerate(ts) if not _finite(t)]
+        if b is not None and not _finite(b):
+            nonfinite.append(f"{tp.name} (base)")
+        return ts, b, nonfinite
 
     pool = ThreadPoolExecutor(max_workers=job.threads) if job.threads > 0 else None
     futures = {}
@@ -144,32 +157,41 @@ def _stream(spec, cfg, job, inputs: MergeInputs, state, writer, out_dtype, show_
                 for j in range(k, min(k + lookahead + 1, len(plan))):
                     if j not in futures:
                         futures[j] = pool.submit(load, plan[j])
-                tensors, base_t = futures.pop(k).result()
+                tensors, base_t, nonfinite = futures.pop(k).result()
             else:
-                tensors, base_t = load(tp)
+                tensors, base_t, nonfinite = load(tp)
+            if nonfinite or bad:
+                bad += nonfinite
+                continue  # keep scanning so every bad tensor is listed at once
+            dt = out_dtype or ref.info(tp.name).dtype
             if not tp.merged:
                 merged = ref.get(tp.name) if writer is not None else ref.get(tp.name).clone()
             else:
-                if not job.allow_nonfinite:
-                    names = [f"{tp.name} ({_label(inputs, i)})" for i, t in enumerate(tensors)
-                             if not bool(torch.isfinite(t).all())]
-                    if base_t is not None and not bool(torch.isfinite(base_t).all()):
-                        names.append(f"{tp.name} (base)")
-                    if names or bad:
-                        bad += names
-                        continue  # keep scanning so every bad tensor is listed at once
-                ctx = TensorContext(tp.name, cfg, weights, densities, job.seed, state)
-                merged = spec.fn(tensors, base_t, ctx)
-                dt = out_dtype or ref.info(tp.name).dtype
-                merged = merged.to(dt)
+                cdtype = inputs.compute_dtype(tp)
+                ctx = TensorContext(tp.name, cfg, weights, densities, job.seed, state, cdtype, dt)
+                if not raw:
+                    tensors = [t.to(cdtype) for t in tensors]
+                    base_t = base_t.to(cdtype) if base_t is not None else None
+                merged = spec.fn(tensors, base_t, ctx).to(dt)
             if writer is not None:
                 writer.add(tp.name, merged)
             else:
                 result[tp.name] = merged
+            del tensors, base_t, merged
+            _release(inputs, tp)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     return result, bad
+
+
+def _release(inputs: MergeInputs, tp) -> None:
+    """Drop the input pages of a finished tensor so resident memory stays at a few tensors."""
+    for m, src in zip(inputs.models, tp.sources):
+        if hasattr(m, "release"):
+            m.release(src)
+    if inputs.base is not None and hasattr(inputs.base, "release"):
+        inputs.base.release(tp.name)
 
 
 def _label(inputs: MergeInputs, i: int) -> str:

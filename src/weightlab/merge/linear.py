@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from pydantic import Field
 
+import torch
+
 from ..registry import MethodConfig, Regime, register
-from .combine import weighted_sum
+from .chunked import weighted_sum_into
 
 
 class LinearConfig(MethodConfig):
@@ -14,8 +16,10 @@ class LinearConfig(MethodConfig):
 @register("merge", "linear", kind="merge", config=LinearConfig, regime=Regime.STREAMING, aliases=("soup", "uniform-soup"),
           paper="Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing "
                 "inference time (Wortsman et al., 2022)",
-          summary="weighted average of the models (uniform soup with equal weights)", min_models=1)
+          summary="weighted average of the models (uniform soup with equal weights)", min_models=1,
+          raw_inputs=True)
 def linear(tensors, base, ctx):
     if ctx.cfg.normalize and abs(sum(ctx.weights)) < 1e-12:
         raise ValueError("linear merge weights sum to zero; set normalize: false or change the weights")
-    return weighted_sum(tensors, ctx.weights, normalize=ctx.cfg.normalize)
+    out = torch.empty(tensors[0].shape, dtype=ctx.output_dtype(tensors))
+    return weighted_sum_into(out, tensors, ctx.weights, ctx.compute_dtype(tensors), normalize=ctx.cfg.normalize)

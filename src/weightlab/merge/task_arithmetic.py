@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from pydantic import Field
 
+import torch
+
 from ..registry import MethodConfig, Regime, register
-from .combine import weighted_sum
+from .chunked import weighted_sum_into
 
 
 class TaskArithmeticConfig(MethodConfig):
@@ -13,9 +15,10 @@ class TaskArithmeticConfig(MethodConfig):
 
 
 @register("merge", "task-arithmetic", kind="merge", config=TaskArithmeticConfig, regime=Regime.STREAMING,
-          aliases=("task_arithmetic",), requires_base=True,
+          aliases=("task_arithmetic",), requires_base=True, raw_inputs=True,
           paper="Editing models with task arithmetic (Ilharco et al., 2023)",
           summary="base + lambda * sum of weighted task vectors; a negative weight negates (forgets) a task")
 def task_arithmetic(tensors, base, ctx):
-    deltas = [t - base for t in tensors]
-    return base + ctx.cfg.lambda_ * weighted_sum(deltas, ctx.weights, ctx.cfg.normalize)
+    out = torch.empty(base.shape, dtype=ctx.output_dtype(tensors))
+    return weighted_sum_into(out, tensors, ctx.weights, ctx.compute_dtype(tensors), base=base,
+                             lam=ctx.cfg.lambda_, normalize=ctx.cfg.normalize)

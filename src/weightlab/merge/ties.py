@@ -18,6 +18,7 @@ from pydantic import Field
 
 from ..registry import MethodConfig, Regime, register
 from ..tensor.masks import kth_largest_abs, kth_threshold_mask, topk_mask
+from .chunked import Selector, ties_into, topk_selector
 from .combine import disjoint_merge
 
 
@@ -63,11 +64,25 @@ def inputs_density(inputs, cfg, i: int) -> float:
 
 
 @register("merge", "ties", kind="merge", config=TiesConfig, regime=Regime.STREAMING, requires_base=True,
-          prepare=prepare_global,
+          prepare=prepare_global, raw_inputs=True,
           paper="TIES-Merging: Resolving Interference When Merging Models (Yadav et al., 2023)",
           summary="trim small task-vector entries, elect signs, average the agreeing entries")
 def ties(tensors, base, ctx):
     cfg: TiesConfig = ctx.cfg
     thr = ctx.state.get("thresholds")
+    dtype = ctx.compute_dtype(tensors)
+    if dtype == torch.float32:  # fused, chunked path (16-bit inputs); same result as below
+        n = base.numel()
+        if thr:
+            sels = [Selector(t, None) for t in thr]
+        else:
+            sels = []
+            for i, t in enumerate(tensors):
+                keep = n if ctx.density(i) >= 1 else int(ctx.density(i) * n)
+                k = keep if cfg.trim == "topk" else keep + 1
+                sels.append(Selector(0.0, None) if keep >= n else topk_selector(t, base, k, cfg.trim == "topk"))
+        out = torch.empty(base.shape, dtype=ctx.output_dtype(tensors))
+        return ties_into(out, tensors, base, sels, ctx.weights, cfg.zero_sign, cfg.normalize, cfg.lambda_)
+    tensors, base = [t.to(dtype) for t in tensors], base.to(dtype)
     deltas = [trim(t - base, ctx.density(i), cfg.trim, thr[i] if thr else None) for i, t in enumerate(tensors)]
     return base + cfg.lambda_ * disjoint_merge(deltas, ctx.weights, cfg.zero_sign, cfg.normalize)

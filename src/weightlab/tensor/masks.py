@@ -5,15 +5,23 @@ import torch
 
 
 def topk_mask(x: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep exactly int(density * numel) largest-|x| entries (ties broken by index order)."""
+    """Keep exactly int(density * numel) largest-|x| entries; ties at the threshold go to the lowest indices.
+
+    Deterministic (unlike torch.topk's choice among equal values), so the streaming chunked
+    TIES path, which fills ties in index order chunk by chunk, selects the same entries.
+    """
     n = x.numel()
     k = int(density * n)
     if density >= 1 or k >= n:
         return torch.ones_like(x, dtype=torch.bool)
-    mask = torch.zeros(n, dtype=torch.bool, device=x.device)
-    if k > 0:
-        idx = torch.topk(x.detach().abs().reshape(-1).float(), k, sorted=False).indices
-        mask[idx] = True
+    a = x.detach().abs().reshape(-1)
+    if k == 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    thr = torch.kthvalue(a, n - k + 1).values  # the k-th largest
+    gt = a > thr
+    eq = a == thr
+    need = k - int(gt.sum())
+    mask = gt | (eq & (eq.cumsum(0) <= need))
     return mask.view(x.shape)
 
 
