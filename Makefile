@@ -39,8 +39,10 @@ test: install-dev
 test-fast: install-dev
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# Benchmarks compare against the established tools side by side; results go to benchmarks/RESULTS.md.
 bench: install-dev
-	$(BIN)/python benchmarks/run_all.py
+	$(PIP) install -q -e '.[hf,zoo,plot,dev,bench]'
+	for b in benchmarks/[a-z]*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .hypothesis
