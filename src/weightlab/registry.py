@@ -22,6 +22,8 @@ KINDS = {
     "report": "takes a tensor source, returns a JSON-able dict",
     "merge": "per-tensor rule f(tensors, base, ctx) -> tensor, run by the merge engine",
     "whole": "works on in-memory models or state dicts (training, search)",
+    "prune": "per-layer pruning rule f(ctx) -> (weight, mask), run by compress.prune",
+    "allocate": "per-layer sparsity allocation f(layers, sparsity, ...) -> {layer: sparsity}",
 }
 
 

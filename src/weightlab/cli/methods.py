@@ -17,7 +17,7 @@ def methods(family: str = typer.Option(None, "--family", "-f", help="inspect, ad
         print_json([{"family": s.family, "name": s.name, "kind": s.kind, "regime": s.regime.value,
                      "paper": s.paper, "summary": s.summary, "defaults": s.defaults()} for s in specs])
         return
-    t = Table("family", "method", "regime", "paper", "what it does")
+    t = Table("family", "method", "kind", "regime", "paper", "what it does")
     for s in specs:
-        t.add_row(s.family, s.name, s.regime.value, s.paper, s.summary)
+        t.add_row(s.family, s.name, s.kind, s.regime.value, s.paper, s.summary)
     console.print(t)

@@ -1,0 +1,201 @@
+"""`wl.compress.prune`: one verb for every pruning rule, allocation and pattern.
+
+Data-free rules (magnitude) walk the layers directly; data-aware rules (Wanda, SparseGPT,
+GBLM, ...) run in the layer-by-layer calibration engine, so each block is pruned on inputs
+that already passed through the pruned earlier blocks. The model is changed in place
+(pruned weights set to zero; dense storage). Unstructured sparsity alone does not make
+files smaller or dense matrix products faster; N:M (2:4) is what sparse kernels use.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..engine.calibration import find_blocks, layerwise, prunable_layers, set_weight_matrix, weight_matrix
+from ..engine.progress import progress
+from ..errors import ConfigError
+from ..registry import MethodConfig, Regime, get_method, register
+from ..tensor.pruning import parse_pattern
+from .rules import LayerContext
+
+HONEST_NOTE = ("Pruned weights are stored as zeros in a dense model: unstructured sparsity does not shrink "
+               "the files or speed up dense kernels; N:M patterns such as 2:4 are what sparse kernels accelerate.")
+
+
+@dataclass
+class PruneReport:
+    method: str
+    target_sparsity: float
+    pattern: str | None
+    allocation: str
+    layers: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    note: str = HONEST_NOTE
+
+    @property
+    def sparsity(self) -> float:
+        total = sum(r["numel"] for r in self.layers)
+        return sum(r["zeros"] for r in self.layers) / total if total else 0.0
+
+    def as_dict(self) -> dict:
+        return {"method": self.method, "target_sparsity": self.target_sparsity, "pattern": self.pattern,
+                "allocation": self.allocation, "achieved_sparsity": self.sparsity, "seconds": round(self.seconds, 2),
+                "layers": self.layers, "note": self.note}
+
+
+def target_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers a pruner touches: those inside the repeated blocks, else every Linear/Conv."""
+    name, blocks = find_blocks(model)
+    if blocks is None:
+        return prunable_layers(model)
+    return {n: m for i, b in enumerate(blocks) for n, m in prunable_layers(b, f"{name}.{i}").items()}
+
+
+def to_batches(calib, tokenizer=None, nsamples: int = 32, seqlen: int = 512, seed: int = 0,
+               sampling: str = "random", batch_size: int = 4) -> list:
+    """Calibration batches from 'wiki', a file, a (n, seqlen) id tensor or a ready list of batches."""
+    if isinstance(calib, list):
+        return calib
+    if isinstance(calib, torch.Tensor) and calib.dtype in (torch.int64, torch.int32):
+        ids = calib
+    elif isinstance(calib, torch.Tensor):
+        return list(calib.split(batch_size))
+    else:
+        if tokenizer is None:
+            raise ConfigError("text calibration data needs the model's tokenizer")
+        from ..engine.calib_data import load_text, token_windows
+
+        ids = token_windows(tokenizer, load_text(calib or "wiki", "calib"), nsamples, seqlen, seed, sampling)
+    return [{"input_ids": b, "use_cache": False} for b in ids.split(batch_size)]
+
+
+def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pattern: str | None = None,
+          allocation: str = "uniform", calib=None, tokenizer=None, nsamples: int = 32, seqlen: int = 512,
+          seed: int = 0, sampling: str = "random", show_progress: bool | None = None,
+          **method_params) -> PruneReport:
+    """Prune ``model`` in place and return the per-layer report."""
+    t0 = time.perf_counter()
+    spec = get_method("compress", method)
+    if spec.kind != "prune":
+        raise ConfigError(f"compress/{spec.name} is not a pruning rule; rules: "
+                          + ", ".join(s.name for s in _rules()))
+    cfg = spec.make_config(method_params)
+    if not 0 <= sparsity < 1:
+        raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}")
+    try:
+        nm = parse_pattern(pattern)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    alloc = get_method("compress", allocation)
+    if alloc.kind != "allocate":
+        raise ConfigError(f"'{allocation}' is not an allocation; use uniform, global, lamp, dimap or rd")
+    if nm is not None and allocation != "uniform":
+        raise ConfigError("an N:M pattern fixes the sparsity of every layer; use --allocation uniform")
+    layers = target_layers(model)
+    if not layers:
+        raise ConfigError("the model has no Linear/Conv layers to prune")
+    for n, m in layers.items():
+        if nm is not None and weight_matrix(m).shape[1] % nm[1]:
+            raise ConfigError(f"layer {n} has {weight_matrix(m).shape[1]} inputs, not a multiple of {nm[1]}")
+    needs = set(spec.extra.get("needs", ()))
+    batches = to_batches(calib, tokenizer, nsamples, seqlen, seed, sampling) if (needs or allocation == "rd") else []
+
+    weights = {n: weight_matrix(m) for n, m in layers.items()}
+    kwargs = {"distortion": _distortion_fn(model, layers, batches[:2])} if allocation == "rd" else {}
+    per_layer = {n: sparsity for n in layers} if nm else alloc.fn(weights, sparsity, **kwargs)
+    del weights
+    extra: dict = {}
+    if "gradients" in needs:  # from the dense model, before any layer is pruned
+        from .gradients import gradient_moments
+
+        extra["moments"] = gradient_moments(model, batches, layers, show_progress)
+    if "prepare" in spec.extra:
+        extra.update(spec.extra["prepare"](model, layers, cfg, tokenizer=tokenizer, batches=batches, nsamples=nsamples,
+                                           seqlen=seqlen, seed=seed, sampling=sampling, show_progress=show_progress))
+    report = PruneReport(spec.name, sparsity, pattern, alloc.name)
+
+    def prune_layers(names_mods, stats):
+        for n, m in names_mods.items():
+            w = weight_matrix(m)
+            ctx = LayerContext(n, m, w, per_layer[n], nm, cfg, stats.get(n) if stats else None, extra)
+            new_w, mask = spec.fn(ctx)
+            set_weight_matrix(m, new_w * mask)
+            zeros = int((~mask).sum())
+            report.layers.append({"name": n, "shape": list(w.shape), "target": per_layer[n], "numel": w.numel(),
+                                  "zeros": zeros, "sparsity": zeros / w.numel()})
+
+    if not needs & {"norms", "hessian"}:  # no activation statistics: walk the layers directly
+        prune_layers(dict(progress(list(layers.items()), f"prune/{spec.name}", enabled=show_progress)), None)
+    else:
+        layerwise(model, batches, lambda i, name, ls, stats: prune_layers(ls, stats),
+                  hessian="hessian" in needs, layer_filter=lambda n: n in layers, show_progress=show_progress)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _rules():
+    from ..registry import list_methods
+
+    return [s for s in list_methods("compress") if s.kind == "prune"]
+
+
+def _distortion_fn(model: nn.Module, layers: dict, batches: list):
+    """Output MSE of pruning one layer alone by magnitude (the RD paper's curves), on a few batches."""
+    from ..engine.calibration import _call
+    from ..tensor.pruning import layer_mask
+
+    def logits(out):
+        return (out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out).float()
+
+    with torch.no_grad():
+        dense = [logits(_call(model, b)) for b in batches]
+
+    def distortion(name: str, amount: float) -> float:
+        m = layers[name]
+        w = weight_matrix(m)
+        if amount <= 0:
+            return 0.0
+        set_weight_matrix(m, w * layer_mask(w.abs(), min(amount, 1.0 - 1e-9)))
+        try:
+            with torch.no_grad():
+                return float(sum(((logits(_call(model, b)) - d) ** 2).mean() for b, d in zip(batches, dense)))
+        finally:
+            set_weight_matrix(m, w)
+
+    return distortion
+
+
+class PruneStepConfig(MethodConfig):
+    method: str = "wanda"
+    sparsity: float = Field(0.5, ge=0, lt=1)
+    pattern: str | None = None
+    allocation: str = "uniform"
+    calib: str = "wiki"
+    nsamples: int = Field(32, gt=0)
+    seqlen: int = Field(512, gt=1)
+    seed: int = 0
+    sampling: Literal["random", "consecutive"] = "random"
+    params: dict = Field(default_factory=dict, description="the pruning rule's own parameters")
+
+
+@register("compress", "prune", kind="transform", config=PruneStepConfig, regime=Regime.LAYERWISE,
+          paper="(recipe step running a pruning rule; see the rules' papers)",
+          summary="recipe step: prune a causal LM checkpoint with any rule, pattern and allocation")
+def prune_step(source, cfg: PruneStepConfig, show_progress: bool | None = None):
+    from ..engine.source import MappedSource, root_path
+    from ..io.hf import load_causal_lm
+
+    path = root_path(source)
+    if path is None:
+        raise ConfigError("the prune step needs a model folder (a checkpoint with config.json)")
+    model, tok = load_causal_lm(path)
+    prune(model, cfg.method, cfg.sparsity, pattern=cfg.pattern, allocation=cfg.allocation, calib=cfg.calib,
+          tokenizer=tok, nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed, sampling=cfg.sampling,
+          show_progress=show_progress, **cfg.params)
+    pruned = model.state_dict()
+    return MappedSource(source, lambda name, t: pruned[name].to(t.dtype) if name in pruned else t)

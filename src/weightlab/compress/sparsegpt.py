@@ -1,0 +1,24 @@
+"""SparseGPT (Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot", 2023)."""
+from __future__ import annotations
+
+from pydantic import Field
+
+from ..registry import MethodConfig, Regime, register
+from ..tensor.obs import sparsegpt as sparsegpt_solve
+from .rules import LayerContext
+
+
+class SparseGPTConfig(MethodConfig):
+    blocksize: int = Field(128, gt=0, description="lazy-update column block")
+    percdamp: float = Field(0.01, ge=0, description="damping as a share of mean diag(H)")
+
+
+@register("compress", "sparsegpt", kind="prune", config=SparseGPTConfig, regime=Regime.LAYERWISE,
+          paper="SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot (Frantar & Alistarh, 2023)",
+          summary="OBS pruning with a damped inverse Hessian, 128-column lazy blocks; updates the kept weights",
+          needs=("hessian",))
+def sparsegpt(ctx: LayerContext):
+    w, mask, loss = sparsegpt_solve(ctx.weight, ctx.stats.H, ctx.sparsity, ctx.nm, ctx.cfg.blocksize,
+                                    ctx.cfg.percdamp)
+    ctx.extra.setdefault("losses", {})[ctx.name] = loss
+    return w, mask

@@ -1,0 +1,69 @@
+"""Optimal Brain Surgeon updates with a damped inverse-Hessian factor (SparseGPT; GPTQ reuses it)."""
+from __future__ import annotations
+
+import torch
+
+
+def inverse_hessian_factor(H: torch.Tensor, W: torch.Tensor, percdamp: float = 0.01):
+    """Upper Cholesky factor U of (H + lambda I)^-1 and the W with dead inputs zeroed.
+
+    Dead inputs (H_jj = 0) get H_jj = 1 and a zero weight column; lambda = percdamp * mean diag H.
+    Returns (U, W, H_damped).
+    """
+    H = H.clone().double()
+    W = W.clone().double()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    damp = percdamp * torch.mean(torch.diag(H))
+    H.diagonal().add_(damp)
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.cholesky_inverse(L)
+    U = torch.linalg.cholesky(Hinv, upper=True)
+    return U, W, H
+
+
+def sparsegpt(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None,
+              blocksize: int = 128, percdamp: float = 0.01):
+    """SparseGPT: prune and update W (out x in) to minimise ||(W - W_hat) X^T||^2.
+
+    Unstructured: in each block of `blocksize` columns prune exactly int(sparsity * rows * cols)
+    entries by w^2 / U_jj^2 on the current (already updated) weights. N:M: at each group start
+    pick the n lowest scores of the next m columns per row. Returns (W_hat float32, mask, loss)
+    where loss = sum of (w - q)^2 / (2 U_ii^2) = 1/2 tr((W - W_hat) H_damped (W - W_hat)^T).
+    """
+    U, W, _ = inverse_hessian_factor(H, W, percdamp)
+    rows, cols = W.shape
+    mask = torch.ones_like(W, dtype=torch.bool)
+    loss = torch.zeros((), dtype=torch.float64)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        d = torch.diag(U1)
+        prune1 = torch.zeros_like(W1, dtype=torch.bool)
+        if nm is None:
+            score = W1 ** 2 / d.view(1, -1) ** 2
+            k = int(sparsity * score.numel())
+            if k > 0:
+                prune1.view(-1)[torch.sort(score.reshape(-1), stable=True).indices[:k]] = True
+        for i in range(count):
+            w = W1[:, i]
+            if nm is not None and i % nm[1] == 0:
+                score = W1[:, i:i + nm[1]] ** 2 / d[i:i + nm[1]].view(1, -1) ** 2
+                idx = torch.sort(score, dim=1, stable=True).indices[:, :nm[0]]
+                prune1.scatter_(1, i + idx, True)
+            q = w.clone()
+            q[prune1[:, i]] = 0
+            Q1[:, i] = q
+            loss += ((w - q) ** 2).sum() / (2 * d[i] ** 2)
+            err = (w - q) / d[i]
+            W1[:, i:] -= err.unsqueeze(1) @ U1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        mask[:, i1:i2] = ~prune1
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return W.float(), mask, float(loss)

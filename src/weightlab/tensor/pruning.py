@@ -1,0 +1,58 @@
+"""Pruning masks from scores (True = keep). Lowest scores are pruned; ties go to the lowest index."""
+from __future__ import annotations
+
+import torch
+
+
+def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
+    """'2:4' -> (2, 4): prune N of every M consecutive inputs of a row."""
+    if pattern in (None, "", "unstructured"):
+        return None
+    try:
+        n, m = (int(x) for x in str(pattern).split(":"))
+    except ValueError:
+        raise ValueError(f"pattern must look like 2:4 (N:M), got {pattern!r}") from None
+    if not 0 < n < m:
+        raise ValueError(f"N:M pattern needs 0 < N < M, got {pattern}")
+    return n, m
+
+
+def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Per output row, prune exactly floor(sparsity * cols) lowest scores (Wanda's comparison group)."""
+    k = int(sparsity * scores.shape[1])
+    mask = torch.ones_like(scores, dtype=torch.bool)
+    if k > 0:
+        idx = torch.sort(scores, dim=1, stable=True).indices[:, :k]
+        mask.scatter_(1, idx, False)
+    return mask
+
+
+def layer_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Prune exactly floor(sparsity * numel) lowest scores of the whole matrix."""
+    k = int(sparsity * scores.numel())
+    mask = torch.ones(scores.numel(), dtype=torch.bool)
+    if k > 0:
+        mask[torch.sort(scores.reshape(-1), stable=True).indices[:k]] = False
+    return mask.view(scores.shape)
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """In every row, prune the n lowest scores of each group of m consecutive columns."""
+    rows, cols = scores.shape
+    if cols % m:
+        raise ValueError(f"{cols} input columns are not a multiple of M={m} for an N:M pattern")
+    g = scores.reshape(rows, cols // m, m)
+    idx = torch.sort(g, dim=2, stable=True).indices[:, :, :n]
+    mask = torch.ones_like(g, dtype=torch.bool)
+    mask.scatter_(2, idx, False)
+    return mask.view(rows, cols)
+
+
+def lamp_scores(w: torch.Tensor) -> torch.Tensor:
+    """LAMP / DIMAP score: w^2 over the energy of all weights at least as large (1 for the largest)."""
+    sq = w.detach().float().reshape(-1) ** 2
+    order = torch.argsort(sq, descending=True, stable=True)
+    cum = torch.cumsum(sq[order], 0)
+    out = torch.empty_like(sq)
+    out[order] = torch.where(cum > 0, sq[order] / cum, torch.zeros_like(cum))
+    return out.view(w.shape)
