@@ -52,11 +52,14 @@ def prunable_layers(root: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
 
 
 def weight_matrix(mod: nn.Module) -> torch.Tensor:
-    """The layer's weight as (out, in) float32 (conv kernels flattened to out x in*kh*kw)."""
+    """A float32 copy of the layer's weight as (out, in) (conv kernels flattened to out x in*kh*kw).
+
+    Always a copy: callers change the module's weight and must keep the original intact.
+    """
     w = mod.weight.detach()
     if is_conv1d_hf(mod):
         w = w.T
-    return w.reshape(w.shape[0], -1).float()
+    return w.reshape(w.shape[0], -1).to(torch.float32, copy=True)
 
 
 def set_weight_matrix(mod: nn.Module, w: torch.Tensor) -> None:
