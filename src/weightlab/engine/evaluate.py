@@ -39,3 +39,22 @@ def perplexity(model, tokenizer, text: str, *, seqlen: int = 512, max_tokens: in
     model.train(was_training)
     return {"perplexity": math.exp(nll / count), "tokens": count, "windows": n_windows, "seqlen": seqlen,
             "seconds": round(time.perf_counter() - t0, 2)}
+
+
+@torch.no_grad()
+def embedding_similarity(model, reference, tokenizer, sentences: list[str], batch_size: int = 32) -> dict:
+    """Mean cosine between mean-pooled, L2-normalised embeddings of ``model`` and ``reference``."""
+
+    def embed(m, batch):
+        enc = tokenizer(batch, padding=True, truncation=True, return_tensors="pt")
+        out = m(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).to(out.dtype)
+        e = (out * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return torch.nn.functional.normalize(e.float(), dim=-1)
+
+    cos = []
+    for i in range(0, len(sentences), batch_size):
+        b = sentences[i:i + batch_size]
+        cos.append((embed(model, b) * embed(reference, b)).sum(-1))
+    c = torch.cat(cos)
+    return {"cosine_mean": float(c.mean()), "cosine_min": float(c.min()), "sentences": len(sentences)}

@@ -13,6 +13,8 @@ def _transformers():
         import transformers
     except ImportError:
         raise MissingDependencyError("transformers", "loading a Hugging Face model", "'weightlab[hf]'") from None
+    # weightlab tokenizes whole documents and cuts windows itself; the length warning is noise here
+    transformers.utils.logging.get_logger("transformers.tokenization_utils_base").setLevel(40)
     return transformers
 
 
@@ -25,5 +27,18 @@ def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype = torch.float32, 
         model = tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=local_files_only)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"transformers cannot load this folder as a causal LM: {str(e).splitlines()[0]}",
+                              path) from None
+    return model.eval(), tok
+
+
+def load_encoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32, local_files_only: bool = True):
+    """(model, tokenizer) of an encoder (BERT-like) folder; eval mode."""
+    tf = _transformers()
+    tf.utils.logging.disable_progress_bar()
+    try:
+        tok = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=local_files_only)
+        model = tf.AutoModel.from_pretrained(str(path), dtype=dtype, local_files_only=local_files_only)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"transformers cannot load this folder as an encoder: {str(e).splitlines()[0]}",
                               path) from None
     return model.eval(), tok
