@@ -2,20 +2,19 @@
 import csv
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import weightlab as wl
 from weightlab import data as D
+import weightlab.cli.data  # noqa: F401  (registers score-data until cli/__init__ imports it)
 from weightlab.cli import main
 from weightlab.data import table as T
 
 
 def _table():
-    scores = torch.tensor([0.3, math.inf, 0.1, 0.9, 0.5, 0.2])
+    scores = torch.tensor([0.3, math.inf, 0.1, 0.9, 0.5, 0.2], dtype=torch.float64)
     return D.ScoreTable("forgetting", scores, torch.tensor([0, 1, 1, 0, 2, 2]), dataset="toy",
                         extra={"never_learned_runs": torch.tensor([0, 2, 0, 0, 0, 0])})
 
@@ -171,11 +170,9 @@ def test_cli_score_data_csv_file_and_errors(tmp_path, capsys):
     assert not (tmp_path / "e.csv").exists() and not (tmp_path / "p.csv").exists()
 
 
-def test_cli_prototype_subprocess(tmp_path):
+def test_cli_prototype_on_wine(tmp_path, capsys):
     out = tmp_path / "p.csv"
-    code = ("import weightlab.cli.data, sys; from weightlab.cli import main; "
-            f"sys.exit(main(['score-data', '-m', 'prototype', '-d', 'wine', '-o', {str(out)!r}, '-p', 'k=3']))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert main(["score-data", "-m", "prototype", "-d", "wine", "-o", str(out), "-p", "k=3"]) == 0
+    assert "prototype on wine" in capsys.readouterr().out
     rows = list(csv.DictReader(open(out)))
     assert len(rows) > 100 and {r["cluster"] for r in rows} == {"0", "1", "2"}

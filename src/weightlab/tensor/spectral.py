@@ -1,0 +1,410 @@
+"""Spectral math on weight matrices: Gram eigenvalues, WeightWatcher-style power-law fits, ranks, intruders.
+
+Everything here is plain numpy on arrays (no files, no modules). Conventions follow
+WeightWatcher 0.7.7 (`weightwatcher/WW_powerlaw.py`, `weightwatcher.py`) where a metric has a
+WeightWatcher counterpart, so that numbers can be compared:
+
+- The empirical spectral density (ESD) of W (N x M, N >= M) is the M eigenvalues of W^T W
+  (squared singular values, no 1/N normalisation). We get them from the smaller Gram
+  matrix, formed and diagonalised in float64: the same numbers as an SVD to ~1e-15 relative
+  for the large eigenvalues, at a fraction of the cost.
+- The power-law fit uses the eigenvalues above 1e-5, tries every one of them (except the
+  largest) as xmin, takes the continuous MLE alpha = 1 + n / sum(ln(x / xmin)) and the KS
+  distance D = max |1 - (x / xmin)^(1 - alpha) - (0, 1, ..., n-1) / n| over the tail, and
+  keeps the xmin with the smallest D (the first one on ties). Below 20 eigenvalues it uses
+  WeightWatcher's small-N variant (bias-corrected alpha, tail of at least 8, objective
+  D - 0.868 / sqrt(n)). The scan is vectorised (chunks of candidates at once), not a loop.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+EVALS_THRESH = 1e-5  # WeightWatcher's EVALS_THRESH: eigenvalues at or below are not fitted
+SMALL_N = 20  # WeightWatcher's SMALL_N_CUTOFF
+SMALL_N_MIN_TAIL = 8
+ALPHA_LOW, ALPHA_HIGH = 2.0, 6.0  # WeightWatcher's over-/under-trained thresholds
+_CHUNK = 1 << 21  # elements per block (16 MiB of float64)
+
+
+# ----------------------------------------------------------------------------- arrays
+
+def to_numpy(t) -> np.ndarray:
+    """A torch tensor (any float dtype) or array as a numpy array; bf16/fp8 become float32. No copy for fp32/fp64."""
+    if isinstance(t, np.ndarray):
+        return t
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.dtype in (torch.float32, torch.float64, torch.float16):
+        return t.numpy()
+    return t.float().numpy()
+
+
+def dtype_eps(dtype) -> float:
+    """Machine epsilon of a storage dtype (torch or numpy); float32's for anything unknown."""
+    name = str(dtype).replace("torch.", "")
+    table = {"float64": 2.220446049250313e-16, "float32": 1.1920928955078125e-07, "float16": 9.765625e-04,
+             "bfloat16": 7.8125e-03, "float8_e4m3fn": 0.125, "float8_e5m2": 0.25}
+    return table.get(name, 1.1920928955078125e-07)
+
+
+def _rows_per_chunk(cols: int) -> int:
+    return max(1, _CHUNK // max(1, cols))
+
+
+def gram(x: np.ndarray) -> np.ndarray:
+    """float64 Gram matrix of the smaller side: x^T x if rows >= cols else x x^T.
+
+    Accumulated over blocks cast to float64 one at a time, so a 49152 x 576 embedding needs
+    a 16 MiB block, not a 226 MiB float64 copy. numpy turns ``a.T @ a`` into one BLAS syrk.
+    """
+    m, n = x.shape
+    if m >= n:
+        step = _rows_per_chunk(n)
+        if step >= m:
+            a = np.asarray(x, dtype=np.float64)
+            return a.T @ a
+        g = np.zeros((n, n))
+        for r in range(0, m, step):
+            a = np.asarray(x[r:r + step], dtype=np.float64)
+            g += a.T @ a
+        return g
+    step = _rows_per_chunk(m)
+    if step >= n:
+        a = np.asarray(x, dtype=np.float64)
+        return a @ a.T
+    g = np.zeros((m, m))
+    for c in range(0, n, step):
+        a = np.ascontiguousarray(x[:, c:c + step], dtype=np.float64)
+        g += a @ a.T
+    return g
+
+
+def gram_of_difference(x: np.ndarray, x0: np.ndarray) -> np.ndarray:
+    """float64 Gram matrix (smaller side) of x - x0, the difference formed exactly in float64, blockwise."""
+    m, n = x.shape
+    if m >= n:
+        step = _rows_per_chunk(n)
+        g = np.zeros((n, n))
+        for r in range(0, m, step):
+            a = np.asarray(x[r:r + step], dtype=np.float64) - np.asarray(x0[r:r + step], dtype=np.float64)
+            g += a.T @ a
+        return g
+    step = _rows_per_chunk(m)
+    g = np.zeros((m, m))
+    for c in range(0, n, step):
+        a = (np.ascontiguousarray(x[:, c:c + step], dtype=np.float64)
+             - np.ascontiguousarray(x0[:, c:c + step], dtype=np.float64))
+        g += a @ a.T
+    return g
+
+
+def matmul64(a: np.ndarray, b: np.ndarray, transpose_a: bool = False) -> np.ndarray:
+    """a @ b (or a^T @ b) in float64 with ``a`` (possibly float32, large) cast blockwise over its rows."""
+    m = a.shape[0]
+    step = _rows_per_chunk(a.shape[1])
+    if not transpose_a:
+        out = np.empty((m, b.shape[1]))
+        for r in range(0, m, step):
+            out[r:r + step] = np.asarray(a[r:r + step], dtype=np.float64) @ b
+        return out
+    out = np.zeros((a.shape[1], b.shape[1]))
+    for r in range(0, m, step):
+        out += np.asarray(a[r:r + step], dtype=np.float64).T @ b[r:r + step]
+    return out
+
+
+def eigvalsh(g: np.ndarray) -> np.ndarray:
+    """Ascending eigenvalues of a symmetric matrix (or a stack), negatives from rounding clipped to 0."""
+    ev = np.linalg.eigvalsh(g)
+    return np.maximum(ev, 0.0, out=ev)
+
+
+def matrix_eigenvalues(x: np.ndarray) -> tuple[np.ndarray, float]:
+    """Squared singular values of x (ascending, float64) and ||x||_F^2 (the Gram trace)."""
+    g = gram(x)
+    tr = float(np.trace(g))
+    return eigvalsh(g), tr
+
+
+def conv_slice_eigenvalues(w: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """WeightWatcher's pooled conv ESD: eigenvalues of every k_h x k_w slice W[:, :, i, j] (c_out x c_in).
+
+    Returns (sorted eigenvalues of all slices together, N, M) with N >= M the slice dimensions.
+    """
+    co, ci, kh, kw = w.shape
+    s = np.ascontiguousarray(np.transpose(w, (2, 3, 0, 1)), dtype=np.float64).reshape(kh * kw, co, ci)
+    g = np.matmul(np.transpose(s, (0, 2, 1)), s) if co >= ci else np.matmul(s, np.transpose(s, (0, 2, 1)))
+    ev = eigvalsh(g).reshape(-1)
+    ev.sort()
+    return ev, max(co, ci), min(co, ci)
+
+
+# ----------------------------------------------------------------------------- power law
+
+@dataclass
+class PowerLawFit:
+    """A power-law fit of the tail of an ESD. ``status`` is "ok", "small-n" or "failed"."""
+
+    status: str
+    alpha: float | None = None
+    xmin: float | None = None
+    xmax: float | None = None
+    D: float | None = None
+    sigma: float | None = None
+    n_tail: int = 0  # eigenvalues >= xmin (WeightWatcher's num_pl_spikes)
+    n_fitted: int = 0  # eigenvalues above the 1e-5 threshold
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+
+def _ks_scan(x: np.ndarray, logx: np.ndarray, alphas: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """KS distance for every candidate xmin = x[i], i < len(x) - 1 (WeightWatcher's ECDF convention)."""
+    n_all = len(x)
+    cands = n_all - 1
+    d = np.ones(cands)
+    rows = max(1, _CHUNK // n_all)
+    for i0 in range(0, cands, rows):
+        i1 = min(cands, i0 + rows)
+        idx = np.arange(i0, i1)
+        ok = valid[i0:i1]
+        if not ok.any():
+            continue
+        idx = idx[ok]
+        a = alphas[idx]
+        cols = np.arange(i0, n_all)
+        dl = logx[None, i0:] - logx[idx, None]  # ln(x_j / x_i), negative for j < i
+        np.multiply(dl, (1.0 - a)[:, None], out=dl)
+        np.exp(dl, out=dl)  # theoretical tail CDF is 1 - this
+        n = (n_all - idx).astype(np.float64)
+        emp = (cols[None, :] - idx[:, None]) / n[:, None]  # empirical CDF (0, 1/n, ..., (n-1)/n)
+        dl += emp
+        np.subtract(1.0, dl, out=dl)
+        np.abs(dl, out=dl)
+        dl[cols[None, :] < idx[:, None]] = 0.0  # columns before the candidate are not in its tail
+        d[idx] = dl.max(axis=1)
+    return d
+
+
+def fit_power_law(evals: np.ndarray, thresh: float = EVALS_THRESH) -> PowerLawFit:
+    """Fit p(x) ~ x^-alpha to the tail of ``evals`` exactly as WeightWatcher 0.7.7 does by default.
+
+    Eigenvalues <= ``thresh`` are dropped; xmin is the candidate with the smallest KS distance.
+    """
+    ev = np.sort(np.asarray(evals, dtype=np.float64).reshape(-1))
+    ev = ev[np.isfinite(ev)]
+    data = ev[ev > thresh]
+    n_data = len(data)
+    if n_data < 2:
+        return PowerLawFit("failed", n_fitted=n_data,
+                           reason=f"{n_data} eigenvalue(s) above {thresh:g}; a fit needs at least 2")
+    logx = np.log(data)
+    suffix = np.cumsum(logx[::-1])[::-1]  # sum of ln x_j for j >= i
+    n = (n_data - np.arange(n_data - 1)).astype(np.float64)
+    s = suffix[:-1] - n * logx[:-1]  # sum over the tail of ln(x_j / x_i)
+    small = n_data < SMALL_N
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if not small:
+            alphas = 1.0 + n / s
+            valid = np.isfinite(alphas) & (alphas > 1.0)
+            d = _ks_scan(data, logx, alphas, valid)
+            best = int(np.argmin(d))
+            objective = None
+        else:
+            alphas = np.where(s > 1e-12, 1.0 + (n - 1.0) / s, 0.0)
+            valid = (n >= SMALL_N_MIN_TAIL) & (s > 1e-12) & (alphas > 1.0)
+            d = _ks_scan(data, logx, alphas, valid)
+            objective = np.where(valid, d - 0.868 / np.sqrt(n), np.inf)
+            best = int(np.argmin(objective)) if np.isfinite(objective).any() else -1
+    if small and best < 0:
+        # WeightWatcher's fallback: the whole ESD as the tail
+        s0 = float(np.sum(logx) - n_data * logx[0])
+        if s0 <= 1e-12:
+            return PowerLawFit("small-n", 1.0, float(data[0]), float(data[-1]), 1.0, 0.0,
+                               int(np.sum(ev >= data[0])), n_data, "degenerate tail (all eigenvalues equal)")
+        a0 = 1.0 + (n_data - 1.0) / s0
+        emp = np.arange(n_data) / n_data
+        d0 = float(np.max(np.abs(emp - (1.0 - (data / data[0]) ** (1.0 - a0)))))
+        return PowerLawFit("small-n", a0, float(data[0]), float(data[-1]), d0, (a0 - 1.0) / math.sqrt(n_data),
+                           int(np.sum(ev >= data[0])), n_data, f"only {n_data} eigenvalues: no candidate xmin "
+                           f"leaves a tail of {SMALL_N_MIN_TAIL}; fitted the whole ESD")
+    alpha = float(alphas[best])
+    if not math.isfinite(alpha):
+        return PowerLawFit("failed", n_fitted=n_data, reason="no finite alpha for any xmin")
+    xmin = float(data[best])
+    return PowerLawFit("small-n" if small else "ok", alpha, xmin, float(data[-1]), float(d[best]),
+                       (alpha - 1.0) / math.sqrt(n_data - best), int(np.sum(ev >= xmin)), n_data,
+                       f"only {n_data} eigenvalues: small-sample fit" if small else "")
+
+
+def log_alpha_norm(evals: np.ndarray, alpha: float) -> float:
+    """log10 of sum(lambda^alpha), computed in log space (no overflow for large alpha)."""
+    ev = np.asarray(evals, dtype=np.float64)
+    ev = ev[ev > 0]
+    if len(ev) == 0:
+        return float("-inf")
+    t = alpha * np.log(ev)
+    m = float(t.max())
+    return (m + math.log(float(np.sum(np.exp(t - m))))) / math.log(10.0)
+
+
+# ----------------------------------------------------------------------------- Marchenko-Pastur
+
+def mp_bulk(evals: np.ndarray, n: int, m: int, max_iter: int = 100) -> dict:
+    """Marchenko-Pastur bulk of an ESD of N x M matrices (N >= M), spikes removed iteratively.
+
+    Under the MP law for i.i.d. entries of variance s^2, the eigenvalues of W^T W have mean
+    s^2 N and lie in [s^2 (sqrt N - sqrt M)^2, s^2 (sqrt N + sqrt M)^2]. We estimate s^2 from the
+    mean of the eigenvalues inside the current edge, drop those above it, and repeat until no
+    eigenvalue leaves the bulk. Spikes are the eigenvalues above the final edge. (WeightWatcher's
+    optional mp_fit fits s by a kernel-density brute-force search instead; this estimate is ours.)
+    """
+    ev = np.sort(np.asarray(evals, dtype=np.float64).reshape(-1))
+    if len(ev) == 0 or n <= 0 or m <= 0 or ev[-1] <= 0:
+        return {"mp_sigma": None, "mp_bulk_min": None, "mp_bulk_max": None, "num_spikes": None, "mp_softrank": None}
+    k = len(ev)
+    grow = (math.sqrt(n) + math.sqrt(m)) ** 2 / n
+    for _ in range(max_iter):
+        s2 = float(np.mean(ev[:k])) / n
+        edge = s2 * n * grow
+        k_new = int(np.searchsorted(ev, edge, side="right"))
+        if k_new == k or k_new == 0:
+            break
+        k = k_new
+    s2 = float(np.mean(ev[:max(k, 1)])) / n
+    edge = s2 * (math.sqrt(n) + math.sqrt(m)) ** 2
+    return {"mp_sigma": math.sqrt(s2), "mp_bulk_min": s2 * (math.sqrt(n) - math.sqrt(m)) ** 2, "mp_bulk_max": edge,
+            "num_spikes": int(np.sum(ev > edge)), "mp_softrank": edge / float(ev[-1])}
+
+
+# ----------------------------------------------------------------------------- ranks
+
+def rank_metrics(evals: np.ndarray, shape: tuple[int, int], eps: float, fro2: float | None = None) -> dict:
+    """Norms and ranks from the squared singular values of an m x n matrix.
+
+    - stable rank ||W||_F^2 / ||W||_2^2;
+    - effective rank exp(H(p)), p_i = s_i / sum s (Roy & Vetterli): n for I_n, 1 for rank one;
+    - participation ratio (sum s^2)^2 / sum s^4;
+    - numerical rank: singular values above s_max * max(m, n) * eps, with eps the machine
+      epsilon of the dtype the weights are stored in (numpy.linalg.matrix_rank's rule at that
+      precision).
+    """
+    lam = np.clip(np.asarray(evals, dtype=np.float64), 0.0, None)
+    fro2 = float(np.sum(lam)) if fro2 is None else float(fro2)
+    lmax = float(lam.max()) if len(lam) else 0.0
+    if lmax <= 0.0:
+        return {"frobenius_norm": math.sqrt(max(fro2, 0.0)), "spectral_norm": 0.0, "stable_rank": 0.0,
+                "effective_rank": 0.0, "numerical_rank": 0, "participation_ratio": 0.0}
+    s = np.sqrt(lam)
+    p = s / s.sum()
+    p = p[p > 0]
+    erank = float(np.exp(-np.sum(p * np.log(p))))
+    smax = math.sqrt(lmax)
+    tol = smax * max(shape) * eps
+    return {"frobenius_norm": math.sqrt(fro2), "spectral_norm": smax, "stable_rank": fro2 / lmax,
+            "effective_rank": erank, "numerical_rank": int(np.sum(s > tol)),
+            "participation_ratio": float(np.sum(lam)) ** 2 / float(np.sum(lam * lam))}
+
+
+def effective_rank(x) -> float:
+    """Effective rank of a matrix (exp of the entropy of its normalised singular values)."""
+    a = to_numpy(x)
+    return rank_metrics(matrix_eigenvalues(a)[0], a.shape, dtype_eps(a.dtype))["effective_rank"]
+
+
+# ----------------------------------------------------------------------------- SVD through the Gram matrix
+
+@dataclass
+class GramSVD:
+    """Singular values (descending) and the singular vectors one side of the Gram matrix gives directly.
+
+    ``left`` is True when ``vecs`` are left singular vectors (m <= n: eigenvectors of x x^T),
+    else they are right singular vectors (eigenvectors of x^T x).
+    """
+
+    s: np.ndarray
+    vecs: np.ndarray
+    left: bool
+    fro2: float
+
+
+def gram_svd(x: np.ndarray) -> GramSVD:
+    m, n = x.shape
+    g = gram(x)
+    tr = float(np.trace(g))
+    lam, vecs = np.linalg.eigh(g)
+    lam = np.maximum(lam[::-1], 0.0)
+    return GramSVD(np.sqrt(lam), np.ascontiguousarray(vecs[:, ::-1]), m <= n, tr)
+
+
+def top_left_vectors(x: np.ndarray, g: GramSVD, k: int) -> np.ndarray:
+    """The top-k left singular vectors of x (m x k, float64)."""
+    k = min(k, len(g.s))
+    if g.left:
+        return g.vecs[:, :k]
+    s = g.s[:k]
+    keep = s > 0
+    u = matmul64(x, g.vecs[:, :k][:, keep]) / s[keep]
+    return u
+
+
+def top_right_vectors(x: np.ndarray, g: GramSVD, k: int) -> np.ndarray:
+    """The top-k right singular vectors of x (n x k, float64)."""
+    k = min(k, len(g.s))
+    if not g.left:
+        return g.vecs[:, :k]
+    s = g.s[:k]
+    keep = s > 0
+    return matmul64(x, g.vecs[:, :k][:, keep], transpose_a=True) / s[keep]
+
+
+def max_cos_with_left_basis(x0: np.ndarray, g0: GramSVD, y: np.ndarray, tol: float) -> np.ndarray:
+    """For each column y_j (unit vectors in R^m): max_i |<y_j, u_i>| over all left singular vectors u_i of x0.
+
+    "All" is the thin SVD's set, as in the intruder-dimension papers' code: m vectors when
+    m <= n (a full basis of R^m), else the n vectors u_i = x0 v_i / s_i, of which those with
+    s_i <= tol (numerically zero, their direction undefined) are left out. The m > n case
+    never forms U: |U^T y| = |diag(1/s) V^T (x0^T y)|.
+    """
+    if g0.left:
+        c = np.abs(g0.vecs.T @ y)
+    else:
+        keep = g0.s > tol
+        c = np.abs((g0.vecs[:, keep].T @ matmul64(x0, y, transpose_a=True)) / g0.s[keep][:, None])
+    return c.max(axis=0) if c.size else np.zeros(y.shape[1])
+
+
+def intruder_dimensions(w_ft, w_base, k: int = 10, eps: float = 0.5) -> dict:
+    """Intruder dimensions of a fine-tuned matrix against its base (Shuttleworth et al.; PEFT's rule).
+
+    A left singular vector y_j among the top k of the fine-tuned matrix is an intruder when
+    max_i |cos(y_j, x_i)| < eps over all left singular vectors x_i of the base.
+    """
+    x, x0 = to_numpy(w_ft), to_numpy(w_base)
+    g, g0 = gram_svd(x), gram_svd(x0)
+    y = top_left_vectors(x, g, k)
+    tol = (g0.s[0] if len(g0.s) else 0.0) * max(x0.shape) * dtype_eps(x0.dtype)
+    mc = max_cos_with_left_basis(x0, g0, y, tol)
+    return {"count": int(np.sum(mc < eps)), "max_cos": mc.tolist()}
+
+
+# ----------------------------------------------------------------------------- histograms for plots
+
+def log_histogram(evals: np.ndarray, bins: int = 60) -> dict | None:
+    """Density of the positive eigenvalues on log-spaced bins: {"edges", "density"} (for log-log plots)."""
+    ev = np.asarray(evals, dtype=np.float64)
+    ev = ev[ev > 0]
+    if len(ev) < 2 or ev.min() == ev.max():
+        return None
+    edges = np.logspace(math.log10(ev.min()), math.log10(ev.max()), bins + 1)
+    edges[0], edges[-1] = ev.min(), ev.max()
+    counts, _ = np.histogram(ev, bins=edges)
+    dens = counts / (len(ev) * np.diff(edges))
+    return {"edges": edges.tolist(), "density": dens.tolist(), "n": int(len(ev))}
