@@ -24,6 +24,7 @@ KINDS = {
     "whole": "works on in-memory models or state dicts (training, search)",
     "prune": "per-layer pruning rule f(ctx) -> (weight, mask), run by compress.prune",
     "allocate": "per-layer sparsity allocation f(layers, sparsity, ...) -> {layer: sparsity}",
+    "quantize": "per-layer quantizer f(ctx) -> integer layer, run by compress.quantize",
 }
 
 

@@ -4,10 +4,13 @@
 with any sparsity allocation ("allocate" kind).
 """
 from . import allocation, cast, dpruner, gblm, magnitude, sparsegpt, wanda  # noqa: F401  (register)
+from . import compensate, gptq, packed, pbllm, quantize, rtn, statsq  # noqa: F401  (register)
 from .ap import dead_neuron_rate, iterative_prune
 from .masks import MaskKeeper, SPDFSchedule, masks_from_zeros
 from .rethinking import reinitialize_pruned
+from .compensate import CompensateReport, compensate  # noqa: E402  (the functions shadow their modules)
 from .prune import PruneReport, prune, target_layers
+from .quantize import QuantReport, quantize
 
-__all__ = ["MaskKeeper", "PruneReport", "SPDFSchedule", "dead_neuron_rate", "iterative_prune", "masks_from_zeros",
+__all__ = ["CompensateReport", "MaskKeeper", "PruneReport", "QuantReport", "compensate", "quantize", "SPDFSchedule", "dead_neuron_rate", "iterative_prune", "masks_from_zeros",
            "prune", "reinitialize_pruned", "target_layers"]

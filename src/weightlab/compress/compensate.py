@@ -1,0 +1,194 @@
+"""`compensate(compressed, original, method="eora"|"svd", rank)`: training-free low-rank repair.
+
+For every target layer, dW = W_original - W_compressed is approximated by B A (rank r):
+EoRA in the eigenspace of the layer's calibration inputs (tensor/eora.py), or plain SVD of dW
+(the baseline, needs no data). EoRA runs block-sequentially in the calibration engine on the
+*compressed* model, so each block's input statistics come from already-compensated blocks.
+The result is merged into the weights (``merge=True``) or kept as adapters, which
+``save_peft_adapter`` writes in PEFT's LoRA format (lora_A = A (r x in), lora_B = B (out x r),
+lora_alpha = r so the scaling is 1).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..engine.calibration import layerwise, set_weight_matrix, weight_matrix
+from ..errors import ConfigError
+from ..registry import MethodConfig, Regime, register
+from ..tensor.eora import eora, svd_lowrank, weighted_error
+from .prune import target_layers, to_batches
+
+
+@dataclass
+class CompensateReport:
+    method: str
+    rank: int
+    merged: bool
+    layers: list[dict] = field(default_factory=list)
+    adapters: dict = field(default_factory=dict)  # layer name -> (B, A)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        def tot(k):
+            return sum(r[k] for r in self.layers if r.get(k) is not None)
+
+        out = {"method": self.method, "rank": self.rank, "merged": self.merged, "seconds": round(self.seconds, 2),
+               "adapter_params": sum(B.numel() + A.numel() for B, A in self.adapters.values()),
+               "layers": self.layers}
+        if any(r.get("err_before") is not None for r in self.layers):
+            b = tot("err_before")
+            out["input_weighted_error_ratio"] = round(tot("err_after") / b, 6) if b else None
+        return out
+
+
+def compensate(compressed: nn.Module, original: nn.Module, method: str = "eora", rank: int = 16, *,
+               merge: bool = True, calib=None, tokenizer=None, nsamples: int = 32, seqlen: int = 512, seed: int = 0,
+               sampling: str = "random", show_progress: bool | None = None, layer_filter=None) -> CompensateReport:
+    """Add rank-``rank`` corrections to ``compressed`` (changed in place when merge=True).
+
+    ``original`` only provides the reference weights (same layer names). With merge=False the
+    compressed model is left unchanged and the adapters are in ``report.adapters``.
+    """
+    t0 = time.perf_counter()
+    if method not in ("eora", "svd"):
+        raise ConfigError(f"compensation method must be 'eora' or 'svd', got {method!r}")
+    if rank < 1:
+        raise ConfigError(f"rank must be >= 1, got {rank}")
+    layers = target_layers(compressed)
+    if layer_filter is not None:
+        layers = {n: m for n, m in layers.items() if layer_filter(n)}
+    ref = dict(original.named_modules())
+    missing = [n for n in layers if n not in ref]
+    if missing:
+        raise ConfigError(f"the original model has no layer {missing[0]} (different architecture?)")
+    for n, m in layers.items():
+        if weight_matrix(m).shape != weight_matrix(ref[n]).shape:
+            raise ConfigError(f"layer {n}: shapes differ between the compressed and the original model")
+    report = CompensateReport(method, rank, merge)
+    kept: dict[str, torch.Tensor] = {}
+
+    def do_layers(names_mods, stats):
+        for n, m in names_mods.items():
+            Wc = weight_matrix(m)
+            dW = weight_matrix(ref[n]) - Wc
+            r = min(rank, *dW.shape)
+            row = {"name": n, "shape": list(dW.shape), "rank": r}
+            if stats is not None:
+                C = stats[n].H.double()
+                B, A = eora(dW, C, r)
+                row["err_before"] = weighted_error(dW, C)
+                row["err_after"] = weighted_error(dW - B @ A, C)
+            else:
+                B, A = svd_lowrank(dW, r)
+            row["rel_weight_error_before"] = float(dW.norm() / weight_matrix(ref[n]).norm().clamp_min(1e-30))
+            row["rel_weight_error_after"] = float((dW - B @ A).norm() / weight_matrix(ref[n]).norm().clamp_min(1e-30))
+            report.layers.append(row)
+            report.adapters[n] = (B, A)
+            if not merge:
+                kept[n] = Wc
+            set_weight_matrix(m, Wc + B @ A)  # later blocks see compensated outputs
+
+    if method == "svd":
+        do_layers(layers, None)
+    else:
+        batches = to_batches(calib, tokenizer, nsamples, seqlen, seed, sampling)
+        layerwise(compressed, batches, lambda i, name, ls, stats: do_layers(ls, stats), hessian=True,
+                  layer_filter=lambda n: n in layers, show_progress=show_progress)
+    for n, w in kept.items():
+        set_weight_matrix(layers[n], w)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def peft_state_dict(adapters: dict, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    out = {}
+    for n, (B, A) in adapters.items():
+        out[f"base_model.model.{n}.lora_A.weight"] = A.to(dtype).contiguous()
+        out[f"base_model.model.{n}.lora_B.weight"] = B.to(dtype).contiguous()
+    return out
+
+
+def save_peft_adapter(out: str | os.PathLike, adapters: dict, base_model: str | None = None, rank: int | None = None,
+                      task_type: str | None = "CAUSAL_LM", conv1d: bool = False, dtype=torch.float32) -> Path:
+    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (PEFT LoRA, scaling 1)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    r = rank or max(B.shape[1] for B, _ in adapters.values())
+    ranks = {n: B.shape[1] for n, (B, _) in adapters.items()}
+    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": r, "lora_dropout": 0.0, "bias": "none",
+           "target_modules": sorted({n.rsplit(".", 1)[-1] for n in adapters}), "fan_in_fan_out": conv1d,
+           "base_model_name_or_path": base_model, "task_type": task_type, "inference_mode": True,
+           "init_lora_weights": True, "use_rslora": False, "modules_to_save": None,
+           "rank_pattern": {n: k for n, k in ranks.items() if k != r},
+           "alpha_pattern": {n: k for n, k in ranks.items() if k != r}}
+    save_file(peft_state_dict(adapters, dtype), str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=1))
+    return out
+
+
+def load_peft_adapter(path: str | os.PathLike) -> dict:
+    """{layer name: (B, A)} from a PEFT LoRA folder written by save_peft_adapter (scaling applied to B)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    sd = load_file(str(path / "adapter_model.safetensors"))
+    out = {}
+    for k, A in sd.items():
+        if k.endswith(".lora_A.weight"):
+            n = k[len("base_model.model."):-len(".lora_A.weight")]
+            B = sd[k.replace("lora_A", "lora_B")]
+            r = cfg.get("rank_pattern", {}).get(n, cfg["r"])
+            alpha = cfg.get("alpha_pattern", {}).get(n, cfg["lora_alpha"])
+            out[n] = (B.float() * (alpha / r), A.float())
+    return out
+
+
+def apply_adapters(model: nn.Module, adapters: dict) -> None:
+    mods = dict(model.named_modules())
+    for n, (B, A) in adapters.items():
+        set_weight_matrix(mods[n], weight_matrix(mods[n]) + B.float() @ A.float())
+
+
+class CompensateStepConfig(MethodConfig):
+    original: str = Field(..., description="the uncompressed model folder")
+    method: Literal["eora", "svd"] = "eora"
+    rank: int = Field(16, gt=0)
+    calib: str = "wiki"
+    nsamples: int = Field(32, gt=0)
+    seqlen: int = Field(512, gt=1)
+    seed: int = 0
+    sampling: Literal["random", "consecutive"] = "random"
+
+
+@register("compress", "compensate", kind="transform", config=CompensateStepConfig, regime=Regime.LAYERWISE,
+          paper="EoRA: Training-free Compensation for Compressed LLM with Eigenspace Low-Rank Approximation "
+                "(Liu et al., 2024)",
+          summary="recipe step: add merged rank-r EoRA (or plain SVD) corrections of a compressed causal LM")
+def compensate_step(source, cfg: CompensateStepConfig, show_progress: bool | None = None):
+    from ..engine.source import MappedSource, root_path
+    from ..io.hf import load_causal_lm
+    from ..recipe.models import resolve_model
+
+    path = root_path(source)
+    if path is None:
+        raise ConfigError("the compensate step needs a model folder (a checkpoint with config.json)")
+    model, tok = load_causal_lm(path)
+    orig, _ = load_causal_lm(resolve_model(cfg.original))
+    compensate(model, orig, cfg.method, cfg.rank, calib=cfg.calib, tokenizer=tok, nsamples=cfg.nsamples,
+               seqlen=cfg.seqlen, seed=cfg.seed, sampling=cfg.sampling, show_progress=show_progress)
+    del orig
+    sd = model.state_dict()
+    return MappedSource(source, lambda name, t: sd[name].to(t.dtype) if name in sd else t)
+

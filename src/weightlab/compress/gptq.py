@@ -1,0 +1,28 @@
+"""GPTQ (Frantar et al., 2023): OBS error feedback with a damped inverse Hessian (tensor/gptq.py)."""
+from __future__ import annotations
+
+from pydantic import Field
+
+from ..registry import MethodConfig, Regime, register
+from ..tensor.gptq import gptq as gptq_solve
+from .quantize import QUANT_KIND, QuantContext
+
+
+class GPTQConfig(MethodConfig):
+    blocksize: int = Field(128, gt=0, description="lazy-update column block (rounded to a multiple of the group)")
+    percdamp: float = Field(0.01, ge=0, description="damping as a share of mean diag(H)")
+    act_order: bool = Field(False, description="quantize columns by descending diag(H)")
+    static_groups: bool = Field(False, description="fit group grids once on the original W")
+
+
+@register("compress", "gptq", kind=QUANT_KIND, config=GPTQConfig, regime=Regime.LAYERWISE,
+          paper="GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers "
+                "(Frantar et al., 2023)",
+          summary="column-by-column rounding with inverse-Hessian error feedback; groups, act-order, static groups",
+          quantizer=True, default_bits=4, needs=("hessian",))
+def gptq(ctx: QuantContext):
+    c = ctx.cfg
+    q, loss = gptq_solve(ctx.weight, ctx.stats.H, ctx.bits, ctx.group_size, ctx.sym, c.act_order, c.static_groups,
+                         c.blocksize, c.percdamp, ctx.scale_dtype)
+    ctx.extra["loss"] = loss
+    return q

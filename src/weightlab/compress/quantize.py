@@ -1,0 +1,183 @@
+"""`quantize(model, method, bits, group_size)`: one verb for every weight quantizer.
+
+Data-free quantizers (RTN, StatsQ) walk the layers directly; Hessian-based ones (GPTQ, PB-LLM)
+run in the layer-by-layer calibration engine, so each block is quantized on inputs that
+already went through the quantized earlier blocks. The model is changed in place: every
+target layer's weight becomes its dequantized value (a "fake-quantized" dense model any
+transformers user can load). The integer form of every layer is kept in the report
+(``report.quantized``) for the packed format (compress/packed.py).
+
+A quantizer is registered as ``register("compress", name, kind=QUANT_KIND, ...)`` with a
+function ``fn(ctx: QuantContext) -> AffineQuant | PBQuant | StatsQuant``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..engine.calibration import LayerStats, layerwise, set_weight_matrix, weight_matrix
+from ..engine.progress import progress
+from ..errors import ConfigError
+from ..registry import KINDS, MethodConfig, Regime, get_method, register
+from .packed import layout_of, pack_layer
+from .prune import target_layers, to_batches
+
+# The registry has no "quantize" kind yet; until it does, quantizers are "whole" methods marked quantizer=True.
+QUANT_KIND = "quantize" if "quantize" in KINDS else "whole"
+
+
+@dataclass
+class QuantContext:
+    name: str
+    module: nn.Module
+    weight: torch.Tensor  # (out, in) float32
+    bits: int
+    group_size: int
+    sym: bool
+    scale_dtype: str
+    cfg: object
+    stats: LayerStats | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class QuantReport:
+    method: str
+    bits: int
+    group_size: int
+    layers: list[dict] = field(default_factory=list)
+    quantized: dict = field(default_factory=dict)  # layer name -> AffineQuant | PBQuant | StatsQuant
+    layouts: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def bits_per_weight(self) -> float:
+        n = sum(r["numel"] for r in self.layers)
+        return sum(r["bits_per_weight"] * r["numel"] for r in self.layers) / n if n else 0.0
+
+    def as_dict(self) -> dict:
+        n = sum(r["numel"] for r in self.layers)
+        err = sum(r["rel_error"] ** 2 * r["sq_norm"] for r in self.layers)
+        tot = sum(r["sq_norm"] for r in self.layers)
+        return {"method": self.method, "bits": self.bits, "group_size": self.group_size,
+                "bits_per_weight": round(self.bits_per_weight, 4), "quantized_weights": n,
+                "rel_weight_error": round((err / tot) ** 0.5, 6) if tot else 0.0,
+                "seconds": round(self.seconds, 2), "layers": self.layers}
+
+
+def quantizers() -> list:
+    from ..registry import list_methods
+
+    return [s for s in list_methods("compress") if s.extra.get("quantizer")]
+
+
+def quantize(model: nn.Module, method: str = "rtn", bits: int | None = None, group_size: int = 128, *,
+             sym: bool = False, scale_dtype: str = "float16", calib=None, tokenizer=None, nsamples: int = 32,
+             seqlen: int = 512, seed: int = 0, sampling: str = "random", show_progress: bool | None = None,
+             layer_filter=None, **method_params) -> QuantReport:
+    """Quantize ``model`` in place (weights := dequantized values); return the report with integer layers.
+
+    ``group_size <= 0`` means one group per output row (per-channel); a partial last group is allowed.
+    ``bits`` defaults to the method's own default (PB-LLM: the salient high-bit width is its own parameter).
+    """
+    t0 = time.perf_counter()
+    spec = get_method("compress", method)
+    if not spec.extra.get("quantizer"):
+        raise ConfigError(f"compress/{spec.name} is not a quantizer; quantizers: "
+                          + ", ".join(s.name for s in quantizers()))
+    cfg = spec.make_config(method_params)
+    bits = spec.extra.get("default_bits", 4) if bits is None else bits
+    lo, hi = spec.extra.get("bits_range", (2, 8))
+    if not isinstance(bits, int) or not lo <= bits <= hi:
+        raise ConfigError(f"{spec.name}: bits must be an integer in [{lo}, {hi}], got {bits!r}")
+    if scale_dtype not in ("float16", "float32", "bfloat16"):
+        raise ConfigError(f"scale_dtype must be float16, float32 or bfloat16, got {scale_dtype!r}")
+    layers = target_layers(model)
+    if layer_filter is not None:
+        layers = {n: m for n, m in layers.items() if layer_filter(n)}
+    if not layers:
+        raise ConfigError("the model has no Linear/Conv layers to quantize")
+    needs = spec.extra.get("needs", ())
+    needs = set(needs(cfg) if callable(needs) else needs)
+    report = QuantReport(spec.name, bits, group_size)
+
+    def do_layers(names_mods, stats):
+        for n, m in names_mods.items():
+            w = weight_matrix(m)
+            ctx = QuantContext(n, m, w, bits, group_size, sym, scale_dtype, cfg, stats.get(n) if stats else None)
+            q = spec.fn(ctx)
+            w_hat = q.dequantize()
+            set_weight_matrix(m, w_hat)
+            _, meta = pack_layer(q)
+            sq = float((w.double() ** 2).sum())
+            report.quantized[n] = q
+            report.layouts[n] = layout_of(m)
+            report.layers.append({"name": n, "shape": list(w.shape), "numel": w.numel(),
+                                  "bits_per_weight": round(meta["bits_per_weight"], 4), "sq_norm": sq,
+                                  "rel_error": float(((w - w_hat).double() ** 2).sum() / max(sq, 1e-30)) ** 0.5})
+
+    if "hessian" not in needs:
+        do_layers(dict(progress(list(layers.items()), f"quantize/{spec.name}", enabled=show_progress)), None)
+    else:
+        batches = to_batches(calib, tokenizer, nsamples, seqlen, seed, sampling)
+        layerwise(model, batches, lambda i, name, ls, stats: do_layers(ls, stats), hessian=True,
+                  layer_filter=lambda n: n in layers, show_progress=show_progress)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def dequantized_state_dict(model: nn.Module, ck) -> dict:
+    """Every tensor of the checkpoint ``ck``, with the model's (quantized) values in the checkpoint dtypes."""
+    sd = model.state_dict()
+    return {n: sd[n].to(ck.info(n).dtype) if n in sd else ck.get(n) for n in ck.names()}
+
+
+def save_quantized_packed(out, report: QuantReport, model: nn.Module, ck, provenance=None, force: bool = False,
+                          info: dict | None = None) -> dict:
+    """Write the packed folder for a quantized model: packed layers + all other checkpoint tensors."""
+    from .packed import save_packed
+
+    sd = dequantized_state_dict(model, ck)
+    other = {n: t for n, t in sd.items() if n.removesuffix(".weight") not in report.quantized or not n.endswith(".weight")}
+    layouts = {n: {**lay, "dtype": str(ck.info(f"{n}.weight").dtype).replace("torch.", "")}
+               for n, lay in report.layouts.items()}
+    return save_packed(out, report.quantized, layouts, other, config=ck.config, template=ck.path,
+                       provenance=provenance, force=force,
+                       info={"method": report.method, "bits": report.bits, "group_size": report.group_size,
+                             **(info or {})})
+
+
+class QuantizeStepConfig(MethodConfig):
+    method: str = "gptq"
+    bits: int | None = None
+    group_size: int = 128
+    sym: bool = False
+    calib: str = "wiki"
+    nsamples: int = Field(32, gt=0)
+    seqlen: int = Field(512, gt=1)
+    seed: int = 0
+    sampling: Literal["random", "consecutive"] = "random"
+    params: dict = Field(default_factory=dict, description="the quantizer's own parameters")
+
+
+@register("compress", "quantize", kind="transform", config=QuantizeStepConfig, regime=Regime.LAYERWISE,
+          paper="(recipe step running a quantizer; see the quantizers' papers)",
+          summary="recipe step: quantize a causal LM checkpoint (RTN, GPTQ, PB-LLM, StatsQ); writes dequantized weights")
+def quantize_step(source, cfg: QuantizeStepConfig, show_progress: bool | None = None):
+    from ..engine.source import MappedSource, root_path
+    from ..io.hf import load_causal_lm
+
+    path = root_path(source)
+    if path is None:
+        raise ConfigError("the quantize step needs a model folder (a checkpoint with config.json)")
+    model, tok = load_causal_lm(path)
+    quantize(model, cfg.method, cfg.bits, cfg.group_size, sym=cfg.sym, calib=cfg.calib, tokenizer=tok,
+             nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed, sampling=cfg.sampling,
+             show_progress=show_progress, **cfg.params)
+    sd = model.state_dict()
+    return MappedSource(source, lambda name, t: sd[name].to(t.dtype) if name in sd else t)

@@ -1,0 +1,101 @@
+"""GPTQ (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers", 2023).
+
+The SparseGPT/OBS loop of tensor/obs.py with ``q = quant(w)``: columns are quantized left to
+right, each error ``(w - q) / U_ii`` is pushed onto the not-yet-quantized columns through the
+upper Cholesky factor U of the damped inverse Hessian, with lazy updates every ``blocksize``
+columns. Groups: quantizer parameters are fitted on the *current, already updated* weights
+when the column index reaches a group start (``static_groups``: fitted once on the original
+W). ``act_order`` processes columns by descending diag(H) and undoes the permutation at the
+end (the group of column j is then recorded in ``g_idx``).
+
+`obs_quantize` is the loop with a pluggable per-column quantizer (PB-LLM reuses it).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .obs import inverse_hessian_factor
+from .quant import SCALE_DTYPES, AffineQuant, check_bits, find_params, group_index, num_groups, to_codes
+
+
+def obs_quantize(W: torch.Tensor, U: torch.Tensor, column: Callable, blocksize: int = 128):
+    """Error-feedback loop. ``column(j, W1, i) -> q`` quantizes column j (local index i of the
+    current block W1, whose columns i.. are up to date). Returns (Q float64, loss) with
+    loss = sum (w - q)^2 / (2 U_jj^2) = 1/2 tr((W - Q) H_damped (W - Q)^T)."""
+    W = W.clone()
+    rows, cols = W.shape
+    Q = torch.zeros_like(W)
+    loss = torch.zeros((), dtype=W.dtype)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            d = U1[i, i]
+            q = column(i1 + i, W1, i)
+            Q[:, i1 + i] = q
+            loss += ((w - q) ** 2).sum() / (2 * d ** 2)
+            err = (w - q) / d
+            W1[:, i:] -= err.unsqueeze(1) @ U1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return Q, float(loss)
+
+
+def gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = -1, sym: bool = False,
+         act_order: bool = False, static_groups: bool = False, blocksize: int = 128, percdamp: float = 0.01,
+         scale_dtype: str = "float16") -> tuple[AffineQuant, float]:
+    """GPTQ-quantize W (out x in) against the Hessian proxy H (in x in). Returns (AffineQuant, loss).
+
+    With groups, ``blocksize`` is rounded to a multiple of ``group_size`` so every group lies in
+    one lazy block (its parameters then see all earlier updates). A partial last group is fine.
+    """
+    check_bits(bits)
+    rows, cols = W.shape
+    U, W64, Hd = inverse_hessian_factor(H, W, percdamp)
+    perm = torch.argsort(torch.diag(Hd), descending=True, stable=True) if act_order else torch.arange(cols)
+    G = num_groups(cols, group_size)
+    scales = torch.zeros(rows, G, dtype=torch.float64)
+    zeros = torch.zeros(rows, G, dtype=torch.float64)
+    g_idx = group_index(cols, group_size)  # group of each ORIGINAL column
+    if group_size > 0:
+        blocksize = group_size * max(1, blocksize // group_size)
+        if static_groups:
+            for g in range(G):
+                sl = slice(g * group_size, min((g + 1) * group_size, cols))
+                scales[:, g], zeros[:, g] = find_params(W64[:, sl], bits, sym, scale_dtype)
+        elif act_order:
+            g_idx = torch.empty(cols, dtype=torch.long)
+            g_idx[perm] = torch.arange(cols) // group_size
+    else:
+        scales[:, 0], zeros[:, 0] = find_params(W64, bits, sym, scale_dtype)
+    if act_order:
+        W64 = W64[:, perm]
+        U = _factor_permuted(Hd, perm)
+    codes = torch.zeros(rows, cols, dtype=torch.float64)
+    dynamic = group_size > 0 and not static_groups
+
+    def column(j, W1, i):
+        g = int(g_idx[perm[j]])
+        if dynamic and j % group_size == 0:
+            scales[:, g], zeros[:, g] = find_params(W1[:, i:i + group_size], bits, sym, scale_dtype)
+        s, z = scales[:, g], zeros[:, g]
+        c = to_codes(W1[:, i], s, z, bits)
+        codes[:, perm[j]] = c
+        return s * (c - z)
+
+    _, loss = obs_quantize(W64, U, column, blocksize)
+    aq = AffineQuant(codes.to(torch.uint8), scales.to(SCALE_DTYPES[scale_dtype]), zeros.to(torch.uint8),
+                     g_idx.to(torch.int32), bits, group_size, sym)
+    return aq, loss
+
+
+def _factor_permuted(Hd: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """U for the permuted, already damped H (no second damping, dead columns already handled)."""
+    Hp = Hd[perm][:, perm]
+    L = torch.linalg.cholesky(Hp)
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)

@@ -1,0 +1,124 @@
+"""Round-to-nearest integer grids (GPTQ's min-max quantizer): per channel or per group, sym/asym, 2-8 bits.
+
+A weight matrix W (out x in) is cut into column groups of ``group_size`` consecutive inputs
+(``group_size <= 0``: one group = the whole row; a last partial group is allowed, so widths
+such as 576 work with group 128). Each (row, group) has its own scale and integer zero point:
+
+    xmin = min(min w, 0), xmax = max(max w, 0)            (0 always representable)
+    symmetric: xmax = max(|xmin|, xmax), xmin = -xmax, zero = 2^(b-1)
+    scale = (xmax - xmin) / (2^b - 1), zero = round(-xmin / scale)  (asymmetric)
+    code = clamp(round(w / scale) + zero, 0, 2^b - 1),  w_hat = scale * (code - zero)
+
+Rows with min = max = 0 use [-1, 1]. Scales are rounded to their storage dtype (float16 by
+default) when they are found, so the dequantized weights computed here are bit-identical to
+what the packed format (compress/packed.py) loads back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def check_bits(bits: int, lo: int = 2, hi: int = 8) -> int:
+    if not isinstance(bits, int) or not lo <= bits <= hi:
+        raise ValueError(f"bits must be an integer in [{lo}, {hi}], got {bits!r}")
+    return bits
+
+
+def num_groups(cols: int, group_size: int) -> int:
+    return 1 if group_size <= 0 else -(-cols // group_size)
+
+
+def group_index(cols: int, group_size: int) -> torch.Tensor:
+    """Group of every input column (the trailing group may be partial)."""
+    if group_size <= 0:
+        return torch.zeros(cols, dtype=torch.long)
+    return torch.arange(cols) // group_size
+
+
+def _store(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
+    dt = SCALE_DTYPES[scale_dtype]
+    tiny = float(torch.finfo(dt).tiny) if dt != torch.float32 else 1e-30
+    return scale.clamp_min(tiny).to(dt).to(scale.dtype)
+
+
+def find_params(w: torch.Tensor, bits: int, sym: bool = False, scale_dtype: str = "float16"):
+    """(scale, zero) per row of ``w`` (rows x cols), shapes (rows,); zero is an integer-valued float."""
+    maxq = 2 ** bits - 1
+    xmin = torch.clamp(w.min(dim=1).values, max=0)
+    xmax = torch.clamp(w.max(dim=1).values, min=0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    dead = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(dead, torch.full_like(xmin, -1), xmin)
+    xmax = torch.where(dead, torch.full_like(xmax, 1), xmax)
+    scale = _store((xmax - xmin) / maxq, scale_dtype)
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        zero = torch.clamp(torch.round(-xmin / scale), 0, maxq)
+    return scale, zero
+
+
+def to_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes in [0, 2^b - 1]; scale/zero broadcast against w."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2 ** bits - 1)
+
+
+def dequant(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return scale * (codes - zero)
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    return dequant(to_codes(w, scale, zero, bits), scale, zero)
+
+
+@dataclass
+class AffineQuant:
+    """An (out x in) matrix as integer codes with per-(row, group) scales and zero points.
+
+    ``g_idx[j]`` is the group of input column j (act-order GPTQ may permute it); the
+    dequantized matrix is ``scales[:, g_idx] * (codes - zeros[:, g_idx])`` in float32.
+    """
+
+    codes: torch.Tensor  # (out, in) uint8
+    scales: torch.Tensor  # (out, groups) in scale_dtype
+    zeros: torch.Tensor  # (out, groups) uint8
+    g_idx: torch.Tensor  # (in,) int32
+    bits: int
+    group_size: int
+    sym: bool = False
+
+    def dequantize(self) -> torch.Tensor:
+        g = self.g_idx.long()
+        s = self.scales.float()[:, g]
+        z = self.zeros.float()[:, g]
+        return s * (self.codes.float() - z)
+
+    @property
+    def trivial_g_idx(self) -> bool:
+        return torch.equal(self.g_idx.long(), group_index(self.codes.shape[1], self.group_size))
+
+
+def rtn(W: torch.Tensor, bits: int = 4, group_size: int = -1, sym: bool = False,
+        scale_dtype: str = "float16") -> AffineQuant:
+    """Round-to-nearest quantization of W (out x in)."""
+    check_bits(bits)
+    W = W.double()  # the same arithmetic as GPTQ's loop, so GPTQ with H = I is bit-identical
+    rows, cols = W.shape
+    g_idx = group_index(cols, group_size)
+    G = num_groups(cols, group_size)
+    scales = torch.empty(rows, G, dtype=torch.float64)
+    zeros = torch.empty(rows, G, dtype=torch.float64)
+    codes = torch.empty(rows, cols, dtype=torch.float64)
+    for g in range(G):
+        sl = slice(0, cols) if group_size <= 0 else slice(g * group_size, min((g + 1) * group_size, cols))
+        s, z = find_params(W[:, sl], bits, sym, scale_dtype)
+        scales[:, g], zeros[:, g] = s, z
+        codes[:, sl] = to_codes(W[:, sl], s[:, None], z[:, None], bits)
+    return AffineQuant(codes.to(torch.uint8), scales.to(SCALE_DTYPES[scale_dtype]), zeros.to(torch.uint8),
+                       g_idx.to(torch.int32), bits, group_size, sym)
