@@ -1,0 +1,162 @@
+"""GradNormLoRP (Huang et al. 2024): weight-normalized low-rank update + low-rank gradient projection.
+
+W = m * (W0 + s B A) / ||W0 + s B A||_row (DoRA-style, per output row). m = ||W0||_row, A kaiming,
+B = 0, so W == W0 at init. m, A and B train; W0 is frozen. The paper's optimizer keeps Adam state
+in a projected space: for a 2-D gradient G (M x N) take the top-rank SVD of G, refreshed every
+``update_proj_gap`` steps; M >= N: R = G V_r (right), else R = U_r^T G (left) ("std"), or the
+two-sided U^T G V ("full"); Adam runs on R and scale * project_back(update) is applied.
+``wl.adapt.make_optimizer(model, lr)`` returns that optimizer (:class:`ProjectedAdamW`).
+The paper's form is implemented (the released code's quirks are not copied).
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..registry import MethodConfig, Regime, register
+from ..tensor.svd import lowrank_factor
+from .layer import AdapterMethod, rank_of
+
+
+class GradNormLoRPConfig(MethodConfig):
+    r: int = 8
+    alpha: float = 16.0
+    proj_rank: int = 128
+    update_proj_gap: int = 200
+    proj_scale: float = 0.25
+    proj_type: Literal["std", "full"] = "std"
+    seed: int | None = None
+
+
+@register("adapt", "gradnormlorp", kind="whole", regime=Regime.WHOLE_MODEL, config=GradNormLoRPConfig,
+          paper="Huang et al. 2024, Gradient Weight-normalized Low-rank Projection for Efficient LLM Training "
+                "(arXiv 2412.19616)",
+          summary="weight-normalized low-rank update (m, A, B) trained with a low-rank projected AdamW",
+          layers="linear, conv1d", trainable="r*(in+out) + out")
+class GradNormLoRP(AdapterMethod):
+    name = "gradnormlorp"
+    materialize = True
+    invertible = False  # merge(unload=False) keeps a copy of W to undo it
+
+    def scale(self, layer):
+        return self.cfg.alpha / layer.adapter.lora_A.shape[0]
+
+    def create(self, layer, W0, init=True):
+        out_f, in_f = W0.shape
+        r = rank_of(self.cfg.r, out_f, in_f)
+        A = torch.zeros(r, in_f)
+        if init:
+            g = torch.Generator().manual_seed(self.cfg.seed) if self.cfg.seed is not None else None
+            A.uniform_(-1 / math.sqrt(in_f), 1 / math.sqrt(in_f), generator=g)
+        a = layer.adapter
+        a.lora_A = nn.Parameter(A)
+        a.lora_B = nn.Parameter(torch.zeros(out_f, r))
+        a.m = nn.Parameter(W0.norm(dim=1))
+        return W0
+
+    def weight(self, layer, W):
+        a = layer.adapter
+        V = W + self.scale(layer) * (a.lora_B @ a.lora_A)
+        return a.m[:, None] * V / V.norm(dim=1, keepdim=True)
+
+    def delta(self, layer, W):
+        return self.weight(layer, W) - W
+
+    def unmerge(self, layer, Wm):
+        raise ConfigError("gradnormlorp's weight normalization is not invertible; merge with unload=False "
+                          "is not undone (detach or reload the base instead)")
+
+    def trainable_count(self, out_f, in_f):
+        r = rank_of(self.cfg.r, out_f, in_f)
+        return r * (out_f + in_f) + out_f
+
+    @classmethod
+    def peft_factors(cls, t, cfg, W0, svd_rank):
+        if W0 is None or not svd_rank:
+            raise ConfigError("gradnormlorp is not LoRA-shaped: export it to PEFT with an SVD rank (svd_rank=...) "
+                              "and the base model")
+        s = cfg.alpha / t["lora_A"].shape[0]
+        V = W0.float() + s * (t["lora_B"].float() @ t["lora_A"].float())
+        Wn = t["m"].float()[:, None] * V / V.norm(dim=1, keepdim=True)
+        return lowrank_factor(Wn - W0.float(), svd_rank)
+
+    @staticmethod
+    def make_optimizer(params, lr, cfg, weight_decay=0.0):
+        return ProjectedAdamW(params, lr=lr, rank=cfg.proj_rank, update_proj_gap=cfg.update_proj_gap,
+                              scale=cfg.proj_scale, proj_type=cfg.proj_type, weight_decay=weight_decay)
+
+
+class ProjectedAdamW(torch.optim.Optimizer):
+    """AdamW whose moments live in a rank-``rank`` projection of each 2-D gradient (GaLore-style).
+
+    1-D parameters (m) get plain AdamW. With rank >= min(M, N) the projection is orthogonal and
+    complete, so (with scale=1) this equals AdamW.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, rank=128,
+                 update_proj_gap=200, scale=0.25, proj_type="std"):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
+                                      update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type))
+
+    @staticmethod
+    def _projector(G, rank, proj_type):
+        U, S, Vh = torch.linalg.svd(G.float(), full_matrices=False)
+        k = min(rank, S.numel())
+        if proj_type == "full":
+            return ("full", U[:, :k], Vh[:k].t())
+        if G.shape[0] >= G.shape[1]:
+            return ("right", Vh[:k].t())  # N x k
+        return ("left", U[:, :k])  # M x k
+
+    @staticmethod
+    def project(P, G):
+        if P[0] == "right":
+            return G @ P[1]
+        if P[0] == "left":
+            return P[1].t() @ G
+        return P[1].t() @ G @ P[2]
+
+    @staticmethod
+    def project_back(P, R):
+        if P[0] == "right":
+            return R @ P[1].t()
+        if P[0] == "left":
+            return P[1] @ R
+        return P[1] @ R @ P[2].t()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for grp in self.param_groups:
+            b1, b2 = grp["betas"]
+            for p in grp["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad.float()
+                st = self.state[p]
+                if not st:
+                    st["step"] = 0
+                st["step"] += 1
+                t = st["step"]
+                proj = p.dim() == 2
+                if proj:
+                    if "P" not in st or (t - 1) % grp["update_proj_gap"] == 0:
+                        st["P"] = self._projector(g, grp["rank"], grp["proj_type"])
+                    g = self.project(st["P"], g)
+                if "m" not in st or st["m"].shape != g.shape:
+                    st["m"], st["v"] = torch.zeros_like(g), torch.zeros_like(g)
+                st["m"].mul_(b1).add_(g, alpha=1 - b1)
+                st["v"].mul_(b2).addcmul_(g, g, value=1 - b2)
+                mh = st["m"] / (1 - b1 ** t)
+                vh = st["v"] / (1 - b2 ** t)
+                upd = mh / (vh.sqrt() + grp["eps"])
+                if proj:
+                    upd = grp["scale"] * self.project_back(st["P"], upd)
+                if grp["weight_decay"]:
+                    p.mul_(1 - grp["lr"] * grp["weight_decay"])
+                p.add_(upd.to(p.dtype), alpha=-grp["lr"])
+        return loss

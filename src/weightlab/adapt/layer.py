@@ -1,0 +1,196 @@
+"""One adapter-layer wrapper for every method, and the hooks a method implements.
+
+A method is one class deriving from :class:`AdapterMethod` (one file per method). It never
+copies layer plumbing: :class:`AdapterLayer` wraps any supported base layer (``nn.Linear``,
+transformers' ``Conv1D``, ``nn.Conv2d`` where the method allows), keeps the base frozen and
+calls the method's hooks:
+
+- ``create(layer, W0, init)``: register trainable parameters (and frozen buffers) on
+  ``layer.adapter`` and return the frozen base weight the adapter works on, in (out, in)
+  layout and float32 (``W0`` itself, or a residual such as PiSSA's ``W0 - s B A``).
+  ``init=False`` (loading a saved adapter) only creates tensors of the right shapes;
+  ``rebase(layer, W0)`` then recomputes the base from the loaded tensors.
+- ``delta(layer, W)``: the dense update dW (out, in) so that the merged weight is W + dW.
+- ``forward(layer, x)``: the adapter forward; the default is base(x) + ``delta_forward``.
+- ``unmerge(layer, Wm)``: the base weight from a merged one, where invertible.
+- ``regularizer(layer)``: a per-layer term (SORSA), weighted by the method.
+- ``peft_factors(tensors, cfg, W)``: (B, A) with dW = B @ A for a PEFT LoRA on the original base.
+
+Weights are handled in the (out, in) layout of ``nn.Linear`` whatever the layer type; Conv1D
+(in, out) is transposed and Conv2d flattened to (out, in*kh*kw) at the boundary.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
+
+
+def layer_kind(m: nn.Module) -> str | None:
+    if isinstance(m, nn.Linear):
+        return "linear"
+    if _is_conv1d(m):
+        return "conv1d"
+    if isinstance(m, nn.Conv2d):
+        return "conv2d"
+    return None
+
+
+def get_weight_2d(m: nn.Module) -> torch.Tensor:
+    """The layer's weight in (out, in) layout (a view where possible)."""
+    k = layer_kind(m)
+    w = m.weight
+    if k == "conv1d":
+        return w.t()
+    if k == "conv2d":
+        return w.reshape(w.shape[0], -1)
+    return w
+
+
+def set_weight_2d(m: nn.Module, w2d: torch.Tensor) -> None:
+    """Write an (out, in) weight back into the layer, in the layer's own layout and dtype."""
+    k = layer_kind(m)
+    w = m.weight
+    if k == "conv1d":
+        w2d = w2d.t()
+    elif k == "conv2d":
+        w2d = w2d.reshape(w.shape)
+    with torch.no_grad():
+        w.copy_(w2d.to(w.dtype))
+
+
+class AdapterMethod:
+    """Hooks of one adaptation method. Subclasses set ``name`` and ``layer_kinds``."""
+
+    name: ClassVar[str] = ""
+    layer_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
+    materialize: ClassVar[bool] = False  # forward builds W' (no low-rank shortcut)
+    changes_base: ClassVar[bool] = False  # the frozen base is a residual, not W0
+    invertible: ClassVar[bool] = True  # merge can be undone from the merged weight alone
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    # -- hooks ------------------------------------------------------------------
+    def create(self, layer: "AdapterLayer", W0: torch.Tensor, init: bool = True) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rebase(self, layer: "AdapterLayer", W0: torch.Tensor) -> torch.Tensor:
+        """Base weight after loading saved tensors (only methods that change the base override this)."""
+        return W0
+
+    def delta(self, layer: "AdapterLayer", W: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_forward(self, layer: "AdapterLayer", x: torch.Tensor) -> torch.Tensor:
+        """Adapter contribution for a linear-like layer; default: x dW^T (materialized)."""
+        W = layer.weight_2d()
+        return F.linear(x, self.delta(layer, W.float()).to(x.dtype))
+
+    def forward(self, layer: "AdapterLayer", x: torch.Tensor) -> torch.Tensor:
+        base = layer.base_layer
+        if self.materialize or layer.kind == "conv2d":
+            W = layer.weight_2d()
+            Wm = (W.float() + self.delta(layer, W.float())).to(x.dtype)
+            return layer.functional(x, Wm)
+        return base(x) + self.delta_forward(layer, x)
+
+    def unmerge(self, layer: "AdapterLayer", Wm: torch.Tensor) -> torch.Tensor:
+        return Wm - self.delta(layer, Wm)  # exact only for W-independent deltas; others override
+
+    def regularizer(self, layer: "AdapterLayer") -> torch.Tensor | None:
+        return None
+
+    def regularizer_weight(self) -> float:
+        return 1.0
+
+    def trainable_count(self, out_f: int, in_f: int) -> int:
+        raise NotImplementedError
+
+    def original_weight(self, layer: "AdapterLayer") -> torch.Tensor:
+        """W0 (float32, (out, in)) the adapter was attached to; methods that change the base override."""
+        return layer.weight_2d().float()
+
+    @classmethod
+    def peft_factors(cls, t: dict[str, torch.Tensor], cfg, W0: torch.Tensor | None, svd_rank: int | None):
+        """(B, A) float32 with dW = B @ A relative to the ORIGINAL base weight W0."""
+        raise NotImplementedError
+
+    @staticmethod
+    def make_optimizer(params, lr: float, cfg, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+class AdapterLayer(nn.Module):
+    """``AdapterLayer(base_layer, method)``: the base layer frozen, the method's tensors in ``adapter``."""
+
+    def __init__(self, base_layer: nn.Module, method: AdapterMethod, name: str = "", init: bool = True):
+        super().__init__()
+        kind = layer_kind(base_layer)
+        if kind is None or kind not in method.layer_kinds:
+            raise ConfigError(f"adapter '{method.name}' does not support layer '{name}' of type "
+                              f"{type(base_layer).__name__} (supported: {', '.join(method.layer_kinds)})")
+        self.base_layer = base_layer
+        self.method = method
+        self.kind = kind
+        self.layer_name = name
+        self.adapter = nn.Module()
+        self.merged = False
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        W0 = get_weight_2d(base_layer).detach().float()
+        with torch.no_grad():
+            Wb = method.create(self, W0, init=init)
+            if Wb is not W0:
+                set_weight_2d(base_layer, Wb)
+        dev = base_layer.weight.device
+        self.adapter.to(dev)
+
+    # -- shape helpers ------------------------------------------------------------
+    @property
+    def out_features(self) -> int:
+        return get_weight_2d(self.base_layer).shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return get_weight_2d(self.base_layer).shape[1]
+
+    def weight_2d(self) -> torch.Tensor:
+        return get_weight_2d(self.base_layer)
+
+    def functional(self, x: torch.Tensor, W2d: torch.Tensor) -> torch.Tensor:
+        """The base layer's op with another (out, in) weight."""
+        b = self.base_layer
+        bias = b.bias.to(x.dtype) if b.bias is not None else None
+        if self.kind == "conv2d":
+            return F.conv2d(x, W2d.reshape(b.weight.shape), bias, b.stride, b.padding, b.dilation, b.groups)
+        return F.linear(x, W2d, bias)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        return self.method.forward(self, x)
+
+    def merged_weight(self) -> torch.Tensor:
+        """W' = W + dW in float32, (out, in)."""
+        W = self.weight_2d().detach().float()
+        with torch.no_grad():
+            return W + self.method.delta(self, W)
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.adapter.state_dict())
+
+    def extra_repr(self) -> str:
+        return f"method={self.method.name}, kind={self.kind}, merged={self.merged}"
+
+
+def rank_of(r: int, out_f: int, in_f: int) -> int:
+    return max(1, min(r, out_f, in_f))

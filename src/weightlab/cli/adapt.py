@@ -1,0 +1,85 @@
+"""``weightlab tune`` (adapter fine-tuning) and ``weightlab adapter export`` (PEFT folders)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from ..errors import ConfigError, OutputExistsError
+from . import app
+from ._common import console
+
+adapter_app = typer.Typer(help="Adapter folders: export to PEFT.", no_args_is_help=True)
+app.add_typer(adapter_app, name="adapter")
+
+
+@app.command()
+def tune(path: str = typer.Argument(..., help="causal-LM folder (HF) or zoo:NAME"),
+         adapter: str = typer.Option("lora", "--adapter", "-a", help="lora, pissa, sorsa, bone, bat, gradnormlorp"),
+         rank: int = typer.Option(16, "--rank", "-r"),
+         data: str = typer.Option("wiki", "--data", help="wiki, FILE.txt, or FILE.jsonl (text or prompt/response)"),
+         steps: int = typer.Option(100, "--steps"), lr: float = typer.Option(2e-4, "--lr"),
+         batch_size: int = typer.Option(4, "--batch-size"), seqlen: int = typer.Option(256, "--seqlen"),
+         targets: str = typer.Option(None, "--targets", help="comma-separated name suffixes, 'all-linear', "
+                                                             "or re:REGEX (default: attention + MLP projections)"),
+         eval_every: int = typer.Option(None, "--eval-every"), seed: int = typer.Option(0, "--seed"),
+         param: list[str] = typer.Option(None, "--param", "-p", help="adapter parameter KEY=VALUE"),
+         no_merged: bool = typer.Option(False, "--no-merged", help="skip the merged-model export"),
+         out: str = typer.Option(..., "--out", "-o"), force: bool = typer.Option(False, "--force"),
+         no_resume: bool = typer.Option(False, "--no-resume", help="ignore OUT/checkpoint")) -> None:
+    """Fine-tune a causal LM with an adapter; held-out loss during training, checkpoint/resume, merged export."""
+    import yaml
+
+    from ..engine.training import tune as run_tune
+    from ..io.atomic import check_not_input
+    from ..io.hf import load_causal_lm
+    from ..recipe.models import resolve_model
+
+    src = resolve_model(path)
+    check_not_input(Path(out), [src])
+    o = Path(out)
+    if o.exists() and not (o / "checkpoint").exists() and any(o.iterdir()) and not force:
+        raise OutputExistsError(f"output '{out}' already exists; pass --force to replace it")
+    params = {}
+    for kv in param or []:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            raise ConfigError(f"--param expects KEY=VALUE, got {kv!r}")
+        params[k] = yaml.safe_load(v)
+    tg = None
+    if targets:
+        tg = targets[3:] if targets.startswith("re:") else ("all-linear" if targets == "all-linear"
+                                                             else [t.strip() for t in targets.split(",")])
+    model, tok = load_causal_lm(src)
+    import torch
+
+    if torch.cuda.is_available():
+        model = model.cuda()
+
+    def on_eval(step, loss):
+        console.print(f"step {step:>5}: held-out loss {loss:.4f}")
+
+    res = run_tune(model, tok, adapter, data, rank=rank, targets=tg, steps=steps, lr=lr, batch_size=batch_size,
+                   seqlen=seqlen, eval_every=eval_every, out=o, resume=not no_resume, seed=seed,
+                   merged=not no_merged, on_eval=on_eval, method_config=params)
+    console.print(f"[green]tuned[/] {adapter} ({res['trainable']:,} trainable) for {steps} steps in "
+                  f"{res['seconds']:.1f} s: held-out loss {res['heldout_before']:.4f} -> {res['heldout_after']:.4f}"
+                  f" -> {out}/adapter" + ("" if no_merged else f", {out}/merged"))
+
+
+@adapter_app.command("export")
+def export(path: str = typer.Argument(..., help="weightlab adapter folder"),
+           fmt: str = typer.Option("peft", "--format", help="peft"),
+           base: str = typer.Option(None, "--base", help="base model (needed for bat / gradnormlorp)"),
+           svd_rank: int = typer.Option(None, "--svd-rank", help="SVD rank for adapters that are not LoRA-shaped"),
+           out: str = typer.Option(..., "--out", "-o"), force: bool = typer.Option(False, "--force")) -> None:
+    """Write a weightlab adapter folder as a PEFT LoRA folder (adapter_model.safetensors + adapter_config.json)."""
+    from ..adapt import export_folder_peft
+
+    if fmt != "peft":
+        raise ConfigError(f"unknown export format '{fmt}'; supported: peft")
+    export_folder_peft(path, out, base=base, svd_rank=svd_rank, force=force)
+    conf = json.loads((Path(out) / "adapter_config.json").read_text())
+    console.print(f"[green]exported[/] {path} -> {out} (PEFT LoRA r={conf['r']}, {len(conf['target_modules'])} "
+                  "layers)")
