@@ -134,6 +134,9 @@ def test_dro_running_mean_option():
     w2 = rw.weights(L + 1)  # u lags behind: weights sum to more than 1
     u = 0.5 * torch.exp(L).mean() + 0.5 * torch.exp(L + 1).mean()
     assert torch.allclose(w2, torch.exp(L + 1) / (5 * u))
+    again = D.DROReweighter(temperature=1.0, momentum=0.5)
+    again.load_state_dict(rw.state_dict())
+    assert torch.allclose(again.weights(L), rw.weights(L))
 
 
 # ----------------------------------------------------------------------------- LDR / ALDR

@@ -39,6 +39,21 @@ def test_keep_policies():
         D.keep_indices(s, 0.5, "medium")
 
 
+def test_keep_class_balanced():
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    s = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0, 20.0, 30.0, 40.0])  # class 1 is all harder
+    assert D.keep_indices(s, 0.5, "easy").tolist() == [0, 1, 2, 3]  # plain easy drops class 1 entirely
+    assert D.keep_indices(s, 0.5, "easy", labels=labels).tolist() == [0, 1, 4, 5]
+    assert D.keep_indices(s, 0.5, "hard", labels=labels).tolist() == [2, 3, 6, 7]
+    assert D.keep_indices(s, 0.5, "hard", labels=labels, skip_hardest=0.25).tolist() == [1, 2, 5, 6]
+    r = D.keep_indices(s, 0.5, "random", labels=labels, seed=3)
+    assert torch.bincount(labels[r]).tolist() == [2, 2]
+    t = D.ScoreTable("el2n", s, labels)
+    assert t.keep(0.5, "easy", class_balanced=True).tolist() == [0, 1, 4, 5]
+    with pytest.raises(wl.ConfigError, match="needs labels"):
+        D.ScoreTable("x", s).keep(0.5, class_balanced=True)
+
+
 def test_keep_ties_break_by_index():
     s = torch.tensor([1.0, 1.0, 1.0, 0.0])
     assert D.keep_indices(s, 0.5, "hard").tolist() == [0, 1]

@@ -52,6 +52,8 @@ def score_data(
                                                         "(hard when data is abundant, else easy)"),
     skip_hardest: float = typer.Option(0.0, "--skip-hardest", help="with --keep --policy hard: first drop this "
                                                                    "fraction of the very hardest (often mislabeled)"),
+    class_balanced: bool = typer.Option(False, "--class-balanced", help="with --keep: apply the policy within "
+                                                                          "each class (keeps the class balance)"),
     label_noise: float = typer.Option(None, "--label-noise", help="flip this fraction of labels before scoring "
                                                                   "(to test a score); adds a 'noisy' column and "
                                                                   "prints the AUROC for finding them"),
@@ -111,7 +113,8 @@ def score_data(
         table.extra["noisy"] = noisy
     kept = None
     if keep is not None:
-        kept = table.add_kept_column(keep, policy, skip_hardest=skip_hardest, seed=params.get("seed", 0))
+        kept = table.add_kept_column(keep, policy, skip_hardest=skip_hardest, seed=params.get("seed", 0),
+                                     class_balanced=class_balanced)
     table.save(out, force=force)
     if plot is not None:
         table.plot(plot, force=force, highlight=noisy, highlight_label="flipped labels")
@@ -141,6 +144,7 @@ def score_data(
         t.add_row("flipped labels", f"{int(noisy.sum())} ({label_noise:.0%}); AUROC of the score for finding them: "
                                     f"{summary['auroc_noisy']:.3f}")
     if kept is not None:
-        t.add_row("kept", f"{summary['kept']} of {len(table)} ({policy})")
+        t.add_row("kept", f"{summary['kept']} of {len(table)} ({policy}"
+                          + (", class-balanced)" if class_balanced else ")"))
     t.add_row("wrote", str(out) + (f", {plot}" if plot is not None else ""))
     console.print(t)

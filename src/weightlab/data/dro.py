@@ -22,7 +22,8 @@ PAPER = "Doubly Robust Instance-Reweighted Adversarial Training (Sow et al., ICL
 
 
 class DROConfig(MethodConfig):
-    """The paper's temperature is not verified here; 1.0 is weightlab's default (r -> inf: uniform, r -> 0: max loss)."""
+    """The paper's temperature is not verified here; 1.0 is weightlab's default.
+    r -> inf gives uniform weights, r -> 0 all weight on the largest loss."""
 
     temperature: float = Field(1.0, gt=0, description="r, the KL regularisation strength")
     momentum: float | None = Field(None, gt=0, le=1, description="CID option: EMA rate of the running estimate "
@@ -54,10 +55,18 @@ class DROReweighter:
         return kl_dro_weights(losses, r, log_u=self.log_u)
 
     def __call__(self, losses: torch.Tensor) -> torch.Tensor:
+        """The weighted loss sum_i w_i l_i (differentiable in the losses, not through the weights)."""
         flat = losses.reshape(-1)
         w = self.weights(flat).to(flat.dtype)
         self.last_weights = w
         return (w * flat).sum()
+
+    def state_dict(self) -> dict:
+        return {"log_u": None if self.log_u is None else float(self.log_u)}
+
+    def load_state_dict(self, state: dict) -> None:
+        v = state.get("log_u")
+        self.log_u = None if v is None else torch.tensor(float(v), dtype=torch.float64)
 
 
 @register("data", "dro", paper=PAPER, config=DROConfig, regime=Regime.WHOLE_MODEL, kind="whole", role="reweighter",

@@ -82,7 +82,7 @@ class ALDRKLLoss(nn.Module):
 
 
 @register("data", "ldr-kl", paper=PAPER, config=LDRKLConfig, regime=Regime.WHOLE_MODEL, kind="whole", role="loss",
-          summary="label-distributionally robust KL loss lam*log mean exp((c[k!=y]+z_k-z_y)/lam) on normalised logits")
+          summary="label-distributionally robust KL loss lam*log mean_k exp((c*1{k!=y}+z_k-z_y)/lam), normalised logits")
 def ldr_kl_loss(cfg: LDRKLConfig | None = None, **params) -> LDRKLLoss:
     return LDRKLLoss(cfg, **params)
 

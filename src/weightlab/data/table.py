@@ -25,8 +25,8 @@ ABUNDANT_PER_CLASS = 1000
 
 
 def keep_indices(scores: torch.Tensor, fraction: float, policy: str = "hard", *, skip_hardest: float = 0.0,
-                 seed: int = 0, num_classes: int | None = None,
-                 abundant_per_class: int = ABUNDANT_PER_CLASS) -> torch.Tensor:
+                 seed: int = 0, num_classes: int | None = None, abundant_per_class: int = ABUNDANT_PER_CLASS,
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
     """Sorted indices of the samples to keep: round(fraction * N) of them.
 
     - "hard": the highest scores (the Data Diet default), after skipping the `skip_hardest`
@@ -36,7 +36,10 @@ def keep_indices(scores: torch.Tensor, fraction: float, policy: str = "hard", *,
     - "auto": "hard" when the data is abundant (N / num_classes >= abundant_per_class), else
       "easy" (Sorscher et al.: keep hard examples with much data, easy ones with little).
 
-    Ties are broken by index. +inf scores (never-learned examples) count as hardest.
+    With `labels`, the policy is applied within every class (round(fraction * N_c) kept per
+    class), so the kept subset keeps the class balance; easy or hard samples are often
+    concentrated in a few classes. Ties are broken by index. +inf scores (never-learned
+    examples) count as hardest.
     """
     s = scores.detach().double().reshape(-1)
     n = s.numel()
@@ -46,10 +49,22 @@ def keep_indices(scores: torch.Tensor, fraction: float, policy: str = "hard", *,
         raise ConfigError(f"skip_hardest must be in [0, 1); got {skip_hardest}")
     if policy not in POLICIES:
         raise ConfigError(f"unknown pruning policy {policy!r}; valid: {', '.join(POLICIES)}")
-    k = max(1, int(round(fraction * n))) if n else 0
     if policy == "auto":
+        if num_classes is None and labels is not None and len(labels):
+            num_classes = int(labels.max()) + 1
         per_class = n / max(1, num_classes or 1)
         policy = "hard" if per_class >= abundant_per_class else "easy"
+    if labels is not None:
+        labels = torch.as_tensor(labels).reshape(-1)
+        if labels.numel() != n:
+            raise ConfigError(f"{labels.numel()} labels for {n} scores")
+        parts = []
+        for c in torch.unique(labels):
+            idx = torch.nonzero(labels == c).flatten()
+            sub = keep_indices(s[idx], fraction, policy, skip_hardest=skip_hardest, seed=seed + int(c))
+            parts.append(idx[sub])
+        return torch.sort(torch.cat(parts)).values if parts else torch.zeros(0, dtype=torch.long)
+    k = max(1, int(round(fraction * n))) if n else 0
     if policy == "random":
         g = torch.Generator().manual_seed(int(seed))
         return torch.sort(torch.randperm(n, generator=g)[:k]).values
@@ -102,19 +117,24 @@ class ScoreTable:
         """1 = highest score (hardest)."""
         return rank_descending(self.scores)
 
-    def _kept_positions(self, fraction: float, policy: str, **kw) -> torch.Tensor:
+    def _kept_positions(self, fraction: float, policy: str, class_balanced: bool, **kw) -> torch.Tensor:
         if kw.get("num_classes") is None and self.labels is not None and len(self.labels):
             kw["num_classes"] = int(self.labels.max()) + 1
+        if class_balanced:
+            if self.labels is None:
+                raise ConfigError("class-balanced pruning needs labels; this table has none")
+            kw["labels"] = self.labels
         return keep_indices(self.scores, fraction, policy, **kw)
 
-    def keep(self, fraction: float, policy: str = "hard", **kw) -> torch.Tensor:
+    def keep(self, fraction: float, policy: str = "hard", *, class_balanced: bool = False, **kw) -> torch.Tensor:
         """The ids of the kept subset (see keep_indices for the policies and options)."""
-        return self.ids[self._kept_positions(fraction, policy, **kw)]
+        return self.ids[self._kept_positions(fraction, policy, class_balanced, **kw)]
 
-    def add_kept_column(self, fraction: float, policy: str = "hard", **kw) -> torch.Tensor:
+    def add_kept_column(self, fraction: float, policy: str = "hard", *, class_balanced: bool = False,
+                        **kw) -> torch.Tensor:
         """Add a boolean `kept` column (the subset keep() would return) and return it."""
         mask = torch.zeros(len(self), dtype=torch.bool)
-        mask[self._kept_positions(fraction, policy, **kw)] = True
+        mask[self._kept_positions(fraction, policy, class_balanced, **kw)] = True
         self.extra["kept"] = mask
         return mask
 

@@ -7,6 +7,9 @@ from ..engine.streaming import write_source
 from ..io.provenance import Provenance
 from ..io.reader import open_checkpoint
 from ..registry import get_method
+from .adapt_section import adapt_section
+from .data_section import data_section
+from .quantize_section import quantize_section
 
 
 def structure(ctx):
@@ -127,4 +130,7 @@ SECTIONS = [
     ("compress: cast", cast_bf16),
     ("merge", merge_digits),
     ("compress: prune", prune_wanda),
+    ("compress: quantize + EoRA", quantize_section),
+    ("adapt", adapt_section),
+    ("data", data_section),
 ]
