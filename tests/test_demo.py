@@ -24,8 +24,9 @@ def test_info_on_zoo_smollm2():
 
 def test_demo_writes_result_folder(tmp_path):
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "weightlab", "demo", "--out", str(out), "--eval-tokens", "1024"],
-                       capture_output=True, text=True)
+    core = ["structure", "perplexity", "inspect", "compress: cast", "merge", "compress: prune"]
+    r = subprocess.run([sys.executable, "-m", "weightlab", "demo", "--out", str(out), "--eval-tokens", "1024",
+                        *[a for name in core for a in ("--only", name)]], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((out / "report.json").read_text())
     secs = rep["sections"]

