@@ -201,6 +201,19 @@ def backward_regularizers(model: nn.Module) -> float:
     return float(reg)
 
 
+def step_hooks(model: nn.Module, step: int, total_steps: int) -> None:
+    """Per-step method behaviour (PST's sparsity schedule, SaRA's re-selection, DSEE's pruning).
+
+    Call after each optimizer step with the number of steps done (1-based) and the total.
+    """
+    groups: dict[type, list[AdapterLayer]] = {}
+    for m in adapter_layers(model).values():
+        if not m.merged:
+            groups.setdefault(type(m.method), []).append(m)
+    for cls, layers in groups.items():
+        cls.on_model_step(layers, step, total_steps)
+
+
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """The optimizer the attached method prescribes (AdamW; GradNormLoRP's projected AdamW)."""
     layers = list(adapter_layers(model).values())

@@ -112,6 +112,15 @@ class AdapterMethod:
     def regularizer_weight(self) -> float:
         return 1.0
 
+    def on_step(self, layer: "AdapterLayer", step: int, total_steps: int) -> None:
+        """Called after optimizer step ``step`` (1-based) of ``total_steps``: schedules, re-selection."""
+
+    @classmethod
+    def on_model_step(cls, layers: list["AdapterLayer"], step: int, total_steps: int) -> None:
+        """All of a model's layers of this method at once, for decisions across layers (global pruning)."""
+        for layer in layers:
+            layer.method.on_step(layer, step, total_steps)
+
     def trainable_count(self, out_f: int, in_f: int) -> int:
         raise NotImplementedError
 
