@@ -29,7 +29,7 @@ def inspect_section(ctx):
             f"median power-law alpha **{s['median_alpha']:.2f}** (mean {mean['alpha']:.2f}, alpha_weighted "
             f"{mean['alpha_weighted']:.2f}, log_norm {mean['log_norm']:.2f}); {len(s['alpha_below_2'])} matrices "
             f"have alpha < 2 and {len(s['alpha_above_6'])} alpha > 6 (WeightWatcher's well-trained range is 2-6); "
-            f"{len(s['rank_deficient'])} are numerically rank-deficient at float32 precision. "
+            f"{len(s['rank_deficient'])} are numerically rank-deficient. "
             f"Median alpha by role: {role_txt}. "
             f"Report: `inspect.html` (charts, spectra with the fitted power law, sortable table); numbers: "
             f"`inspect.json`.\n\n| matrix | alpha | KS D | tail size | effective rank |\n|---|---|---|---|---|\n{rows}")

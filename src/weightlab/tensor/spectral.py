@@ -12,8 +12,11 @@ WeightWatcher counterpart, so that numbers can be compared:
   largest) as xmin, takes the continuous MLE alpha = 1 + n / sum(ln(x / xmin)) and the KS
   distance D = max |1 - (x / xmin)^(1 - alpha) - (0, 1, ..., n-1) / n| over the tail, and
   keeps the xmin with the smallest D (the first one on ties). Below 20 eigenvalues it uses
-  WeightWatcher's small-N variant (bias-corrected alpha, tail of at least 8, objective
-  D - 0.868 / sqrt(n)). The scan is vectorised (chunks of candidates at once), not a loop.
+  WeightWatcher's small-N variant (bias-corrected alpha, tails of at least 8). The scan is
+  vectorised, and for large spectra pruned with exact lower bounds; it returns the same xmin
+  as WeightWatcher's loop over every candidate.
+- Numerical rank and effective rank count singular values above the resolution of this route
+  (about s_max * sqrt(max(m, n) * eps64)) and above the rounding noise of the storage dtype.
 """
 from __future__ import annotations
 
@@ -165,38 +168,87 @@ class PowerLawFit:
         return self.status != "failed"
 
 
-def _ks_scan(x: np.ndarray, logx: np.ndarray, alphas: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """KS distance for every candidate xmin = x[i], i < len(x) - 1 (WeightWatcher's ECDF convention)."""
-    n_all = len(x)
-    cands = n_all - 1
-    d = np.ones(cands)
-    rows = max(1, _CHUNK // n_all)
-    for i0 in range(0, cands, rows):
-        i1 = min(cands, i0 + rows)
-        idx = np.arange(i0, i1)
-        ok = valid[i0:i1]
-        if not ok.any():
-            continue
-        idx = idx[ok]
-        a = alphas[idx]
-        cols = np.arange(i0, n_all)
-        dl = logx[None, i0:] - logx[idx, None]  # ln(x_j / x_i), negative for j < i
+def _ks_rows(logx: np.ndarray, alphas: np.ndarray, idx: np.ndarray, cols: np.ndarray | None = None) -> np.ndarray:
+    """KS distance of the fits at candidates ``idx`` (xmin = x[i]), over all tail points or only ``cols``.
+
+    WeightWatcher's convention: D_i = max_{j >= i} |1 - (x_j / x_i)^(1 - alpha_i) - (j - i) / n_i|.
+    Restricted to a subset of columns the result is a lower bound of D_i.
+    """
+    n_all = len(logx)
+    out = np.empty(len(idx))
+    if cols is None:
+        cols = np.arange(n_all)
+    rows = min(_ROWS, max(1, _CHUNK // max(1, len(cols))))
+    for r0 in range(0, len(idx), rows):
+        ii = idx[r0:r0 + rows]
+        cc = cols[cols >= ii.min()]
+        a = alphas[ii]
+        dl = logx[None, cc] - logx[ii, None]  # ln(x_j / x_i); negative for j < i
         np.multiply(dl, (1.0 - a)[:, None], out=dl)
-        np.exp(dl, out=dl)  # theoretical tail CDF is 1 - this
-        n = (n_all - idx).astype(np.float64)
-        emp = (cols[None, :] - idx[:, None]) / n[:, None]  # empirical CDF (0, 1/n, ..., (n-1)/n)
-        dl += emp
+        with np.errstate(over="ignore"):  # overflow only where j < i, masked below
+            np.exp(dl, out=dl)  # 1 - theoretical CDF
+        n = (n_all - ii).astype(np.float64)
+        dl += (cc[None, :] - ii[:, None]) / n[:, None]  # + empirical CDF (0, 1/n, ..., (n-1)/n)
         np.subtract(1.0, dl, out=dl)
         np.abs(dl, out=dl)
-        dl[cols[None, :] < idx[:, None]] = 0.0  # columns before the candidate are not in its tail
-        d[idx] = dl.max(axis=1)
-    return d
+        dl[cc[None, :] < ii[:, None]] = 0.0  # points below the candidate are not in its tail
+        out[r0:r0 + rows] = dl.max(axis=1)
+    return out
+
+
+_ROWS = 64  # candidates per block of the exact scan (keeps the work near the triangle j >= i)
+_FULL_SCAN = 20_000  # candidates x points below which every D is computed directly
+_BLOCK = 16
+
+
+def _ks_argmin(logx: np.ndarray, alphas: np.ndarray, valid: np.ndarray) -> tuple[int, np.ndarray | None, float]:
+    """The candidate with the smallest KS distance (first one on ties; invalid candidates count as D = 1).
+
+    Small ESDs: every D computed. Large ones (pooled conv ESDs reach 15,000 eigenvalues): a lower
+    bound of every D from ~2 sqrt(n) evenly spaced points first, then exact D in order of
+    increasing bound until the bound exceeds the best exact D. The answer is the same as the
+    full scan's (a candidate is skipped only when its bound, hence its D, is larger than the
+    best D found).
+    Returns (index, all D or None when pruned, D at the index).
+    """
+    n_all = len(logx)
+    cands = n_all - 1
+    vidx = np.flatnonzero(valid)
+    if cands * n_all <= _FULL_SCAN:
+        d = np.ones(cands)
+        if len(vidx):
+            d[vidx] = _ks_rows(logx, alphas, vidx)
+        best = int(np.argmin(d))
+        return best, d, float(d[best])
+    step = max(1, n_all // max(32, int(2 * math.sqrt(n_all))))
+    cols = np.unique(np.r_[np.arange(0, n_all, step), n_all - 1])
+    lb = np.ones(cands)
+    if len(vidx):
+        lb[vidx] = _ks_rows(logx, alphas, vidx, cols)
+    order = np.argsort(lb, kind="stable")
+    best, best_d = -1, math.inf
+    for b0 in range(0, cands, _BLOCK):
+        blk = order[b0:b0 + _BLOCK]
+        if lb[blk[0]] > best_d:
+            break
+        ok = valid[blk]
+        d = np.ones(len(blk))
+        if ok.any():
+            d[ok] = _ks_rows(logx, alphas, blk[ok])
+        for i, di in zip(blk.tolist(), d.tolist()):
+            if di < best_d or (di == best_d and i < best):
+                best, best_d = i, di
+    return best, None, best_d
 
 
 def fit_power_law(evals: np.ndarray, thresh: float = EVALS_THRESH) -> PowerLawFit:
     """Fit p(x) ~ x^-alpha to the tail of ``evals`` exactly as WeightWatcher 0.7.7 does by default.
 
     Eigenvalues <= ``thresh`` are dropped; xmin is the candidate with the smallest KS distance.
+    With fewer than 20 eigenvalues WeightWatcher switches to a bias-corrected alpha,
+    1 + (n - 1) / sum ln(x / xmin), and only considers tails of at least 8 eigenvalues (its
+    small-N objective is computed but then overridden by the smallest-D choice, which we
+    reproduce); if no candidate qualifies the whole ESD is the tail.
     """
     ev = np.sort(np.asarray(evals, dtype=np.float64).reshape(-1))
     ev = ev[np.isfinite(ev)]
@@ -210,38 +262,31 @@ def fit_power_law(evals: np.ndarray, thresh: float = EVALS_THRESH) -> PowerLawFi
     n = (n_data - np.arange(n_data - 1)).astype(np.float64)
     s = suffix[:-1] - n * logx[:-1]  # sum over the tail of ln(x_j / x_i)
     small = n_data < SMALL_N
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if not small:
-            alphas = 1.0 + n / s
-            valid = np.isfinite(alphas) & (alphas > 1.0)
-            d = _ks_scan(data, logx, alphas, valid)
-            best = int(np.argmin(d))
-            objective = None
-        else:
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if small:
             alphas = np.where(s > 1e-12, 1.0 + (n - 1.0) / s, 0.0)
             valid = (n >= SMALL_N_MIN_TAIL) & (s > 1e-12) & (alphas > 1.0)
-            d = _ks_scan(data, logx, alphas, valid)
-            objective = np.where(valid, d - 0.868 / np.sqrt(n), np.inf)
-            best = int(np.argmin(objective)) if np.isfinite(objective).any() else -1
-    if small and best < 0:
-        # WeightWatcher's fallback: the whole ESD as the tail
-        s0 = float(np.sum(logx) - n_data * logx[0])
-        if s0 <= 1e-12:
-            return PowerLawFit("small-n", 1.0, float(data[0]), float(data[-1]), 1.0, 0.0,
-                               int(np.sum(ev >= data[0])), n_data, "degenerate tail (all eigenvalues equal)")
-        a0 = 1.0 + (n_data - 1.0) / s0
-        emp = np.arange(n_data) / n_data
-        d0 = float(np.max(np.abs(emp - (1.0 - (data / data[0]) ** (1.0 - a0)))))
-        return PowerLawFit("small-n", a0, float(data[0]), float(data[-1]), d0, (a0 - 1.0) / math.sqrt(n_data),
-                           int(np.sum(ev >= data[0])), n_data, f"only {n_data} eigenvalues: no candidate xmin "
-                           f"leaves a tail of {SMALL_N_MIN_TAIL}; fitted the whole ESD")
+        else:
+            alphas = 1.0 + n / s
+            valid = np.isfinite(alphas) & (alphas > 1.0)
+    reason = f"only {n_data} eigenvalues: small-sample fit" if small else ""
+    if small and not valid.any():
+        # WeightWatcher's fallback: the whole ESD is the tail
+        if s[0] <= 1e-12:
+            return PowerLawFit("failed", n_fitted=n_data, reason="all eigenvalues equal: no power law to fit")
+        alphas = alphas.copy()
+        alphas[0] = 1.0 + (n_data - 1.0) / s[0]
+        valid = np.zeros_like(valid)
+        valid[0] = True
+        reason = (f"only {n_data} eigenvalues: no xmin leaves a tail of {SMALL_N_MIN_TAIL}, "
+                  "so the whole ESD was fitted")
+    best, _, d_best = _ks_argmin(logx, alphas, valid)
     alpha = float(alphas[best])
-    if not math.isfinite(alpha):
-        return PowerLawFit("failed", n_fitted=n_data, reason="no finite alpha for any xmin")
+    if not (math.isfinite(alpha) and alpha > 1.0):
+        return PowerLawFit("failed", n_fitted=n_data, reason="no candidate xmin gives alpha > 1")
     xmin = float(data[best])
-    return PowerLawFit("small-n" if small else "ok", alpha, xmin, float(data[-1]), float(d[best]),
-                       (alpha - 1.0) / math.sqrt(n_data - best), int(np.sum(ev >= xmin)), n_data,
-                       f"only {n_data} eigenvalues: small-sample fit" if small else "")
+    return PowerLawFit("small-n" if small else "ok", alpha, xmin, float(data[-1]), d_best,
+                       (alpha - 1.0) / math.sqrt(n_data - best), int(np.sum(ev >= xmin)), n_data, reason)
 
 
 def log_alpha_norm(evals: np.ndarray, alpha: float) -> float:
@@ -286,15 +331,43 @@ def mp_bulk(evals: np.ndarray, n: int, m: int, max_iter: int = 100) -> dict:
 
 # ----------------------------------------------------------------------------- ranks
 
-def rank_metrics(evals: np.ndarray, shape: tuple[int, int], eps: float, fro2: float | None = None) -> dict:
-    """Norms and ranks from the squared singular values of an m x n matrix.
+EPS64 = 2.220446049250313e-16
+
+
+def rounding_noise(eps: float, rms: float, shape: tuple[int, int], copies: int = 1) -> float:
+    """Twice the expected spectral norm of the rounding error of storing an m x n matrix at precision eps.
+
+    Round-to-nearest leaves errors uniform in +-ulp/2 (std ulp / sqrt 12, ulp ~ eps |w|); an m x n
+    matrix of such errors has spectral norm about std (sqrt m + sqrt n). ``copies`` matrices of
+    independent errors (e.g. a difference of two stored matrices) add in quadrature.
+    """
+    m, n = shape
+    return 2.0 * math.sqrt(copies) * eps * rms * (math.sqrt(m) + math.sqrt(n)) / math.sqrt(12.0)
+
+
+def rank_tolerance(smax: float, fro2: float, shape: tuple[int, int], eps: float, copies: int = 1) -> float:
+    """Singular values at or below this are indistinguishable from zero.
+
+    The larger of two floors: what the float64 Gram route resolves (its eigenvalues are accurate to
+    about max(m, n) * eps64 * s_max^2, so singular values to s_max * sqrt(max(m, n) * eps64), about
+    4e-7 s_max for a 576-wide matrix), and the rounding noise of the precision the weights are
+    stored in (``rounding_noise``): a bfloat16 matrix carries no information below its own rounding.
+    """
+    m, n = shape
+    rms = math.sqrt(max(fro2, 0.0) / max(1, m * n))
+    return max(smax * math.sqrt(max(m, n) * EPS64), rounding_noise(eps, rms, shape, copies))
+
+
+def rank_metrics(evals: np.ndarray, shape: tuple[int, int], eps: float, fro2: float | None = None,
+                 copies: int = 1) -> dict:
+    """Norms and ranks from the squared singular values of an m x n matrix stored at precision ``eps``.
 
     - stable rank ||W||_F^2 / ||W||_2^2;
-    - effective rank exp(H(p)), p_i = s_i / sum s (Roy & Vetterli): n for I_n, 1 for rank one;
-    - participation ratio (sum s^2)^2 / sum s^4;
-    - numerical rank: singular values above s_max * max(m, n) * eps, with eps the machine
-      epsilon of the dtype the weights are stored in (numpy.linalg.matrix_rank's rule at that
-      precision).
+    - numerical rank: singular values above ``rank_tolerance`` (the float64 Gram route's resolution
+      or the storage rounding noise, whichever is larger);
+    - effective rank exp(H(p)), p_i = s_i / sum s over those singular values (Roy & Vetterli): n for
+      I_n, 1 for rank one, invariant to scale;
+    - participation ratio (sum s^2)^2 / sum s^4.
     """
     lam = np.clip(np.asarray(evals, dtype=np.float64), 0.0, None)
     fro2 = float(np.sum(lam)) if fro2 is None else float(fro2)
@@ -303,11 +376,11 @@ def rank_metrics(evals: np.ndarray, shape: tuple[int, int], eps: float, fro2: fl
         return {"frobenius_norm": math.sqrt(max(fro2, 0.0)), "spectral_norm": 0.0, "stable_rank": 0.0,
                 "effective_rank": 0.0, "numerical_rank": 0, "participation_ratio": 0.0}
     s = np.sqrt(lam)
-    p = s / s.sum()
-    p = p[p > 0]
-    erank = float(np.exp(-np.sum(p * np.log(p))))
     smax = math.sqrt(lmax)
-    tol = smax * max(shape) * eps
+    tol = rank_tolerance(smax, fro2, shape, eps, copies)
+    p = s[s > tol]  # at or below the tolerance a singular value is rounding noise, i.e. zero
+    p = p / p.sum()
+    erank = float(np.exp(-np.sum(p * np.log(p))))
     return {"frobenius_norm": math.sqrt(fro2), "spectral_norm": smax, "stable_rank": fro2 / lmax,
             "effective_rank": erank, "numerical_rank": int(np.sum(s > tol)),
             "participation_ratio": float(np.sum(lam)) ** 2 / float(np.sum(lam * lam))}
@@ -390,7 +463,7 @@ def intruder_dimensions(w_ft, w_base, k: int = 10, eps: float = 0.5) -> dict:
     x, x0 = to_numpy(w_ft), to_numpy(w_base)
     g, g0 = gram_svd(x), gram_svd(x0)
     y = top_left_vectors(x, g, k)
-    tol = (g0.s[0] if len(g0.s) else 0.0) * max(x0.shape) * dtype_eps(x0.dtype)
+    tol = rank_tolerance(g0.s[0] if len(g0.s) else 0.0, g0.fro2, x0.shape, dtype_eps(x0.dtype))
     mc = max_cos_with_left_basis(x0, g0, y, tol)
     return {"count": int(np.sum(mc < eps)), "max_cos": mc.tolist()}
 

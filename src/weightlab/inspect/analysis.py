@@ -1,0 +1,659 @@
+"""``analyze``: what is in a model's weights, and what a fine-tune or a compression changed.
+
+One streaming pass: a pool of threads (one per core) takes the weight matrices largest
+first; each worker reads one tensor (and its counterpart in the base), computes everything
+below from one float64 Gram matrix, and lets the tensor go. The model is never built.
+
+Per weight matrix (conv kernels viewed as c_out x c_in*k_h*k_w; their ESD is pooled over the
+k_h*k_w slices as WeightWatcher does):
+  norms and ranks (Frobenius, spectral, stable, effective, numerical, participation ratio),
+  WeightWatcher's ESD metrics (alpha by MLE with xmin at the minimum KS distance, KS
+  distance, alpha_weighted, log norms, number of power-law "spikes"), a Marchenko-Pastur
+  bulk edge and its spikes, warnings; conv filter quality (CNN Filter DB) for spatial kernels.
+With a base: size of the change, its effective/numerical rank, intruder dimensions, how much
+of the change lies along the base's top singular directions, and where in depth it happened.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+
+from ..engine.progress import progress
+from ..engine.source import StateDictSource, root_path
+from ..errors import ConfigError, MissingDependencyError, WeightlabError
+from ..io.dtypes import dtype_name
+from ..registry import MethodConfig
+from ..tensor import spectral as S
+from ..tensor.filters import filter_quality
+
+WW_MEAN_METRICS = ("log_norm", "alpha", "alpha_weighted", "log_alpha_norm", "log_spectral_norm", "stable_rank",
+                   "mp_softrank")
+EPS_SWEEP = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+SMALL_TAIL = 10
+MP_MIN_M = 8
+
+
+class InspectConfig(MethodConfig):
+    """Which tensors to analyse and how (defaults are WeightWatcher 0.7.7's)."""
+
+    min_evals: int = Field(8, ge=1, description="skip matrices with fewer eigenvalues (WeightWatcher's min_evals)")
+    max_evals: int = Field(15000, ge=1, description="skip matrices with more eigenvalues (WeightWatcher's max_evals)")
+    max_n: int = Field(50000, ge=1, description="skip matrices whose larger side is longer (WeightWatcher's max_N)")
+    conv2d_norm: bool = Field(True, description="scale conv ESDs by 1/2 (kernels by 1/sqrt 2) as WeightWatcher's "
+                                                "conv2d_norm does; changes log norms, not alpha")
+    filters: bool = Field(True, description="conv filter quality (CNN Filter DB) for spatial kernels")
+    sparsity_eps: float = Field(0.01, gt=0, lt=1, description="a filter is sparse if all |w| < eps * max|w|")
+    include: str | None = Field(None, description="regex: analyse only tensors whose name matches")
+    exclude: str | None = Field(None, description="regex: skip tensors whose name matches")
+    threads: int | None = Field(None, ge=1, description="worker threads (default: one per available core)")
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _regex(cls, v):
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"not a valid regular expression: {e}") from None
+        return v
+
+
+class DiffOptions(MethodConfig):
+    k: int = Field(10, ge=1, description="top-k singular vectors of the fine-tuned matrix checked for intruders")
+    eps: float = Field(0.5, gt=0, le=1, description="a top vector is an intruder if max |cos| with every base "
+                                                    "singular vector is below eps")
+
+
+# ----------------------------------------------------------------------------- result tables
+
+class Table(list):
+    """A list of row dicts; ``to_pandas()`` makes a DataFrame when pandas is installed."""
+
+    def to_pandas(self):
+        try:
+            import pandas as pd
+        except ImportError:
+            raise MissingDependencyError("pandas", "Table.to_pandas()") from None
+        return pd.DataFrame(list(self))
+
+    def column(self, key: str) -> list:
+        return [r.get(key) for r in self]
+
+
+class InspectResult(Table):
+    """Per-layer rows (a Table), plus ``diff`` (a Table, empty without a base), ``summary`` and ``spectra``.
+
+    ``spectra`` maps a layer name to its ESD (numpy, ascending; for plots). ``to_dict()`` is the
+    JSON document ``{"layers", "diff", "summary"}``; ``write_html(path)`` writes the report.
+    """
+
+    def __init__(self, layers: list[dict], diff: list[dict], summary: dict, spectra: dict[str, np.ndarray]):
+        super().__init__(layers)
+        self.diff = Table(diff)
+        self.summary = summary
+        self.spectra = spectra
+
+    def to_dict(self) -> dict:
+        return {"layers": list(self), "diff": list(self.diff), "summary": self.summary}
+
+    def to_json(self, path: str | os.PathLike | None = None, indent: int | None = 1) -> str:
+        text = json.dumps(_jsonable(self.to_dict()), indent=indent, allow_nan=False)
+        if path is not None:
+            _atomic_write(Path(path), text + "\n")
+        return text
+
+    def write_html(self, path: str | os.PathLike, *, title: str | None = None,
+                   plot_layers: list[str] | None = None) -> Path:
+        from .report import write_report
+
+        return write_report(self, path, title=title, plot_layers=plot_layers)
+
+    def __repr__(self) -> str:
+        s = self.summary
+        extra = f", diff of {len(self.diff)} tensors" if self.diff else ""
+        med = s.get("median_alpha")
+        return (f"InspectResult({len(self)} layers, median alpha {med:.3f}{extra})" if med is not None else
+                f"InspectResult({len(self)} layers{extra})")
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    if path.is_dir():
+        raise ConfigError(f"'{path}' is a folder; give a file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.weightlab-tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# ----------------------------------------------------------------------------- sources and plan
+
+def as_source(obj: Any, what: str = "model"):
+    """A tensor source from a path / zoo reference, a source, an nn.Module or a state dict."""
+    if isinstance(obj, (str, os.PathLike)):
+        from ..io.reader import open_checkpoint
+        from ..recipe.models import resolve_model
+
+        return open_checkpoint(resolve_model(str(obj)))
+    if all(hasattr(obj, a) for a in ("names", "info", "get")):
+        return obj
+    if isinstance(obj, torch.nn.Module):
+        return StateDictSource(obj.state_dict())
+    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return StateDictSource(dict(obj))
+    raise ConfigError(f"cannot inspect {what} of type {type(obj).__name__}: give a checkpoint path, 'zoo:NAME', "
+                      "an nn.Module, a state dict or a tensor source")
+
+
+def _aliases(source) -> dict[str, str]:
+    """name -> first name sharing its storage (tied weights), for in-memory state dicts."""
+    sd = getattr(source, "sd", None)
+    if not isinstance(sd, dict):
+        return {}
+    seen: dict[tuple, str] = {}
+    out = {}
+    for n, t in sd.items():
+        if not isinstance(t, torch.Tensor) or t.numel() == 0:
+            continue
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if key in seen:
+            out[n] = seen[key]
+        else:
+            seen[key] = n
+    return out
+
+
+@dataclass
+class _Item:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    kind: str
+    n: int  # WeightWatcher's N (longer side of a matrix / slice)
+    m: int  # WeightWatcher's M
+    rf: int  # receptive field (slices pooled), 1 for plain matrices
+    cost: float
+    tied_to: str | None = None
+
+
+def _kind(name: str, ndim: int) -> str:
+    if ndim == 4:
+        return "conv2d"
+    low = name.lower()
+    return "embedding" if any(s in low for s in ("embed", "wte", "wpe", "shared.weight")) else "linear"
+
+
+def plan(source, cfg: InspectConfig) -> tuple[list[_Item], list[dict], list[str]]:
+    """(matrices to analyse, skipped matrices with reasons, other floating tensors)."""
+    inc = re.compile(cfg.include) if cfg.include else None
+    exc = re.compile(cfg.exclude) if cfg.exclude else None
+    aliases = _aliases(source)
+    items, skipped, others = [], [], []
+    for name in source.names():
+        info = source.info(name)
+        if not info.dtype.is_floating_point or info.numel == 0:
+            continue
+        nd = len(info.shape)
+        if nd not in (2, 4):
+            if nd == 3 or nd > 4:
+                skipped.append({"name": name, "reason": f"{nd}-D tensor (only 2-D matrices and 4-D conv kernels)"})
+            others.append(name)
+            continue
+        if (inc and not inc.search(name)) or (exc and exc.search(name)):
+            skipped.append({"name": name, "reason": "excluded by name pattern"})
+            others.append(name)
+            continue
+        if nd == 2:
+            a, b = info.shape
+            n, m, rf = max(a, b), min(a, b), 1
+            cost = n * m * m + 4 * m ** 3
+        else:
+            co, ci, kh, kw = info.shape
+            n, m, rf = max(co, ci), min(co, ci), kh * kw
+            mm = min(co, ci * rf)
+            cost = rf * (n * m * m + 4 * m ** 3) + max(co, ci * rf) * mm * mm + 4 * mm ** 3
+        evals = m * rf
+        reason = None
+        if evals < cfg.min_evals:
+            reason = f"{evals} eigenvalues < min_evals {cfg.min_evals}"
+        elif evals > cfg.max_evals:
+            reason = f"{evals} eigenvalues > max_evals {cfg.max_evals}"
+        elif n > cfg.max_n:
+            reason = f"longer side {n} > max_n {cfg.max_n}"
+        if reason:
+            skipped.append({"name": name, "reason": reason})
+            others.append(name)
+            continue
+        items.append(_Item(name, tuple(info.shape), info.dtype, _kind(name, nd), n, m, rf, float(cost),
+                           aliases.get(name)))
+    return items, skipped, others
+
+
+# ----------------------------------------------------------------------------- per-layer work
+
+def _f(x) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _depth(name: str) -> int | None:
+    m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
+    return int(m.group(1)) if m else None
+
+
+def _spectral_row(it: _Item, w: np.ndarray, lam: np.ndarray, fro2: float,
+                  cfg: InspectConfig) -> tuple[dict, np.ndarray]:
+    x_shape = (it.shape[0], int(np.prod(it.shape[1:])))
+    row: dict[str, Any] = {"name": it.name, "kind": it.kind, "shape": list(it.shape), "dtype": dtype_name(it.dtype),
+                           "N": it.n, "M": it.m, "rf": it.rf}
+    row.update({k: (_f(v) if isinstance(v, float) else v)
+                for k, v in S.rank_metrics(lam, x_shape, S.dtype_eps(it.dtype), fro2).items()})
+    if it.kind == "conv2d":
+        esd, _, _ = S.conv_slice_eigenvalues(w)
+        if cfg.conv2d_norm:
+            esd *= 0.5
+    else:
+        esd = lam
+    row["num_evals"] = int(len(esd))
+    total, lmax = float(esd.sum()), float(esd[-1]) if len(esd) else 0.0
+    row["log_norm"] = _f(math.log10(total)) if total > 0 else None
+    row["log_spectral_norm"] = _f(math.log10(lmax)) if lmax > 0 else None
+    row["lambda_max"] = lmax
+    fit = S.fit_power_law(esd)
+    warnings: list[str] = []
+    if fit.ok:
+        a = fit.alpha
+        row.update({"alpha": a, "alpha_weighted": _f(a * row["log_spectral_norm"]) if row["log_spectral_norm"]
+                    is not None else None, "log_alpha_norm": _f(S.log_alpha_norm(esd, a)), "xmin": fit.xmin,
+                    "ks_distance": fit.D, "alpha_sigma": fit.sigma, "num_pl_spikes": fit.n_tail, "fit": fit.status})
+        if fit.status == "small-n":
+            warnings.append(fit.reason)
+        if a < S.ALPHA_LOW:
+            warnings.append(f"alpha {a:.2f} < {S.ALPHA_LOW:g}: very heavy tail (WeightWatcher: over-trained?)")
+        elif a > S.ALPHA_HIGH:
+            warnings.append(f"alpha {a:.2f} > {S.ALPHA_HIGH:g}: little heavy-tailed structure "
+                            "(WeightWatcher: under-trained?)")
+        if fit.n_tail < SMALL_TAIL and fit.status == "ok":
+            warnings.append(f"power law fitted to only {fit.n_tail} eigenvalues: alpha is uncertain "
+                            f"(+-{fit.sigma:.2f})")
+    else:
+        row.update({"alpha": None, "alpha_weighted": None, "log_alpha_norm": None, "xmin": None, "ks_distance": None,
+                    "alpha_sigma": None, "num_pl_spikes": None, "fit": "failed"})
+        warnings.append(f"power-law fit failed: {fit.reason}")
+    # a Marchenko-Pastur bulk needs matrices of some size (depthwise kernels give 1 x N slices)
+    mp = S.mp_bulk(esd, it.n, it.m) if it.m >= MP_MIN_M else dict.fromkeys(S.mp_bulk(np.zeros(0), 0, 0))
+    row.update({k: (_f(v) if isinstance(v, float) else v) for k, v in mp.items()})
+    full = min(x_shape)
+    if row["numerical_rank"] < full:
+        warnings.append(f"numerically rank-deficient: rank {row['numerical_rank']} of {full}")
+    if it.kind == "conv2d" and it.rf > 1 and cfg.filters:
+        q = filter_quality(w, cfg.sparsity_eps)
+        for k, v in q.items():
+            if k != "flags":
+                row[f"filter_{k}"] = _f(v) if isinstance(v, float) else v
+        row["filter_flags"] = q["flags"]
+        warnings.extend(q["flags"])
+    row["warnings"] = warnings
+    return row, esd
+
+
+def _diff_row(it: _Item, x: np.ndarray, g: S.GramSVD, x0: np.ndarray, base_dtype, opts: DiffOptions) -> dict:
+    m, n = x.shape
+    row: dict[str, Any] = {"name": it.name, "kind": it.kind, "shape": list(it.shape), "depth": _depth(it.name)}
+    g0 = S.gram_svd(x0)
+    base_norm = math.sqrt(max(g0.fro2, 0.0))
+    gd = S.gram_of_difference(x, x0)
+    fro2_d = float(np.trace(gd))
+    row.update({"base_norm": base_norm, "delta_norm": math.sqrt(max(fro2_d, 0.0)),
+                "rel_change": math.sqrt(max(fro2_d, 0.0)) / base_norm if base_norm > 0 else None})
+    if fro2_d == 0.0:
+        row.update({"status": "unchanged", "intruders": 0})
+        return row
+    row["status"] = "changed"
+    lam_d = S.eigvalsh(gd)
+    eps = max(S.dtype_eps(it.dtype), S.dtype_eps(base_dtype))
+    # the change is exact (float64 difference of the stored values); what it cannot resolve is the
+    # rounding noise of storing both matrices, at the scale of the weights (not of the change)
+    rms = math.sqrt(max(g.fro2, 0.0) / (m * n))
+    noise = S.rounding_noise(eps, rms, (m, n), copies=2)
+    dm = S.rank_metrics(lam_d, (m, n), 0.0, fro2_d)
+    s_d = np.sqrt(lam_d)
+    tol = max(dm["spectral_norm"] * math.sqrt(max(m, n) * S.EPS64), noise)
+    keep = s_d[s_d > tol]
+    dm["numerical_rank"] = int(len(keep))
+    if len(keep):
+        p = keep / keep.sum()
+        dm["effective_rank"] = float(np.exp(-np.sum(p * np.log(p))))
+    else:
+        dm["effective_rank"] = 0.0
+    row.update({f"delta_{k}": (_f(v) if isinstance(v, float) else v) for k, v in dm.items()
+                if k not in ("frobenius_norm",)})
+    row["delta_above_rounding"] = dm["spectral_norm"] > noise
+    s1, s01 = (g.s[0] if len(g.s) else 0.0), (g0.s[0] if len(g0.s) else 0.0)
+    row["spectral_norm_change"] = _f(s1 / s01 - 1.0) if s01 > 0 else None
+    k = min(opts.k, min(m, n))
+    y = S.top_left_vectors(x, g, k)
+    tol0 = S.rank_tolerance(s01, g0.fro2, (m, n), S.dtype_eps(base_dtype))
+    mc = S.max_cos_with_left_basis(x0, g0, y, tol0)
+    row["intruders"] = int(np.sum(mc < opts.eps))
+    row["intruder_max_cos"] = [round(float(c), 6) for c in mc]
+    u0 = S.top_left_vectors(x0, g0, k)
+    v0 = S.top_right_vectors(x0, g0, k)
+    dnorm = math.sqrt(fro2_d)
+    if u0.shape[1] and v0.shape[1]:
+        dv = S.matmul64(x, v0) - S.matmul64(x0, v0)  # delta @ v0
+        proj = u0.T @ dv
+        dtu = S.matmul64(x, u0, transpose_a=True) - S.matmul64(x0, u0, transpose_a=True)  # delta^T @ u0
+        row["change_topk_cos"] = float(np.linalg.norm(proj)) / dnorm
+        row["change_topk_cos_random"] = u0.shape[1] / math.sqrt(m * n)
+        row["change_topk_left"] = float(np.linalg.norm(dtu)) / dnorm
+        row["change_topk_left_random"] = math.sqrt(u0.shape[1] / m)
+    return row
+
+
+def _work(it: _Item, src, base, cfg: InspectConfig, opts: DiffOptions, base_names: set | None):
+    """Everything about one weight matrix: (row, diff row or None, ESD)."""
+    t = src.get(it.name)
+    w = S.to_numpy(t)
+    if not np.isfinite(w).all():
+        bad = int(np.size(w) - np.isfinite(w).sum())
+        row = {"name": it.name, "kind": it.kind, "shape": list(it.shape), "dtype": dtype_name(it.dtype), "N": it.n,
+               "M": it.m, "rf": it.rf, "fit": "failed",
+               "warnings": [f"{bad} NaN/Inf values: not analysed"]}
+        drow = None if base is None else {"name": it.name, "kind": it.kind, "shape": list(it.shape),
+                                          "status": "non-finite"}
+        return row, drow, np.zeros(0)
+    x = w.reshape(it.shape[0], -1)
+    drow = None
+    if base is not None and base_names is not None and it.name in base_names:
+        g = S.gram_svd(x)
+        lam = np.ascontiguousarray((g.s ** 2)[::-1])
+        fro2 = g.fro2
+        row, esd = _spectral_row(it, w, lam, fro2, cfg)
+        binfo = base.info(it.name)
+        if tuple(binfo.shape) != it.shape:
+            drow = {"name": it.name, "kind": it.kind, "shape": list(it.shape), "status": "shape mismatch",
+                    "base_shape": list(binfo.shape)}
+        else:
+            w0 = S.to_numpy(base.get(it.name))
+            if not np.isfinite(w0).all():
+                drow = {"name": it.name, "kind": it.kind, "shape": list(it.shape), "status": "non-finite in base"}
+            else:
+                drow = _diff_row(it, x, g, w0.reshape(x.shape), binfo.dtype, opts)
+            _release(base, it.name)
+    else:
+        lam, fro2 = S.matrix_eigenvalues(x)
+        row, esd = _spectral_row(it, w, lam, fro2, cfg)
+        if base is not None:
+            drow = {"name": it.name, "kind": it.kind, "shape": list(it.shape), "status": "only in model"}
+    _release(src, it.name)
+    return row, drow, esd
+
+
+def _simple_diff(name: str, src, base) -> dict:
+    """Change of a tensor that is not analysed as a matrix (norm weights, biases, small matrices)."""
+    info = src.info(name)
+    binfo = base.info(name)
+    row = {"name": name, "kind": "other", "shape": list(info.shape), "depth": _depth(name)}
+    if tuple(binfo.shape) != tuple(info.shape):
+        row.update({"status": "shape mismatch", "base_shape": list(binfo.shape)})
+        return row
+    a = S.to_numpy(src.get(name)).astype(np.float64).reshape(-1)
+    b = S.to_numpy(base.get(name)).astype(np.float64).reshape(-1)
+    d = float(np.linalg.norm(a - b))
+    bn = float(np.linalg.norm(b))
+    row.update({"base_norm": _f(bn), "delta_norm": _f(d), "rel_change": _f(d / bn) if bn > 0 else None,
+                "status": "unchanged" if d == 0 else "changed"})
+    return row
+
+
+def _release(src, name: str) -> None:
+    rel = getattr(src, "release", None)
+    if callable(rel):
+        rel(name)
+
+
+def _blas_one_thread():
+    """Limit BLAS to one thread per call while our own threads run layers in parallel (if threadpoolctl exists)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return None
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+# ----------------------------------------------------------------------------- summaries
+
+def _mean(vals) -> float | None:
+    v = [x for x in vals if x is not None and math.isfinite(x)]
+    return sum(v) / len(v) if v else None
+
+
+def _median(vals) -> float | None:
+    v = sorted(x for x in vals if x is not None and math.isfinite(x))
+    return float(np.median(v)) if v else None
+
+
+def spectral_summary(rows: list[dict], skipped: list[dict]) -> dict:
+    fitted = [r for r in rows if r.get("alpha") is not None]
+    by_alpha = sorted(fitted, key=lambda r: r["alpha"])
+    s: dict[str, Any] = {
+        "layers": len(rows),
+        "fitted": len(fitted),
+        "failed_fits": [r["name"] for r in rows if r.get("fit") == "failed"],
+        "skipped": skipped,
+        "mean": {k: _mean(r.get(k) for r in rows) for k in WW_MEAN_METRICS},
+        "median_alpha": _median(r.get("alpha") for r in rows),
+        "alpha_below_2": [r["name"] for r in by_alpha if r["alpha"] < S.ALPHA_LOW],
+        "alpha_above_6": [r["name"] for r in by_alpha if r["alpha"] > S.ALPHA_HIGH],
+        "lowest_alpha": [{"name": r["name"], "alpha": r["alpha"]} for r in by_alpha[:5]],
+        "highest_alpha": [{"name": r["name"], "alpha": r["alpha"]} for r in by_alpha[::-1][:5]],
+        "rank_deficient": [r["name"] for r in rows if r.get("numerical_rank") is not None
+                           and r["numerical_rank"] < min(r["shape"][0], int(np.prod(r["shape"][1:])))],
+        "layers_with_warnings": sum(1 for r in rows if r.get("warnings")),
+        "tied": {r["name"]: r["tied_to"] for r in rows if r.get("tied_to")},
+    }
+    conv = [r for r in rows if "filter_sparsity" in r]
+    if conv:
+        s["filters"] = {"layers": len(conv),
+                        "mean_sparsity": _mean(r["filter_sparsity"] for r in conv),
+                        "mean_orthogonality": _mean(r.get("filter_orthogonality") for r in conv),
+                        "flagged": [{"name": r["name"], "flags": r["filter_flags"]} for r in conv
+                                    if r.get("filter_flags")]}
+    return s
+
+
+def diff_summary(drows: list[dict], opts: DiffOptions, only_in_base: list[str]) -> dict:
+    compared = [r for r in drows if r.get("status") in ("changed", "unchanged")]
+    changed = [r for r in compared if r["status"] == "changed"]
+    mats = [r for r in compared if r["kind"] != "other" and r.get("rel_change") is not None]
+    tot_d = math.sqrt(sum((r.get("delta_norm") or 0.0) ** 2 for r in compared))
+    tot_b = math.sqrt(sum((r.get("base_norm") or 0.0) ** 2 for r in compared))
+    most = sorted(mats, key=lambda r: -r["rel_change"])[:10]
+    out: dict[str, Any] = {
+        "compared": len(compared),
+        "changed": len(changed),
+        "unchanged": len(compared) - len(changed),
+        "only_in_model": [r["name"] for r in drows if r.get("status") == "only in model"],
+        "only_in_base": only_in_base,
+        "shape_mismatch": [r["name"] for r in drows if r.get("status") == "shape mismatch"],
+        "non_finite": [r["name"] for r in drows if str(r.get("status", "")).startswith("non-finite")],
+        "total_rel_change": tot_d / tot_b if tot_b > 0 else None,
+        "most_changed": [{"name": r["name"], "rel_change": r["rel_change"], "intruders": r.get("intruders")}
+                         for r in most],
+    }
+    # depth profile: mean relative change of the matrices of each block, and shallow/middle/deep thirds
+    depths = sorted({r["depth"] for r in mats if r.get("depth") is not None})
+    if depths:
+        per = []
+        for d in depths:
+            rs = [r for r in mats if r.get("depth") == d]
+            per.append({"depth": d, "mean_rel_change": _mean(r["rel_change"] for r in rs),
+                        "intruders": sum(r.get("intruders") or 0 for r in rs), "matrices": len(rs)})
+        out["per_depth"] = per
+        if len(depths) >= 3:
+            lo, hi = depths[0], depths[-1]
+            span = hi - lo + 1
+            thirds = {"shallow": [], "middle": [], "deep": []}
+            for p in per:
+                pos = (p["depth"] - lo) / span
+                key = "shallow" if pos < 1 / 3 else ("middle" if pos < 2 / 3 else "deep")
+                thirds[key].append(p["mean_rel_change"])
+            t = {k: _mean(v) for k, v in thirds.items()}
+            out["by_depth"] = t
+            sh, dp = t["shallow"], t["deep"]
+            if sh is not None and dp is not None:
+                if sh == 0 and dp == 0:
+                    verdict = "neither shallow nor deep blocks changed"
+                elif sh == 0:
+                    verdict = "deep layers changed, shallow ones did not"
+                elif dp == 0:
+                    verdict = "shallow layers changed, deep ones did not"
+                else:
+                    r = dp / sh
+                    verdict = (f"deep layers changed {r:.2f}x as much as shallow ones" if r >= 1.25 else
+                               f"shallow layers changed {1 / r:.2f}x as much as deep ones" if r <= 0.8 else
+                               "changes are spread evenly over depth")
+                out["depth_verdict"] = verdict
+    others = [r for r in compared if r["kind"] == "other" and r.get("depth") is None]
+    if others:
+        out["outside_blocks"] = [{"name": r["name"], "rel_change": r.get("rel_change")} for r in others]
+    mc = [r.get("intruder_max_cos") or [] for r in mats]
+    out["intruders"] = {"k": opts.k, "eps": opts.eps, "total": sum(r.get("intruders") or 0 for r in mats),
+                        "layers_with_intruders": sum(1 for r in mats if (r.get("intruders") or 0) > 0),
+                        "sweep": {f"{e:g}": int(sum(sum(1 for c in cs if c < e) for cs in mc)) for e in EPS_SWEEP}}
+    return out
+
+
+# ----------------------------------------------------------------------------- the pass
+
+def run(source, cfg: InspectConfig, base=None, opts: DiffOptions | None = None, *, show_progress: bool | None = None,
+        keep_spectra: bool = True) -> InspectResult:
+    """Analyse every weight matrix of ``source`` (and compare with ``base`` if given)."""
+    t0 = time.perf_counter()
+    opts = opts or DiffOptions()
+    items, skipped, others = plan(source, cfg)
+    by_name = {it.name: it for it in items}
+    todo = [it for it in items if it.tied_to is None or it.tied_to not in by_name]
+    base_names = set(base.names()) if base is not None else None
+    threads = cfg.threads or default_threads()
+    results: dict[str, tuple] = {}
+    simple: dict[str, dict] = {}
+    order = sorted(todo, key=lambda it: -it.cost)
+    other_common = [n for n in others if base_names is not None and n in base_names
+                    and base.info(n).dtype.is_floating_point]
+    # One BLAS thread per worker, always: our threads already use the cores, and multi-threaded
+    # OpenBLAS on a busy machine spin-waits (10x slower). threadpool_limits applies at once and
+    # is undone when the with block exits.
+    limiter = _blas_one_thread()
+    if limiter is None and cfg.threads is None:
+        threads = 1  # without threadpoolctl, several threads of multi-threaded BLAS would oversubscribe the cores
+    with limiter if limiter is not None else nullcontext():
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="weightlab-inspect") as ex:
+            futs = {ex.submit(_work, it, source, base, cfg, opts, base_names): it.name for it in order}
+            futs.update({ex.submit(_simple_diff, n, source, base): "\0" + n for n in other_common})
+            desc = "inspect" if base is None else "inspect + diff"
+            try:
+                for f in progress(as_completed(futs), desc, total=len(futs), enabled=show_progress):
+                    key = futs[f]
+                    if key.startswith("\0"):
+                        simple[key[1:]] = f.result()
+                    else:
+                        results[key] = f.result()
+            except BaseException:
+                for f in futs:
+                    f.cancel()
+                raise
+    rows, drows, spectra = [], [], {}
+    for it in items:
+        if it.name in results:
+            row, drow, esd = results[it.name]
+        else:  # tied to an analysed tensor: same numbers
+            row, drow, esd = results[it.tied_to]
+            row = {**row, "name": it.name, "tied_to": it.tied_to}
+            drow = None if drow is None else {**drow, "name": it.name, "tied_to": it.tied_to}
+        rows.append(row)
+        if drow is not None:
+            drows.append(drow)
+        if keep_spectra and len(esd):
+            spectra[it.name] = esd
+    drows += [simple[n] for n in other_common if n in simple]
+    summary = spectral_summary(rows, skipped)
+    path = root_path(source)
+    summary["model"] = str(path) if path else type(source).__name__
+    summary["threads"] = threads
+    if base is not None:
+        bpath = root_path(base)
+        names = set(source.names())
+        only_base = [n for n in base.names() if n not in names and base.info(n).dtype.is_floating_point]
+        summary["diff"] = {"base": str(bpath) if bpath else type(base).__name__, **diff_summary(drows, opts, only_base)}
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    return InspectResult(rows, drows, summary, spectra)
+
+
+def analyze(model_or_path, base=None, *, k: int = 10, eps: float = 0.5, show_progress: bool | None = None,
+            **options) -> InspectResult:
+    """Inspect a model's weights; with ``base``, also what changed relative to it.
+
+    ``model_or_path`` and ``base``: a checkpoint file or folder, ``"zoo:smollm2"``, a tensor
+    source (e.g. ``wl.open_checkpoint(path)``), an ``nn.Module`` (its state dict) or a state dict.
+    ``options`` are InspectConfig fields (min_evals, max_evals, max_n, conv2d_norm, filters,
+    sparsity_eps, include, exclude, threads). Returns an InspectResult: a list of per-layer
+    rows with ``.diff``, ``.summary``, ``.spectra``, ``.to_pandas()``, ``.to_json()`` and
+    ``.write_html(path)``.
+    """
+    from pydantic import ValidationError
+
+    from ..configfile import describe_validation_error
+
+    try:
+        cfg = InspectConfig(**options)
+        opts = DiffOptions(k=k, eps=eps)
+    except ValidationError as e:
+        raise ConfigError(f"invalid inspect options: {describe_validation_error(e)}") from None
+    src = as_source(model_or_path, "model")
+    b = as_source(base, "base") if base is not None else None
+    return run(src, cfg, b, opts, show_progress=show_progress)
