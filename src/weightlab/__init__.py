@@ -25,7 +25,7 @@ __all__ = [
     "register", "run_recipe", "save_state_dict", "zoo",
 ]
 
-_LAZY = {"zoo", "engine", "inspect", "adapt", "merge", "compress", "data", "tensor"}
+_LAZY = {"zoo", "engine", "inspect", "adapt", "merge", "compress", "data", "tensor", "align"}
 
 
 def __getattr__(name: str):

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import ConfigError
 
-FAMILIES = ("inspect", "adapt", "merge", "compress", "data")
+FAMILIES = ("inspect", "adapt", "merge", "compress", "data", "align")
 KINDS = {
     "transform": "takes a tensor source, returns a new source (lazily)",
     "report": "takes a tensor source, returns a JSON-able dict",

@@ -1,0 +1,17 @@
+"""Align family: permutation alignment of independently trained models, linear mode
+connectivity, and the merges that need alignment or data (PLeaS, aTLAS).
+
+    import weightlab as wl
+    b_aligned, perms = wl.align.weight_matching(model_a, model_b)      # spec="auto"
+    res = wl.align.connectivity(model_a, model_b, evaluator)           # barrier before/after
+"""
+from .derive import resolve_spec, spec_from_module
+from .matching import MatchResult, WeightMatchingConfig, match, match_state_dicts, permuted_copy, weight_matching
+from .spec import PermutationSpec, apply_permutation, invert
+from .transformer import bert_spec, hf_spec, llama_spec
+
+__all__ = [
+    "MatchResult", "PermutationSpec", "WeightMatchingConfig", "apply_permutation", "bert_spec", "hf_spec", "invert",
+    "llama_spec", "match", "match_state_dicts", "permuted_copy", "resolve_spec", "spec_from_module",
+    "weight_matching",
+]
