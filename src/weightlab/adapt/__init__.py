@@ -6,11 +6,14 @@ and ``backward_regularizers`` (SORSA's term after clipping); ``save``/``load`` w
 folders; ``export_peft``/``import_peft`` for PEFT LoRA folders; ``make_optimizer``.
 """
 from . import bat, bone, gradnormlorp, lora, pissa, sorsa  # noqa: F401  (register the methods)
+from . import dsee, pst, sara, sltrain  # noqa: F401  (sparse methods)
 from .api import (adapter_layers, attach, backward_regularizers, count_trainable, detach, load, make_optimizer,
-                  merge, regularizer_values, regularizers, save, select_targets, trainable_parameters, unmerge)
+                  merge, regularizer_values, regularizers, save, select_targets, step_hooks, trainable_parameters,
+                  unmerge)
 from .layer import AdapterLayer, AdapterMethod
 from .peft_io import export_folder_peft, export_peft, import_peft
 
 __all__ = ["AdapterLayer", "AdapterMethod", "adapter_layers", "attach", "backward_regularizers", "count_trainable",
            "detach", "export_folder_peft", "export_peft", "import_peft", "load", "make_optimizer", "merge",
-           "regularizer_values", "regularizers", "save", "select_targets", "trainable_parameters", "unmerge"]
+           "regularizer_values", "regularizers", "save", "select_targets", "step_hooks", "trainable_parameters",
+           "unmerge"]
