@@ -180,6 +180,7 @@ def tune(model, tokenizer, method: str = "lora", data: str = "wiki", *, rank: in
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         adapt.backward_regularizers(model)  # after clipping (SORSA), unclipped
         opt.step()
+        adapt.step_hooks(model, step + 1, steps)  # schedules and re-selection (PST, SaRA, DSEE)
         train_losses.append(float(loss.detach()))
         s = step + 1
         if s % eval_every == 0 or s == steps:
