@@ -25,10 +25,19 @@ def tune(path: str = typer.Argument(..., help="causal-LM folder (HF) or zoo:NAME
                                                              "or re:REGEX (default: attention + MLP projections)"),
          eval_every: int = typer.Option(None, "--eval-every"), seed: int = typer.Option(0, "--seed"),
          param: list[str] = typer.Option(None, "--param", "-p", help="adapter parameter KEY=VALUE"),
+         reweight: str = typer.Option(None, "--reweight", help="per-sample loss weighting from the data family: "
+                                      "linupper, quadratic, extremes (loss-reweight), dro, ldr-kl, aldr-kl"),
+         reweight_param: list[str] = typer.Option(None, "--reweight-param", "-w",
+                                                  help="loss-weighting parameter KEY=VALUE (e.g. temperature=0.4, "
+                                                       "burn_in=0)"),
+         save_every: int = typer.Option(None, "--save-every", help="checkpoint every N steps (default steps/4)"),
          no_merged: bool = typer.Option(False, "--no-merged", help="skip the merged-model export"),
          out: str = typer.Option(..., "--out", "-o"), force: bool = typer.Option(False, "--force"),
          no_resume: bool = typer.Option(False, "--no-resume", help="ignore OUT/checkpoint")) -> None:
-    """Fine-tune a causal LM with an adapter; held-out loss during training, checkpoint/resume, merged export."""
+    """Fine-tune a causal LM with an adapter; held-out loss during training, checkpoint/resume, merged export.
+
+    Multi-GPU: accelerate launch -m weightlab tune ... (each process trains on its slice of the batch).
+    """
     import yaml
 
     from ..engine.training import tune as run_tune
@@ -41,12 +50,20 @@ def tune(path: str = typer.Argument(..., help="causal-LM folder (HF) or zoo:NAME
     o = Path(out)
     if o.exists() and not (o / "checkpoint").exists() and any(o.iterdir()) and not force:
         raise OutputExistsError(f"output '{out}' already exists; pass --force to replace it")
-    params = {}
-    for kv in param or []:
-        k, sep, v = kv.partition("=")
-        if not sep:
-            raise ConfigError(f"--param expects KEY=VALUE, got {kv!r}")
-        params[k] = yaml.safe_load(v)
+
+    def key_values(items, flag):
+        d = {}
+        for kv in items or []:
+            k, sep, v = kv.partition("=")
+            if not sep:
+                raise ConfigError(f"{flag} expects KEY=VALUE, got {kv!r}")
+            d[k] = yaml.safe_load(v)
+        return d
+
+    params = key_values(param, "--param")
+    rw_params = key_values(reweight_param, "--reweight-param")
+    if rw_params and not reweight:
+        raise ConfigError("--reweight-param needs --reweight NAME")
     tg = None
     if targets:
         tg = targets[3:] if targets.startswith("re:") else ("all-linear" if targets == "all-linear"
@@ -54,7 +71,9 @@ def tune(path: str = typer.Argument(..., help="causal-LM folder (HF) or zoo:NAME
     model, tok = load_causal_lm(src)
     import torch
 
-    if torch.cuda.is_available():
+    from ..engine.training import launched_distributed
+
+    if torch.cuda.is_available() and not launched_distributed():  # under accelerate each process picks its GPU
         model = model.cuda()
 
     def on_eval(step, loss):
@@ -62,9 +81,13 @@ def tune(path: str = typer.Argument(..., help="causal-LM folder (HF) or zoo:NAME
 
     res = run_tune(model, tok, adapter, data, rank=rank, targets=tg, steps=steps, lr=lr, batch_size=batch_size,
                    seqlen=seqlen, eval_every=eval_every, out=o, resume=not no_resume, seed=seed,
-                   merged=not no_merged, on_eval=on_eval, method_config=params)
+                   merged=not no_merged, on_eval=on_eval, method_config=params, save_every=save_every,
+                   loss_weighting=reweight, loss_weighting_config=rw_params)
+    if res.get("process_index", 0):
+        return
+    rw = f", {res['loss_weighting']['name']} loss weighting" if reweight else ""
     console.print(f"[green]tuned[/] {adapter} ({res['trainable']:,} trainable) for {steps} steps in "
-                  f"{res['seconds']:.1f} s: held-out loss {res['heldout_before']:.4f} -> {res['heldout_after']:.4f}"
+                  f"{res['seconds']:.1f} s{rw}: held-out loss {res['heldout_before']:.4f} -> {res['heldout_after']:.4f}"
                   f" -> {out}/adapter" + ("" if no_merged else f", {out}/merged"))
 
 
