@@ -187,6 +187,22 @@ def test_html_report_is_self_contained(lora_pair, net, tmp_path):
     assert "Convolution filters" in net_text and "conv.weight" in net_text and "fitted power law" in net_text
 
 
+def test_report_is_a_list_of_sections(net, tmp_path, monkeypatch):
+    from weightlab.inspect import report
+
+    res = analyze(net, show_progress=False)
+    monkeypatch.setattr(report, "SECTIONS", list(report.SECTIONS))
+    report.add_section("extra", lambda ctx: f"<h2>Extra</h2><p>{len(ctx.rows)} rows</p>", before="layers")
+    report.add_section("empty", lambda ctx: None)
+    html = res.write_html(tmp_path / "r.html").read_text()
+    assert "<section id='wl-extra'><h2>Extra</h2><p>8 rows</p></section>" in html
+    assert html.index("wl-extra") < html.index("wl-layers") and "wl-empty" not in html
+    only = res.write_html(tmp_path / "s.html", sections=["summary", "extra"]).read_text()
+    assert "wl-summary" in only and "wl-extra" in only and "wl-layers" not in only
+    with pytest.raises(wl.ConfigError, match="unknown report section"):
+        res.write_html(tmp_path / "t.html", sections=["nope"])
+
+
 def test_recipe_steps_spectral_and_diff_after_a_cast(lora_pair, tmp_path):
     """A recipe can inspect what its own transform did: cast to bf16, then diff against the input."""
     base, ft = lora_pair

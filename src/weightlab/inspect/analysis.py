@@ -115,10 +115,10 @@ class InspectResult(Table):
         return text
 
     def write_html(self, path: str | os.PathLike, *, title: str | None = None,
-                   plot_layers: list[str] | None = None) -> Path:
+                   plot_layers: list[str] | None = None, sections: list[str] | None = None) -> Path:
         from .report import write_report
 
-        return write_report(self, path, title=title, plot_layers=plot_layers)
+        return write_report(self, path, title=title, plot_layers=plot_layers, sections=sections)
 
     def __repr__(self) -> str:
         s = self.summary

@@ -5,10 +5,13 @@ import datetime as _dt
 import math
 import os
 import re
+from dataclasses import dataclass
 from html import escape
 from pathlib import Path
+from typing import Any, Callable
 
 from .._version import __version__
+from ..errors import ConfigError
 from ..tensor.spectral import log_histogram
 from . import _svg
 
@@ -140,23 +143,38 @@ def choose_plot_layers(rows: list[dict], limit: int = 6) -> list[str]:
     return out[:limit]
 
 
-def render(result, *, title: str | None = None, plot_layers: list[str] | None = None) -> str:
-    rows = list(result)
-    drows = list(result.diff)
-    s = result.summary
-    title = title or f"weightlab inspect: {Path(str(s.get('model', 'model'))).name}"
-    groups = _groups(r["name"] for r in rows)
-    out = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{escape(title)}</title>"
-           f"<meta name='viewport' content='width=device-width,initial-scale=1'><style>{CSS}</style>"
-           f"<script>{JS}</script></head><body>"]
-    when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    out.append(f"<header><h1>{escape(title)}</h1><div class='sub'>{escape(str(s.get('model', '')))} &middot; "
-               f"weightlab {escape(__version__)} &middot; {when} &middot; {s.get('seconds', 0):.1f} s on "
-               f"{s.get('threads', 1)} thread(s)</div></header><main>")
+@dataclass
+class ReportContext:
+    """What a report section sees: the result and a few things computed once for all sections."""
 
-    # ---- summary
-    mean = s.get("mean", {})
-    out.append("<h2>Summary</h2><div class='cards'>")
+    result: Any
+    rows: list[dict]
+    drows: list[dict]
+    summary: dict
+    groups: dict[str, str]  # layer role -> colour
+    index: dict[str, int]  # layer name -> position in ``rows``
+    plot_layers: list[str] | None = None
+
+
+# A section is ``fn(ctx) -> html or None`` (None: nothing to show). The report is these in order;
+# other analyses (e.g. neuron or head diagnostics) add theirs with ``add_section``.
+SECTIONS: list[tuple[str, Callable[[ReportContext], str | None]]] = []
+
+
+def add_section(name: str, fn: Callable[[ReportContext], str | None], *, before: str | None = None) -> None:
+    """Register (or replace) a report section; ``before`` names the section it goes in front of (default: last)."""
+    for i, (n, _) in enumerate(SECTIONS):
+        if n == name:
+            del SECTIONS[i]
+            break
+    names = [n for n, _ in SECTIONS]
+    at = names.index(before) if before in names else len(SECTIONS)
+    SECTIONS.insert(at, (name, fn))
+
+
+def _summary_section(ctx: ReportContext) -> str:
+    s, mean = ctx.summary, ctx.summary.get("mean", {})
+    out = ["<h2>Summary</h2><div class='cards'>"]
     out += [_card("weight matrices analysed", s.get("layers", 0)), _card("median alpha", _f(s.get("median_alpha"))),
             _card("mean alpha", _f(mean.get("alpha"))), _card("mean alpha_weighted", _f(mean.get("alpha_weighted"))),
             _card("mean log_norm", _f(mean.get("log_norm"))), _card("mean stable rank", _f(mean.get("stable_rank"), 1)),
@@ -180,9 +198,13 @@ def render(result, *, title: str | None = None, plot_layers: list[str] | None = 
         out.append(f"<p class='note'>Not analysed ({len(sk)}): " + ", ".join(
             f"<code>{escape(x['name'])}</code> ({escape(x['reason'])})" for x in sk[:12])
                    + (" ..." if len(sk) > 12 else "") + "</p>")
+    return "".join(out)
 
-    # ---- metric charts
-    idx = {r["name"]: i for i, r in enumerate(rows)}
+
+def _metrics_section(ctx: ReportContext) -> str | None:
+    rows, groups = ctx.rows, ctx.groups
+    if not rows:
+        return None
 
     def pts(key, scale=None):
         res = []
@@ -191,110 +213,159 @@ def render(result, *, title: str | None = None, plot_layers: list[str] | None = 
             if v is not None and scale is not None:
                 v = scale(r, v)
             tip = f"{r['name']}: {key} = {_f(v, 4) if v is not None else '-'}"
-            res.append((idx[r["name"]], v, _group(r["name"]), tip))
+            res.append((ctx.index[r["name"]], v, _group(r["name"]), tip))
         return res
 
-    if rows:
-        out.append("<h2>Per-layer metrics</h2><div class='grid'>")
-        charts = [
-            _svg.scatter(pts("alpha"), groups, title="alpha (shaded: 2-6)", xlabel="layer (order in checkpoint)",
-                         ylabel="alpha", band=(2, 6)),
-            _svg.scatter(pts("alpha_weighted"), groups, title="alpha_weighted", xlabel="layer",
-                         ylabel="alpha weighted"),
-            _svg.scatter(pts("log_spectral_norm"), groups, title="log10 lambda_max", xlabel="layer",
-                         ylabel="log spectral norm"),
-            _svg.scatter(pts("effective_rank", lambda r, v: v / max(1, min(r["shape"][0], _prod(r["shape"][1:])))),
-                         groups, title="effective rank / min(m, n)", xlabel="layer", ylabel="relative effective rank"),
-            _svg.scatter(pts("ks_distance"), groups, title="KS distance of the power-law fit", xlabel="layer",
-                         ylabel="D"),
-            _svg.scatter(pts("stable_rank", lambda r, v: v / max(1, min(r["shape"][0], _prod(r["shape"][1:])))),
-                         groups, title="stable rank / min(m, n)", xlabel="layer", ylabel="relative stable rank"),
-        ]
-        out += [f"<div class='panel'>{c}</div>" for c in charts]
-        out.append("</div>")
+    def rel(r, v):
+        return v / max(1, min(r["shape"][0], _prod(r["shape"][1:])))
 
-    # ---- ESD plots
-    names = [n for n in (plot_layers or choose_plot_layers(rows)) if n in result.spectra]
-    if names:
-        out.append("<h2>Eigenvalue spectra (log-log) with the fitted power law</h2><div class='grid'>")
-        for n in names:
-            r = rows[idx[n]]
-            h = log_histogram(result.spectra[n])
-            if h is None:
-                continue
-            out.append("<div class='panel'>" + _svg.esd_plot(
+    charts = [
+        _svg.scatter(pts("alpha"), groups, title="alpha (shaded: 2-6)", xlabel="layer (order in checkpoint)",
+                     ylabel="alpha", band=(2, 6)),
+        _svg.scatter(pts("alpha_weighted"), groups, title="alpha_weighted", xlabel="layer", ylabel="alpha weighted"),
+        _svg.scatter(pts("log_spectral_norm"), groups, title="log10 lambda_max", xlabel="layer",
+                     ylabel="log spectral norm"),
+        _svg.scatter(pts("effective_rank", rel), groups, title="effective rank / min(m, n)", xlabel="layer",
+                     ylabel="relative effective rank"),
+        _svg.scatter(pts("ks_distance"), groups, title="KS distance of the power-law fit", xlabel="layer",
+                     ylabel="D"),
+        _svg.scatter(pts("stable_rank", rel), groups, title="stable rank / min(m, n)", xlabel="layer",
+                     ylabel="relative stable rank"),
+    ]
+    return "<h2>Per-layer metrics</h2><div class='grid'>" + "".join(
+        f"<div class='panel'>{c}</div>" for c in charts) + "</div>"
+
+
+def _spectra_section(ctx: ReportContext) -> str | None:
+    spectra = getattr(ctx.result, "spectra", {}) or {}
+    names = [n for n in (ctx.plot_layers or choose_plot_layers(ctx.rows)) if n in spectra and n in ctx.index]
+    panels = []
+    for n in names:
+        r = ctx.rows[ctx.index[n]]
+        h = log_histogram(spectra[n])
+        if h is not None:
+            panels.append("<div class='panel'>" + _svg.esd_plot(
                 h, title=_short(n), alpha=r.get("alpha"), xmin=r.get("xmin"), n_tail=r.get("num_pl_spikes"),
                 mp_edge=r.get("mp_bulk_max")) + "</div>")
-        out.append("</div><p class='note'>Blue: density of the eigenvalues on log-spaced bins. Red dashed: the fitted "
-                   "power law p(x) ~ x<sup>-alpha</sup> above xmin (red line), scaled to the share of eigenvalues in "
-                   "the tail. Orange dotted: the Marchenko-Pastur bulk edge (random-matrix level; eigenvalues above "
-                   "it are spikes).</p>")
+    if not panels:
+        return None
+    return ("<h2>Eigenvalue spectra (log-log) with the fitted power law</h2><div class='grid'>" + "".join(panels)
+            + "</div><p class='note'>Blue: density of the eigenvalues on log-spaced bins. Red dashed: the fitted "
+            "power law p(x) ~ x<sup>-alpha</sup> above xmin (red line), scaled to the share of eigenvalues in "
+            "the tail. Orange dotted: the Marchenko-Pastur bulk edge (random-matrix level; eigenvalues above "
+            "it are spikes).</p>")
 
-    # ---- conv filters
-    conv = [r for r in rows if "filter_sparsity" in r]
-    if conv:
-        cg = _groups(r["name"] for r in conv)
-        out.append("<h2>Convolution filters (CNN Filter DB)</h2><div class='grid'>")
-        cidx = {r["name"]: i for i, r in enumerate(conv)}
-        for key, lab, band in (("filter_sparsity", "filter sparsity", None),
-                               ("filter_variance_entropy_norm", "variance entropy / random level (3x3)", (0.5, 0.9)),
-                               ("filter_orthogonality", "orthogonality", None)):
-            p = [(cidx[r["name"]], r.get(key), _group(r["name"]), f"{r['name']}: {_f(r.get(key), 4)}") for r in conv]
-            out.append("<div class='panel'>" + _svg.scatter(p, cg, title=lab, xlabel="conv layer", ylabel=lab,
-                                                            band=band) + "</div>")
-        out.append("</div>")
-        flagged = [r for r in conv if r.get("filter_flags")]
-        if flagged:
-            out.append("<div class='warnlist'>" + "".join(
-                f"<div><code>{escape(r['name'])}</code>: {escape('; '.join(r['filter_flags']))}</div>"
-                for r in flagged) + "</div>")
 
-    # ---- diff
-    if d:
-        out.append(f"<h2>What changed against the base</h2><p class='note'>Base: <code>{escape(str(d.get('base')))}"
-                   f"</code>. {d.get('changed', 0)} of {d.get('compared', 0)} tensors changed; relative change over "
-                   f"all of them {_f(d.get('total_rel_change'), 5)}. {escape(d.get('depth_verdict', ''))}</p>")
-        mats = [r for r in drows if r.get("kind") != "other" and r.get("rel_change") is not None]
-        dg = _groups(r["name"] for r in mats)
-        out.append("<div class='grid'>")
-        out.append("<div class='panel'>" + _svg.bars(
-            [(r["name"], r["rel_change"], _group(r["name"]), f"{r['name']}: {r['rel_change']:.4g}") for r in mats],
-            dg, title="relative change ||W - W0||_F / ||W0||_F per matrix", xlabel="matrix (checkpoint order)",
-            ylabel="relative change") + "</div>")
-        out.append("<div class='panel'>" + _svg.bars(
-            [(r["name"], float(r.get("intruders") or 0), _group(r["name"]),
-              f"{r['name']}: {r.get('intruders') or 0} intruders") for r in mats], dg,
-            title=f"intruder dimensions per matrix (top {d['intruders']['k']}, eps {d['intruders']['eps']:g})",
-            xlabel="matrix (checkpoint order)", ylabel="intruders") + "</div>")
-        if d.get("per_depth"):
-            pdp = d["per_depth"]
-            out.append("<div class='panel'>" + _svg.scatter(
-                [(p["depth"], p["mean_rel_change"], "mean", f"block {p['depth']}: {_f(p['mean_rel_change'], 5)}, "
-                  f"{p['intruders']} intruders") for p in pdp], {"mean": _svg.PALETTE[0]},
-                title="mean relative change by block (depth)", xlabel="block index", ylabel="relative change",
-                connect=True) + "</div>")
-        sw = d["intruders"]["sweep"]
+def _filters_section(ctx: ReportContext) -> str | None:
+    conv = [r for r in ctx.rows if "filter_sparsity" in r]
+    if not conv:
+        return None
+    cg = _groups(r["name"] for r in conv)
+    out = ["<h2>Convolution filters (CNN Filter DB)</h2><div class='grid'>"]
+    cidx = {r["name"]: i for i, r in enumerate(conv)}
+    for key, lab, band in (("filter_sparsity", "filter sparsity", None),
+                           ("filter_variance_entropy_norm", "variance entropy / random level (3x3)", (0.5, 0.9)),
+                           ("filter_orthogonality", "orthogonality", None)):
+        p = [(cidx[r["name"]], r.get(key), _group(r["name"]), f"{r['name']}: {_f(r.get(key), 4)}") for r in conv]
+        out.append("<div class='panel'>" + _svg.scatter(p, cg, title=lab, xlabel="conv layer", ylabel=lab,
+                                                        band=band) + "</div>")
+    out.append("</div>")
+    flagged = [r for r in conv if r.get("filter_flags")]
+    if flagged:
+        out.append("<div class='warnlist'>" + "".join(
+            f"<div><code>{escape(r['name'])}</code>: {escape('; '.join(r['filter_flags']))}</div>"
+            for r in flagged) + "</div>")
+    return "".join(out)
+
+
+def _diff_section(ctx: ReportContext) -> str | None:
+    d = ctx.summary.get("diff")
+    if not d:
+        return None
+    out = [f"<h2>What changed against the base</h2><p class='note'>Base: <code>{escape(str(d.get('base')))}"
+           f"</code>. {d.get('changed', 0)} of {d.get('compared', 0)} tensors changed; relative change over "
+           f"all of them {_f(d.get('total_rel_change'), 5)}. {escape(d.get('depth_verdict', ''))}</p>"]
+    mats = [r for r in ctx.drows if r.get("kind") != "other" and r.get("rel_change") is not None]
+    dg = _groups(r["name"] for r in mats)
+    out.append("<div class='grid'>")
+    out.append("<div class='panel'>" + _svg.bars(
+        [(r["name"], r["rel_change"], _group(r["name"]), f"{r['name']}: {r['rel_change']:.4g}") for r in mats],
+        dg, title="relative change ||W - W0||_F / ||W0||_F per matrix", xlabel="matrix (checkpoint order)",
+        ylabel="relative change") + "</div>")
+    out.append("<div class='panel'>" + _svg.bars(
+        [(r["name"], float(r.get("intruders") or 0), _group(r["name"]),
+          f"{r['name']}: {r.get('intruders') or 0} intruders") for r in mats], dg,
+        title=f"intruder dimensions per matrix (top {d['intruders']['k']}, eps {d['intruders']['eps']:g})",
+        xlabel="matrix (checkpoint order)", ylabel="intruders") + "</div>")
+    if d.get("per_depth"):
+        pdp = d["per_depth"]
         out.append("<div class='panel'>" + _svg.scatter(
-            [(float(e), float(c), "count", f"eps {e}: {c} intruders") for e, c in sw.items()],
-            {"count": _svg.PALETTE[3]}, title="intruders summed over matrices vs eps", xlabel="eps",
-            ylabel="intruders", connect=True) + "</div>")
-        out.append("</div>")
-        out.append("<p class='note'>Intruder dimension: one of the top-k left singular vectors of the fine-tuned "
-                   "matrix whose largest |cosine| with every left singular vector of the base is below eps "
-                   "(Shuttleworth et al. 2024). cos top-k: ||U0<sub>k</sub><sup>T</sup> (W - W0) "
-                   "V0<sub>k</sub>||<sub>F</sub> / ||W - W0||<sub>F</sub>, the share of the change along the "
-                   "base's top-k singular directions (a random change of the same size gives about k / sqrt(mn)).</p>")
-        out.append("<h2>Per-tensor changes</h2>" + _table(drows, DIFF_COLUMNS, "wl-diff", warn_key="intruders"))
+            [(p["depth"], p["mean_rel_change"], "mean", f"block {p['depth']}: {_f(p['mean_rel_change'], 5)}, "
+              f"{p['intruders']} intruders") for p in pdp], {"mean": _svg.PALETTE[0]},
+            title="mean relative change by block (depth)", xlabel="block index", ylabel="relative change",
+            connect=True) + "</div>")
+    sw = d["intruders"]["sweep"]
+    out.append("<div class='panel'>" + _svg.scatter(
+        [(float(e), float(c), "count", f"eps {e}: {c} intruders") for e, c in sw.items()],
+        {"count": _svg.PALETTE[3]}, title="intruders summed over matrices vs eps", xlabel="eps",
+        ylabel="intruders", connect=True) + "</div>")
+    out.append("</div>")
+    out.append("<p class='note'>Intruder dimension: one of the top-k left singular vectors of the fine-tuned "
+               "matrix whose largest |cosine| with every left singular vector of the base is below eps "
+               "(Shuttleworth et al. 2024). cos top-k: ||U0<sub>k</sub><sup>T</sup> (W - W0) "
+               "V0<sub>k</sub>||<sub>F</sub> / ||W - W0||<sub>F</sub>, the share of the change along the "
+               "base's top-k singular directions (a random change of the same size gives about k / sqrt(mn)).</p>")
+    out.append("<h2>Per-tensor changes</h2>" + _table(ctx.drows, DIFF_COLUMNS, "wl-diff", warn_key="intruders"))
+    return "".join(out)
 
-    # ---- warnings and the full table
-    warned = [r for r in rows if r.get("warnings")]
-    if warned:
-        out.append(f"<h2>Warnings ({len(warned)} layers)</h2><div class='warnlist'>" + "".join(
-            f"<div><code>{escape(r['name'])}</code>: {escape('; '.join(r['warnings']))}</div>" for r in warned)
-                   + "</div>")
+
+def _warnings_section(ctx: ReportContext) -> str | None:
+    warned = [r for r in ctx.rows if r.get("warnings")]
+    if not warned:
+        return None
+    return (f"<h2>Warnings ({len(warned)} layers)</h2><div class='warnlist'>" + "".join(
+        f"<div><code>{escape(r['name'])}</code>: {escape('; '.join(r['warnings']))}</div>" for r in warned)
+            + "</div>")
+
+
+def _layers_section(ctx: ReportContext) -> str:
+    conv = any("filter_sparsity" in r for r in ctx.rows)
     cols = LAYER_COLUMNS + (FILTER_COLUMNS if conv else [])
-    out.append("<h2>All layers</h2><p class='note'>Click a column header to sort.</p>"
-               + _table(rows, cols, "wl-layers"))
+    return ("<h2>All layers</h2><p class='note'>Click a column header to sort.</p>"
+            + _table(ctx.rows, cols, "wl-layers"))
+
+
+for _name, _fn in (("summary", _summary_section), ("metrics", _metrics_section), ("spectra", _spectra_section),
+                   ("filters", _filters_section), ("diff", _diff_section), ("warnings", _warnings_section),
+                   ("layers", _layers_section)):
+    add_section(_name, _fn)
+
+
+def render(result, *, title: str | None = None, plot_layers: list[str] | None = None,
+           sections: list[str] | None = None) -> str:
+    """The report as one HTML string; ``sections`` picks registered sections by name (default: all, in order)."""
+    rows = list(result)
+    s = result.summary
+    title = title or f"weightlab inspect: {Path(str(s.get('model', 'model'))).name}"
+    ctx = ReportContext(result, rows, list(getattr(result, "diff", [])), s, _groups(r["name"] for r in rows),
+                        {r["name"]: i for i, r in enumerate(rows)}, plot_layers)
+    known = dict(SECTIONS)
+    if sections is not None:
+        unknown = [n for n in sections if n not in known]
+        if unknown:
+            raise ConfigError(f"unknown report section(s) {unknown}; known: {list(known)}")
+    chosen = sections if sections is not None else [n for n, _ in SECTIONS]
+    when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    out = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{escape(title)}</title>"
+           f"<meta name='viewport' content='width=device-width,initial-scale=1'><style>{CSS}</style>"
+           f"<script>{JS}</script></head><body>",
+           f"<header><h1>{escape(title)}</h1><div class='sub'>{escape(str(s.get('model', '')))} &middot; "
+           f"weightlab {escape(__version__)} &middot; {when} &middot; {s.get('seconds', 0):.1f} s on "
+           f"{s.get('threads', 1)} thread(s)</div></header><main>"]
+    for name in chosen:
+        html = known[name](ctx)
+        if html:
+            out.append(f"<section id='wl-{escape(name)}'>{html}</section>")
     out.append("</main></body></html>")
     return "".join(out)
 
@@ -312,10 +383,10 @@ def _short(name: str, n: int = 46) -> str:
 
 
 def write_report(result, path: str | os.PathLike, *, title: str | None = None,
-                 plot_layers: list[str] | None = None) -> Path:
+                 plot_layers: list[str] | None = None, sections: list[str] | None = None) -> Path:
     """Write the report atomically; returns its path."""
     from .analysis import _atomic_write
 
     p = Path(path)
-    _atomic_write(p, render(result, title=title, plot_layers=plot_layers))
+    _atomic_write(p, render(result, title=title, plot_layers=plot_layers, sections=sections))
     return p
