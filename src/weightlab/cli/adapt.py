@@ -10,7 +10,7 @@ from ..errors import ConfigError, OutputExistsError
 from . import app
 from ._common import console
 
-adapter_app = typer.Typer(help="Adapter folders: export to PEFT.", no_args_is_help=True)
+adapter_app = typer.Typer(help="Adapter folders: export to PEFT, sum orthogonal concept adapters.", no_args_is_help=True)
 app.add_typer(adapter_app, name="adapter")
 
 
@@ -106,3 +106,15 @@ def export(path: str = typer.Argument(..., help="weightlab adapter folder"),
     conf = json.loads((Path(out) / "adapter_config.json").read_text())
     console.print(f"[green]exported[/] {path} -> {out} (PEFT LoRA r={conf['r']}, {len(conf['target_modules'])} "
                   "layers)")
+
+
+@adapter_app.command("sum")
+def sum_(paths: list[str] = typer.Argument(..., help="orthogonal concept adapter folders (two or more)"),
+         out: str = typer.Option(..., "--out", "-o"), force: bool = typer.Option(False, "--force")) -> None:
+    """Sum independently trained orthogonal-adaptation concept adapters into one adapter folder."""
+    from ..adapt.orthogonal import orthogonal_sum
+
+    orthogonal_sum(paths, out, force=force)
+    conf = json.loads((Path(out) / "adapter_config.json").read_text())
+    console.print(f"[green]summed[/] {len(paths)} concept adapters (concepts {conf['config']['concepts']}, "
+                  f"rank {conf['config']['r']}) -> {out}")

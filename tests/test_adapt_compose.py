@@ -1,0 +1,174 @@
+"""Adapt II, compositional methods: orthogonal adaptation, Weight Compander, ConTraCon, MixtureGrowth."""
+import copy
+import pytest
+import torch
+from torch import nn
+
+from weightlab import adapt
+from weightlab.adapt.orthogonal import concept_basis, orthogonal_sum, random_orthogonal
+from weightlab.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matmuls: a second thread only adds contention (20x slower on a busy 2-core machine).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def mlp(seed=0, d_in=32, d_h=24, d_out=16):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, d_h), nn.Tanh(), nn.Linear(d_h, d_out))
+
+
+def train(model, x, y, steps=60, lr=3e-2):
+    opt = torch.optim.Adam(adapt.trainable_parameters(model), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    return model
+
+
+# -- orthogonal adaptation ----------------------------------------------------------------------
+def test_random_orthogonal_is_orthogonal_and_seeded():
+    O = random_orthogonal(20, 3)
+    assert torch.allclose(O @ O.t(), torch.eye(20), atol=1e-5)
+    assert torch.equal(O, random_orthogonal(20, 3)) and not torch.equal(O, random_orthogonal(20, 4))
+
+
+def test_orthogonal_init_grad_count():
+    m = mlp()
+    x = torch.randn(8, 32)
+    y0 = m(x)
+    adapt.attach(m, "orthogonal", targets=["0", "2"], r=4, concept=1)
+    assert torch.equal(m(x), y0)  # B = 0
+    # trainable = r*out per layer: only B trains, the basis slice is a frozen buffer
+    assert adapt.count_trainable(m) == 4 * 24 + 4 * 16
+    names = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert names == {"0.adapter.lora_B", "2.adapter.lora_B"}
+    A0 = m[0].adapter.lora_A.clone()
+    W0 = m[0].base_layer.weight.clone()
+    opt = adapt.make_optimizer(m, 1e-2)
+    m(x).square().sum().backward()
+    opt.step()
+    assert m[0].adapter.lora_B.grad is not None and m[0].adapter.lora_B.abs().sum() > 0
+    assert torch.equal(m[0].adapter.lora_A, A0) and torch.equal(m[0].base_layer.weight, W0)
+
+
+def test_orthogonal_subspaces_disjoint():
+    As = [concept_basis(32, 4, i, seed=7) for i in range(8)]
+    for i in range(8):
+        assert torch.allclose(As[i] @ As[i].t(), torch.eye(4), atol=1e-5)
+        for j in range(i + 1, 8):
+            assert (As[i] @ As[j].t()).abs().max() < 1e-5
+    with pytest.raises(ConfigError, match="disjoint concepts fit"):
+        concept_basis(32, 4, 8, seed=7)
+    # the Gaussian variant is only nearly orthogonal: it must not pass as exact
+    G = [concept_basis(32, 4, i, seed=7, basis="gaussian") for i in range(2)]
+    assert (G[0] @ G[1].t()).abs().max() > 1e-3
+
+
+def _concept(base, concept, x, y, tmp, **cfg):
+    m = copy.deepcopy(base)
+    adapt.attach(m, "orthogonal", targets=["0", "2"], r=4, concept=concept, seed=5, **cfg)
+    train(m, x, y)
+    adapt.save(m, tmp / f"c{concept}")
+    return m
+
+
+def test_orthogonal_sum_acts_as_each_concept_on_its_subspace(tmp_path):
+    base = mlp(1)
+    single = nn.Sequential(nn.Linear(32, 16))
+    torch.manual_seed(2)
+    adapters, zs = [], []
+    for c in (0, 3):
+        A = concept_basis(32, 4, c, seed=5)
+        z = torch.randn(64, 4)
+        x = z @ A  # inputs inside concept c's subspace
+        m = copy.deepcopy(single)
+        adapt.attach(m, "orthogonal", targets=["0"], r=4, concept=c, seed=5, alpha=16)
+        train(m, x, torch.randn(64, 16))
+        adapt.save(m, tmp_path / f"c{c}")
+        adapters.append(m)
+        zs.append(x)
+    orthogonal_sum([tmp_path / "c0", tmp_path / "c3"], tmp_path / "sum")
+    merged = adapt.load(copy.deepcopy(single), tmp_path / "sum")
+    assert merged._weightlab_adapter["config"]["concepts"] == [0, 3]
+    for m, x in zip(adapters, zs):
+        assert torch.allclose(merged(x), m(x), atol=1e-5)
+    # the merged weight is W0 + the sum of the concept deltas (and matches the summed adapter forward)
+    W = single[0].weight.detach()
+    dW = sum(a[0].merged_weight() - W for a in adapters)
+    assert torch.allclose(merged[0].merged_weight(), W + dW, atol=1e-6)
+    x = torch.randn(8, 32)
+    y_ad = merged(x)
+    adapt.merge(merged)
+    assert torch.allclose(merged(x), y_ad, atol=1e-5)
+    del base
+
+
+def test_plain_lora_sum_has_crosstalk_orthogonal_not():
+    """Control: the same planted task with LoRA factors (random, not forced disjoint) interferes."""
+    single = nn.Sequential(nn.Linear(32, 16))
+    torch.manual_seed(2)
+    errs = {}
+    for method in ("lora", "orthogonal"):
+        models, data = [], []
+        for c in (0, 1):
+            A = concept_basis(32, 4, c, seed=5)
+            x = torch.randn(64, 4) @ A
+            y = torch.randn(64, 16)
+            m = copy.deepcopy(single)
+            kw = dict(concept=c, seed=5) if method == "orthogonal" else dict(seed=c)
+            adapt.attach(m, method, targets=["0"], r=4, alpha=16, **kw)
+            train(m, x, y, steps=150)
+            models.append(m)
+            data.append((x, y))
+        W = single[0].weight.detach()
+        Wm = W + sum(m[0].merged_weight() - W for m in models)
+        with torch.no_grad():
+            errs[method] = max(float(nn.functional.mse_loss(x @ Wm.t() + single[0].bias, y) -
+                                     nn.functional.mse_loss(m(x), y)) for m, (x, y) in zip(models, data))
+    assert errs["orthogonal"] < 1e-6 < 1e-2 < errs["lora"]
+
+
+def test_orthogonal_sum_rejects_mixed_or_overlapping(tmp_path):
+    base = mlp()
+    x, y = torch.randn(16, 32), torch.randn(16, 16)
+    _concept(base, 0, x, y, tmp_path)
+    _concept(base, 1, x, y, tmp_path)
+    m = copy.deepcopy(base)
+    adapt.attach(m, "orthogonal", targets=["0", "2"], r=4, concept=1, seed=5)
+    adapt.save(m, tmp_path / "dup")
+    with pytest.raises(ConfigError, match="concept id 1"):
+        orthogonal_sum([tmp_path / "c0", tmp_path / "c1", tmp_path / "dup"], tmp_path / "bad")
+    m = copy.deepcopy(base)
+    adapt.attach(m, "lora", targets=["0", "2"], r=4)
+    adapt.save(m, tmp_path / "lora")
+    with pytest.raises(ConfigError, match="not 'orthogonal'"):
+        orthogonal_sum([tmp_path / "c0", tmp_path / "lora"], tmp_path / "bad")
+    m = copy.deepcopy(base)
+    adapt.attach(m, "orthogonal", targets=["0", "2"], r=4, concept=2, seed=6)
+    adapt.save(m, tmp_path / "seed6")
+    with pytest.raises(ConfigError, match="share one basis"):
+        orthogonal_sum([tmp_path / "c0", tmp_path / "seed6"], tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_orthogonal_sum_cli(tmp_path, capsys):
+    from weightlab.cli import main
+
+    base = mlp()
+    x, y = torch.randn(16, 32), torch.randn(16, 16)
+    ms = [_concept(base, c, x, y, tmp_path) for c in (0, 1)]
+    assert main(["adapter", "sum", str(tmp_path / "c0"), str(tmp_path / "c1"), "-o", str(tmp_path / "sum")]) == 0
+    assert "concepts [0, 1], rank 8" in capsys.readouterr().out
+    merged = adapt.load(copy.deepcopy(base), tmp_path / "sum")
+    W = base[0].weight.detach()
+    want = W + sum(m[0].merged_weight() - W for m in ms)
+    assert torch.allclose(merged[0].merged_weight(), want, atol=1e-6)
+    assert main(["adapter", "sum", str(tmp_path / "c0"), "-o", str(tmp_path / "one")]) == 1
+    assert "at least two" in capsys.readouterr().err
