@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 import weightlab as wl
-import weightlab.cli.inspect  # noqa: F401
 from weightlab.cli import main
 from weightlab.inspect import analyze
 

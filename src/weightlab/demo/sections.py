@@ -9,6 +9,7 @@ from ..io.reader import open_checkpoint
 from ..registry import get_method
 from .adapt_section import adapt_section
 from .data_section import data_section
+from .inspect_section import inspect_section
 from .quantize_section import quantize_section
 
 
@@ -128,6 +129,7 @@ SECTIONS = [
     ("perplexity", dense_perplexity),
     ("inspect", inspect_stats),
     ("compress: cast", cast_bf16),
+    ("inspect: spectral", inspect_section),
     ("merge", merge_digits),
     ("compress: prune", prune_wanda),
     ("compress: quantize + EoRA", quantize_section),

@@ -654,6 +654,17 @@ def analyze(model_or_path, base=None, *, k: int = 10, eps: float = 0.5, show_pro
         opts = DiffOptions(k=k, eps=eps)
     except ValidationError as e:
         raise ConfigError(f"invalid inspect options: {describe_validation_error(e)}") from None
-    src = as_source(model_or_path, "model")
-    b = as_source(base, "base") if base is not None else None
-    return run(src, cfg, b, opts, show_progress=show_progress)
+    opened = []  # sources opened here from paths are closed here (their memory maps and file handles)
+    try:
+        src = as_source(model_or_path, "model")
+        if src is not model_or_path and isinstance(model_or_path, (str, os.PathLike)):
+            opened.append(src)
+        b = as_source(base, "base") if base is not None else None
+        if b is not None and isinstance(base, (str, os.PathLike)):
+            opened.append(b)
+        return run(src, cfg, b, opts, show_progress=show_progress)
+    finally:
+        for s in opened:
+            close = getattr(s, "close", None)
+            if callable(close):
+                close()

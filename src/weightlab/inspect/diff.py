@@ -21,6 +21,11 @@ class DiffConfig(InspectConfig):
                   "which layers (shallow or deep) changed most")
 def diff(source, cfg: DiffConfig, show_progress: bool | None = None) -> dict:
     inner = InspectConfig(**cfg.model_dump(exclude={"base", "k", "eps"}))
-    res = run(source, inner, as_source(cfg.base, "base"), DiffOptions(k=cfg.k, eps=cfg.eps),
-              show_progress=show_progress, keep_spectra=False)
+    base = as_source(cfg.base, "base")
+    try:
+        res = run(source, inner, base, DiffOptions(k=cfg.k, eps=cfg.eps), show_progress=show_progress,
+                  keep_spectra=False)
+    finally:
+        if callable(getattr(base, "close", None)):
+            base.close()
     return {"diff": list(res.diff), "summary": res.summary["diff"]}
