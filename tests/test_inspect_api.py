@@ -75,6 +75,14 @@ def test_analyze_module_rows_and_summary(net):
     assert res.diff == [] and "diff" not in s
 
 
+def test_threads_do_not_change_the_numbers(lora_pair):
+    base, ft = lora_pair
+    one = analyze(ft, base=base, threads=1, show_progress=False)
+    two = analyze(ft, base=base, threads=3, show_progress=False)
+    assert list(one) == list(two) and list(one.diff) == list(two.diff)
+    assert two.summary["threads"] == 3
+
+
 def test_to_pandas_and_strict_json(net, tmp_path):
     res = analyze(net, show_progress=False)
     pd = pytest.importorskip("pandas")

@@ -41,6 +41,18 @@ def test_smollm2_end_to_end(tmp_path, capsys):
     assert "lowest and highest alpha" in capsys.readouterr().out
 
 
+def test_demo_section(tmp_path):
+    from types import SimpleNamespace
+
+    from weightlab.demo.inspect_section import inspect_section
+
+    out, text = inspect_section(SimpleNamespace(model_path=wl.zoo.smollm2(), work=tmp_path))
+    assert out["layers"] == 211 and out["failed_fits"] == 0
+    assert (tmp_path / "inspect.html").stat().st_size > 100_000
+    assert json.loads((tmp_path / "inspect.json").read_text())["summary"]["layers"] == 211
+    assert "median power-law alpha" in text and "bf16_diff" not in out  # no cast folder here
+
+
 def _ww_alphas(model):
     ww = pytest.importorskip("weightwatcher")
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)
