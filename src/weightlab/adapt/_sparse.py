@@ -116,4 +116,4 @@ def resize_on_load(module: nn.Module, names: tuple[str, ...]) -> None:
             else:
                 mod._buffers[n] = torch.empty(t.shape, dtype=cur.dtype, device=cur.device)
 
-    module._register_load_state_dict_pre_hook(hook)
+    module.register_load_state_dict_pre_hook(hook)

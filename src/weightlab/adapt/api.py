@@ -198,7 +198,7 @@ def backward_regularizers(model: nn.Module) -> float:
     reg = regularizers(model)
     if reg.requires_grad:
         reg.backward()
-    return float(reg)
+    return float(reg.detach())
 
 
 def step_hooks(model: nn.Module, step: int, total_steps: int) -> None:

@@ -38,23 +38,27 @@ class DseeConfig(MethodConfig):
     omega: Literal["grebsmo", "random", "magnitude", "svd"] = "grebsmo"
     grebsmo_threshold: float = 0.01
     grebsmo_rank_step: int = 5
-    grebsmo_iters: int = 100
+    grebsmo_iters: int | None = None  # None: 100, fewer where the rank would pass 65% of min(out, in)
     grebsmo_inner: int = 2
     sparsity: float = 0.2  # stage-2 pruning ratio p
     prune_at: float | None = None  # fraction of training after which stage 2 prunes (None: never)
     seed: int = 0
 
 
-def grebsmo_sparse(W: torch.Tensor, threshold: float = 0.01, rank_step: int = 5, iters: int = 100,
+def grebsmo_sparse(W: torch.Tensor, threshold: float = 0.01, rank_step: int = 5, iters: int | None = None,
                    inner: int = 2, seed: int = 0) -> torch.Tensor:
     """Sparse part S of a greedy bilateral split W ~ U V + S (GreBsmo as DSEE uses it).
 
     Each outer iteration grows the rank by ``rank_step`` with the top singular directions of the
     residual, then alternates U = QR((W - S) V^T), V = U^T (W - S), S = hard_threshold(W - U V)
-    ``inner`` times. The rank stops growing at min(out, in).
+    ``inner`` times. ``iters=None``: the reference's 100 iterations end near rank 500 on BERT's
+    768-wide matrices; on smaller ones the rank would reach full and the low-rank part would
+    swallow the sparse one, so weightlab stops at 65% of min(out, in) (500/768).
     """
     W = W.float()
     full = min(W.shape)
+    if iters is None:
+        iters = max(1, min(100, int(0.65 * full) // rank_step))
     S = torch.zeros_like(W)
     V = torch.zeros(0, W.shape[1])
     for it in range(iters):
