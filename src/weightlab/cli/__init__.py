@@ -27,6 +27,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 from . import adapt, data, demo, info, inspect, merge, methods, prune, quantize, run, signature, zoo  # noqa: E402,F401  (commands register on the app)
+from . import internals  # noqa: E402,F401  (neurons, heads)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,175 @@
+"""`weightlab neurons` (decode, search, clamp, compare MLP neurons) and `weightlab heads` (sinks, dormant heads)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from ..errors import ConfigError
+from . import app
+from ._common import console
+
+
+class _ShowByDefault(TyperGroup):
+    """`weightlab neurons PATH ...` means `weightlab neurons show PATH ...`; subcommands keep their names."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["show", *args]
+        return super().parse_args(ctx, args)
+
+
+neurons_app = typer.Typer(cls=_ShowByDefault, no_args_is_help=True,
+                          help="MLP neurons decoded through the LM head: list or search by token (default), "
+                               "clamp during generation, compare two models.")
+app.add_typer(neurons_app, name="neurons")
+
+
+def _load(path: str):
+    from ..io.hf import load_causal_lm
+    from ..recipe.models import resolve_model
+
+    return load_causal_lm(resolve_model(path))
+
+
+def _write(path: str, text: str) -> None:
+    """Atomic: a reader never sees half a file."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"'{p}' is a folder; give a file name")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.weightlab-tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, p)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _say(text: str) -> None:
+    console.print(text, markup=False, highlight=False)
+
+
+def _toks(tokens) -> str:
+    return " | ".join(repr(t) for t in tokens)
+
+
+@neurons_app.command("show")
+def show(path: str = typer.Argument(..., help="causal LM folder or zoo:smollm2"),
+         token: str = typer.Option(None, "--token", "-t", help="find neurons that decode to this word"),
+         layer: list[int] = typer.Option(None, "--layer", "-l", help="only these layers (repeatable)"),
+         vector: str = typer.Option("down", "--vector", help="down (written to the residual stream), up or gate"),
+         top_k: int = typer.Option(5, "--top-k"), limit: int = typer.Option(20, "--limit", help="neurons printed"),
+         negative: bool = typer.Option(False, "--negative", help="decode -v: what a firing neuron suppresses"),
+         json_out: str = typer.Option(None, "--json", help="write [{layer, neuron, top_tokens, score}] here")) -> None:
+    """Decode every MLP neuron through the final norm and LM head; with --token, best matches first."""
+    from ..inspect.neurons import NeuronsConfig, decode_neurons, token_variants
+
+    cfg = NeuronsConfig(vector=vector, top_k=top_k, layers=layer or None, negative=negative)
+    model, tok = _load(path)
+    ids = token_variants(tok, token) if token else None
+    nmap = decode_neurons(model, cfg, token_ids=ids)
+    n_layers = len(nmap.top_ids)
+    _say(f"decoded {nmap.neurons:,} {vector} vectors of {n_layers} layers in {nmap.seconds:.2f} s "
+         f"({nmap.seconds / max(1, n_layers):.3f} s per layer)")
+    best = nmap.rows(tok, best_first=True, limit=limit)
+    what = f"p({', '.join(repr(tok.decode([i])) for i in ids)})" if ids else "top-1 probability"
+    _say(f"{'layer':>5} {'neuron':>6} {what:>12}  top tokens")
+    for r in best:
+        _say(f"{r['layer']:>5} {r['neuron']:>6} {r['score']:>12.4f}  {_toks(r['top_tokens'])}")
+    if json_out:
+        rows = best if token else nmap.rows(tok)
+        _write(json_out, json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
+        _say(f"wrote {len(rows)} neurons to {json_out}")
+
+
+@neurons_app.command("clamp")
+def clamp(path: str = typer.Argument(..., help="causal LM folder or zoo:smollm2"),
+          neuron: list[str] = typer.Option(..., "--neuron", "-n", help="LAYER:INDEX (repeatable)"),
+          value: float = typer.Option(..., "--value", "-v", help="activation forced at every position"),
+          prompt: str = typer.Option(..., "--prompt", "-p"),
+          max_new_tokens: int = typer.Option(20, "--max-new-tokens"),
+          json_out: str = typer.Option(None, "--json", help="write the comparison here")) -> None:
+    """Clamp neurons during generation; print next-token probabilities and greedy text with and without."""
+    from ..inspect.neurons import clamp_neurons, parse_neuron
+
+    targets = [parse_neuron(s) for s in neuron]
+    model, tok = _load(path)
+    r = clamp_neurons(model, tok, targets, value, prompt, max_new_tokens=max_new_tokens)
+    for k, a in r["activation_on_prompt"].items():
+        _say(f"neuron {k}: activation on the prompt ranges {a['min']:.3f} .. {a['max']:.3f}; clamped to {value:g}")
+    _say("watched tokens (the neurons' own top tokens):")
+    for w in r["watched"]:
+        _say(f"  {w['token']!r:>16}  {w['before']:.5f} -> {w['after']:.5f}  (x{w['after'] / max(w['before'], 1e-30):.3g})")
+    for side in ("before", "after"):
+        tops = ", ".join(f"{t['token']!r} {t['prob']:.3f}" for t in r[side]["top"])
+        _say(f"{side:>6} next token: {tops}")
+        _say(f"{side:>6} text: {r[side]['text']!r}")
+    if json_out:
+        _write(json_out, json.dumps(r, indent=1, ensure_ascii=False) + "\n")
+
+
+@neurons_app.command("compare")
+def compare(path_a: str = typer.Argument(..., help="first causal LM"),
+            path_b: str = typer.Argument(..., help="second causal LM of the same architecture and vocabulary"),
+            vector: str = typer.Option("up", "--vector", help="up (as the paper), down or gate"),
+            layer: list[int] = typer.Option(None, "--layer", "-l"),
+            json_out: str = typer.Option(None, "--json")) -> None:
+    """Share of neurons whose top decoded token is the same in both models."""
+    from ..inspect.neurons import NeuronsConfig, compare_neurons
+
+    a, _ = _load(path_a)
+    b, _ = _load(path_b)
+    r = compare_neurons(a, b, NeuronsConfig(vector=vector, layers=layer or None))
+    _say(f"{r['same_top_token']:.2%} of {r['neurons']:,} {vector} neurons keep their top token ({r['seconds']:.1f} s)")
+    _say("per layer: " + " ".join(f"{k}:{v:.0%}" for k, v in r["per_layer"].items()))
+    if json_out:
+        _write(json_out, json.dumps(r, indent=1) + "\n")
+
+
+@app.command("heads")
+def heads(path: str = typer.Argument(..., help="causal LM folder or zoo:smollm2"),
+          domains: str = typer.Option("wiki,code", "--domains", help="comma list: wiki, code, or .txt/.jsonl files"),
+          windows: int = typer.Option(2, "--windows", help="token windows per domain"),
+          seqlen: int = typer.Option(128, "--seqlen"),
+          test: str = typer.Option("linear", "--test", help="dormant test: linear (one backward), exact, none"),
+          all_heads: bool = typer.Option(False, "--all-heads", help="exact test on every head, not only sinks"),
+          sink: float = typer.Option(0.5, "--sink-threshold"), dormant: float = typer.Option(0.01, "--dormant-threshold"),
+          report: str = typer.Option(None, "--report", help="write an HTML map here"),
+          json_out: str = typer.Option(None, "--json", help="write every row here")) -> None:
+    """Attention sinks, value drains, residual peaks and active/dormant heads per text domain."""
+    from ..inspect.heads import HeadsConfig, analyze_heads
+    from ..inspect.heads_html import render_heads
+    from ..registry import get_method
+
+    cfg = get_method("inspect", "heads").make_config(dict(
+        domains=[d.strip() for d in domains.split(",") if d.strip()], windows=windows, seqlen=seqlen,
+        dormant_test=test, tested="all" if all_heads else "sinks", sink_threshold=sink, dormant_threshold=dormant))
+    assert isinstance(cfg, HeadsConfig)
+    model, tok = _load(path)
+    rep = analyze_heads(model, tok, cfg)
+    for dom, info in rep.domains.items():
+        _say(f"{dom}: loss {info['loss']:.3f} on {info['tokens']} tokens; {info['sinks']}/{info['heads']} heads are "
+             f"sinks, {info['dormant']} dormant, {info['active']} active ({info['dormant_test']} test, "
+             f"{info['seconds']:.1f} s)")
+    doms = list(rep.domains)
+    if len(doms) > 1:
+        by = {(r["domain"], r["layer"], r["head"]): r["state"] for r in rep.heads}
+        keys = {(r["layer"], r["head"]) for r in rep.heads}
+        switch = sorted(k for k in keys if len({by[(d, *k)] for d in doms}) > 1)
+        _say(f"{len(switch)} heads change state between domains: "
+             + ", ".join(f"L{li}H{h} ({'/'.join(by[(d, li, h)] for d in doms)})" for li, h in switch[:12])
+             + (" ..." if len(switch) > 12 else ""))
+    peak = max(rep.layers, key=lambda r: r["peak_ratio"])
+    _say(f"residual peak: first-token norm is {peak['peak_ratio']:.0f}x the median token after layer {peak['layer']} "
+         f"({peak['domain']})")
+    if report:
+        _write(report, render_heads(rep))
+        _say(f"wrote {report}")
+    if json_out:
+        _write(json_out, json.dumps(rep.as_dict(), indent=1) + "\n")
