@@ -6,6 +6,15 @@ from weightlab.align import permuted_copy, resolve_spec, weight_matching
 transformers = pytest.importorskip("transformers")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny matmuls: threads only add contention on a shared machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _llama(kv=2, tie=False):
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=kv, max_position_embeddings=64,
