@@ -123,13 +123,16 @@ def load_data(source: str, tokenizer, seqlen: int):
 
 @torch.no_grad()
 def heldout_loss(model, batches, device, accelerator=None) -> float:
-    """Token-weighted mean loss over ``batches``; with an accelerator each process takes every N-th batch."""
+    """Token-weighted mean loss over ``batches``; with an accelerator each process takes its slice of each batch."""
     was = model.training
     model.eval()
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     tot = torch.zeros(2, dtype=torch.float64, device=device)
-    for b in batches[rank::world]:
-        b = {k: v.to(device) for k, v in b.items() if k != "sample_ids"}
+    for b in batches:
+        n = -(-b["input_ids"].shape[0] // world)
+        b = {k: v[rank * n:(rank + 1) * n].to(device) for k, v in b.items() if k != "sample_ids"}
+        if b["input_ids"].shape[0] == 0:
+            continue
         cnt = int((b["labels"][:, 1:] != -100).sum())
         tot += torch.tensor([float(model(**b).loss) * cnt, cnt], dtype=torch.float64, device=device)
     if accelerator is not None and world > 1:
@@ -159,7 +162,13 @@ def make_accelerator(accelerator=None):
         from accelerate import Accelerator
     except ImportError:
         raise MissingDependencyError("accelerate", "multi-process fine-tuning", "accelerate") from None
-    return Accelerator()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # torchrun on a machine without GPUs: accelerate treats the processes as one each unless told "cpu"
+    acc = Accelerator(cpu=True) if world > 1 and not torch.cuda.is_available() else Accelerator()
+    if acc.num_processes != world:
+        raise ConfigError(f"launched as {world} processes but accelerate sees {acc.num_processes}; "
+                          "launch with 'accelerate launch --multi_gpu' or 'torchrun'")
+    return acc
 
 
 def tune(model, tokenizer, method: str = "lora", data: str = "wiki", *, rank: int | None = 16,
@@ -188,7 +197,6 @@ def tune(model, tokenizer, method: str = "lora", data: str = "wiki", *, rank: in
         model.to(acc.device)
     device = next(model.parameters()).device
     tr, ho = (train_data, heldout_data) if train_data is not None else load_data(data, tokenizer, seqlen)
-    eval_set = ho.eval_batches(eval_batches, batch_size)
     out = Path(out) if out is not None else None
     ckpt = out / "checkpoint" if out is not None else None
     cfg = dict(method_config or {})
@@ -218,6 +226,7 @@ def tune(model, tokenizer, method: str = "lora", data: str = "wiki", *, rank: in
     n_train = sum(p.numel() for p in params)
     if acc is not None:
         model, opt = acc.prepare(model, opt)
+    eval_set = ho.eval_batches(eval_batches, batch_size * world)  # the same windows for any number of processes
     eval_every = eval_every or max(1, steps // 5)
     save_every = save_every or max(1, steps // 4)
     wsteps = max(1, int(warmup * steps))
