@@ -147,9 +147,10 @@ def decode_neurons(model, cfg: NeuronsConfig = NeuronsConfig(), token_ids: list[
 def token_variants(tokenizer, word: str) -> list[int]:
     """Ids of the single-token spellings of word: as given, with a leading space, capitalised."""
     ids = []
+    special = set(getattr(tokenizer, "all_special_ids", None) or [])  # an unknown word maps to <unk>: not a match
     for form in dict.fromkeys((word, " " + word, word.capitalize(), " " + word.capitalize())):
         t = tokenizer(form, add_special_tokens=False)["input_ids"]
-        if len(t) == 1 and t[0] not in ids:
+        if len(t) == 1 and t[0] not in ids and t[0] not in special:
             ids.append(t[0])
     if not ids:
         pieces = [tokenizer.decode([t]) for t in tokenizer(" " + word, add_special_tokens=False)["input_ids"]]
