@@ -269,3 +269,106 @@ def test_compander_fewer_near_zero_and_smaller_weights_on_digits():
     assert res["compander"][1] < 0.75 * res["plain"][1]
     assert res["compander"][2] < res["plain"][2]
     assert res["compander"][0] > res["plain"][0] - 0.02
+
+
+# -- ConTraCon --------------------------------------------------------------------------------------
+class TinyTransformer(nn.Module):
+    """Tokens -> one 2-head self-attention block (q/k/v/o) -> mean pool -> classifier."""
+
+    def __init__(self, d_tok=8, d=16, classes=3):
+        super().__init__()
+        self.embed = nn.Linear(d_tok, d)
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, d, bias=False) for _ in range(3))
+        self.o_proj = nn.Linear(d, d)
+        self.classifier = nn.Linear(d, classes)
+        self.d_tok = d_tok
+
+    def forward(self, x):
+        h = self.embed(x.reshape(len(x), -1, self.d_tok))
+        B, T, d = h.shape
+        q, k, v = (p(h).reshape(B, T, 2, d // 2).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        a = torch.softmax(q @ k.transpose(-1, -2) / (d // 2) ** 0.5, -1) @ v
+        h = h + self.o_proj(a.transpose(1, 2).reshape(B, T, d))
+        return self.classifier(h.mean(1))
+
+
+def test_contracon_identity_kernel_and_counts():
+    m = TinyTransformer()
+    x = torch.randn(5, 32)
+    y0 = m(x)
+    adapt.attach(m, "contracon", targets=["q_proj", "k_proj", "v_proj"], head_dim=8, kernel=3, init="identity")
+    assert torch.equal(m(x), y0)  # delta kernel, zero bias, closed gate: W exactly
+    m = TinyTransformer()
+    adapt.attach(m, "contracon", targets=["q_proj", "k_proj", "v_proj"], head_dim=8, kernel=5, seed=0)
+    assert adapt.count_trainable(m) == 3 * (2 * (25 + 1) + 2)  # H(k^2+1) + H per projection
+    assert not torch.allclose(m(x), y0)  # the paper's start (random conv, open gate) is not the identity
+    W = m.q_proj.base_layer.weight.detach().clone()
+    m(x).square().sum().backward()
+    got = {n for n, p in m.named_parameters() if p.grad is not None}
+    assert got == {f"{p}.adapter.{t}" for p in ("q_proj", "k_proj", "v_proj") for t in ("kernels", "kbias", "gate")}
+    # hand-computed re-weighting of head 1 of q: conv of its 8x16 row block + sigmoid(g) * block
+    ad = m.q_proj.adapter
+    blk = W[8:16]
+    conv = nn.functional.conv2d(blk[None, None], ad.kernels[1:2], ad.kbias[1:2], padding=2)[0, 0]
+    want = conv + torch.sigmoid(ad.gate[1]) * blk
+    assert torch.allclose(m.q_proj.merged_weight()[8:16], want.detach(), atol=1e-6)
+    y_ad = m(x).detach()
+    adapt.merge(m)
+    assert torch.allclose(m(x), y_ad, atol=1e-5)
+    with pytest.raises(ConfigError, match="into heads"):
+        adapt.attach(TinyTransformer(), "contracon", targets=["q_proj"], head_dim=5)
+
+
+def _task_data(task, n, g):
+    """Task t's classes differ only on features [4t, 4t+4) of every token; the other features are low noise."""
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = 0.1 * torch.randn(n, 4, 8, generator=g)
+    means = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(100 + task)) * 2
+    x[:, :, 4 * task:4 * task + 4] += means[y]
+    return x.reshape(n, 32), y
+
+
+def _fit(params, model, x, y, x_other, steps=80):
+    """Cross-entropy on the task, plus maximum entropy on the other task's inputs: the planted structure
+    (each task's weights confident on its own inputs only) that entropy-based identification must find."""
+    from weightlab.adapt.contracon import entropy
+
+    opt = torch.optim.Adam(params, lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        (nn.functional.cross_entropy(model(x), y) - entropy(model(x_other)).mean()).backward()
+        opt.step()
+
+
+def test_contracon_tasks_identify_planted_and_keep_old_tasks_exact():
+    from weightlab.adapt.contracon import ContraconTasks
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    m = TinyTransformer()
+    x0, y0 = _task_data(0, 128, g)
+    x1, y1 = _task_data(1, 128, g)
+    _fit(list(m.parameters()), m, x0, y0, x1)  # task 0 trains the whole model
+    tx0, ty0 = _task_data(0, 128, g)
+    ref0 = m(tx0).detach()
+    tasks = ContraconTasks(m, head="classifier", head_dim=8, kernel=3, seed=0)
+    assert torch.equal(m(tx0), ref0)
+    assert tasks.new_task() == 1
+    nn.init.zeros_(m.classifier.weight)
+    frozen = {n: p.detach().clone() for n, p in m.named_parameters() if "adapter" not in n and "classifier" not in n}
+    _fit(tasks.trainable_parameters(), m, x1, y1, x0)
+    assert tasks.snapshot() == 1
+    assert all(torch.equal(p, frozen[n]) for n, p in m.named_parameters() if n in frozen)
+    tasks.use(0)
+    assert torch.equal(m(tx0), ref0)  # task 0 comes back bit-exact after training task 1
+    tx1, ty1 = _task_data(1, 128, g)
+    ids = tasks.identify(torch.cat([tx0, tx1]))
+    truth = torch.cat([torch.zeros(128), torch.ones(128)]).long()
+    assert (ids == truth).float().mean() > 0.9
+    # per-task prediction through identification is accurate on both tasks
+    t, logits = tasks.predict(torch.cat([tx0, tx1]))
+    pred = torch.stack(logits).argmax(1)
+    assert (pred == torch.cat([ty0, ty1])).float().mean() > 0.85
+    # control: a shuffled snapshot order follows the weights, not the position
+    tasks.snapshots.reverse()
+    assert (tasks.identify(torch.cat([tx0, tx1])) == 1 - truth).float().mean() > 0.9

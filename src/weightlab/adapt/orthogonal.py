@@ -62,7 +62,7 @@ def concept_basis(in_f: int, r: int, concept: int, seed: int, basis: str = "orth
 
 @register("adapt", "orthogonal", kind="whole", regime=Regime.WHOLE_MODEL, config=OrthogonalConfig,
           paper="Po, Yang, Aberman, Wetzstein 2024, Orthogonal Adaptation for Modular Customization of Diffusion "
-                "Models (CVPR 2024, arXiv 2311.18000)",
+                "Models (CVPR 2024)",
           summary="LoRA with a frozen input factor from a disjoint slice of one shared random orthogonal basis; "
                   "concept adapters sum without crosstalk",
           layers="linear, conv1d", trainable="r*out")
