@@ -1,9 +1,9 @@
 """The merge engine (tensor streaming regime).
 
-Never builds a model: for each tensor name it reads that tensor from every input (the next
-names are prefetched by reader threads), converts to the compute dtype, applies the
-method's per-tensor rule and hands the result to the atomic sharded writer. Peak memory is
-a few tensors per input. Integer buffers are copied from the base, never averaged.
+Never builds a model: for each tensor name it reads that tensor from every input, converts
+to the compute dtype, applies the method's per-tensor rule and hands the result to the
+atomic sharded writer. ``threads`` workers read and merge the next tensors concurrently;
+results are written in plan order. Peak memory is a few tensors per input. Integer buffers are copied from the base, never averaged.
 """
 from __future__ import annotations
 
@@ -135,53 +135,61 @@ def _stream(spec, cfg, job, inputs: MergeInputs, state, writer, out_dtype, show_
     result: dict[str, torch.Tensor] = {}
     bad: list[str] = []
 
-    def load(tp):
-        """Runs in a reader thread: the raw (memory-mapped) tensors, pages touched by the finite check."""
+    def work(tp):
+        """Read one tensor from every input, check it, merge it; runs in a worker thread."""
+        dt = out_dtype or ref.info(tp.name).dtype
         if not tp.merged:
-            return None, None, []
-        ts = [m.get(src) for m, src in zip(inputs.models, tp.sources)]
-        b = inputs.base.get(tp.name) if inputs.base is not None else None
-        if job.allow_nonfinite:
-            return ts, b, []
-        nonfinite = [f"{tp.name} ({_label(inputs, i)})" for i, t in enumerate(ts) if not _finite(t)]
-        if b is not None and not _finite(b):
-            nonfinite.append(f"{tp.name} (base)")
-        return ts, b, nonfinite
+            return (ref.get(tp.name) if writer is not None else ref.get(tp.name).clone()), []
+        tensors = [m.get(src) for m, src in zip(inputs.models, tp.sources)]
+        base_t = inputs.base.get(tp.name) if inputs.base is not None else None
+        if not job.allow_nonfinite:
+            nonfinite = [f"{tp.name} ({_label(inputs, i)})" for i, t in enumerate(tensors) if not _finite(t)]
+            if base_t is not None and not _finite(base_t):
+                nonfinite.append(f"{tp.name} (base)")
+            if nonfinite:
+                return None, nonfinite
+        if bad:  # the run already failed: only keep scanning for more bad tensors
+            return None, []
+        cdtype = inputs.compute_dtype(tp)
+        ctx = TensorContext(tp.name, cfg, weights, densities, job.seed, state, cdtype, dt)
+        if not raw:
+            tensors = [t.to(cdtype) for t in tensors]
+            base_t = base_t.to(cdtype) if base_t is not None else None
+        return spec.fn(tensors, base_t, ctx).to(dt), []
 
+    # Workers read *and* merge different tensors at once, each op single-threaded: on a few
+    # cores this beats one tensor at a time with intra-op threads (bincount, selection and
+    # Python overhead do not parallelise inside an op). Results are written in plan order.
     pool = ThreadPoolExecutor(max_workers=job.threads) if job.threads > 0 else None
     futures = {}
     lookahead = max(1, job.threads)
+    torch_threads = torch.get_num_threads()
+    if pool is not None and job.threads > 1:
+        torch.set_num_threads(max(1, torch_threads // job.threads))
     try:
         for k, tp in enumerate(progress(plan, f"merge/{spec.name}", enabled=show_progress)):
             if pool is not None:
-                for j in range(k, min(k + lookahead + 1, len(plan))):
+                for j in range(k, min(k + lookahead, len(plan))):
                     if j not in futures:
-                        futures[j] = pool.submit(load, plan[j])
-                tensors, base_t, nonfinite = futures.pop(k).result()
+                        futures[j] = pool.submit(work, plan[j])
+                merged, nonfinite = futures.pop(k).result()
             else:
-                tensors, base_t, nonfinite = load(tp)
+                merged, nonfinite = work(tp)
             if nonfinite or bad:
                 bad += nonfinite
                 continue  # keep scanning so every bad tensor is listed at once
-            dt = out_dtype or ref.info(tp.name).dtype
-            if not tp.merged:
-                merged = ref.get(tp.name) if writer is not None else ref.get(tp.name).clone()
-            else:
-                cdtype = inputs.compute_dtype(tp)
-                ctx = TensorContext(tp.name, cfg, weights, densities, job.seed, state, cdtype, dt)
-                if not raw:
-                    tensors = [t.to(cdtype) for t in tensors]
-                    base_t = base_t.to(cdtype) if base_t is not None else None
-                merged = spec.fn(tensors, base_t, ctx).to(dt)
             if writer is not None:
                 writer.add(tp.name, merged)
             else:
                 result[tp.name] = merged
-            del tensors, base_t, merged
+            del merged
             _release(inputs, tp)
     finally:
         if pool is not None:
+            for f in futures.values():
+                f.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(torch_threads)
     return result, bad
 
 

@@ -26,7 +26,7 @@ class MergeJob(BaseModel):
     seed: int = 0
     allow_nonfinite: bool = False
     max_shard_size: str = "5GB"
-    threads: int = Field(2, ge=0, description="reader threads that prefetch the next tensors")
+    threads: int = Field(2, ge=0, description="worker threads that read and merge the next tensors concurrently (0: all in the calling thread)")
     source_format: str = "weightlab"
     scorer: dict | None = Field(None, description="greedy-soup: {type: accuracy|lm-loss, dataset, text, ...}")
 
