@@ -372,3 +372,103 @@ def test_contracon_tasks_identify_planted_and_keep_old_tasks_exact():
     # control: a shuffled snapshot order follows the weights, not the position
     tasks.snapshots.reverse()
     assert (tasks.identify(torch.cat([tx0, tx1])) == 1 - truth).float().mean() > 0.9
+
+
+# -- MixtureGrowth ------------------------------------------------------------------------------------
+def test_mixture_blocks_are_template_combinations_and_count():
+    from weightlab.adapt.mixturegrowth import MixtureLinear
+
+    torch.manual_seed(0)
+    m = MixtureLinear(5, 4, grid=2, templates=3)
+    W = m.weight().detach()
+    T, C = m.templates.detach(), m.coefs.detach()
+    assert torch.allclose(W[:4, :5], C[0, 0] * T[0, 0] + C[0, 1] * T[0, 1] + C[0, 2] * T[0, 2], atol=1e-6)
+    assert torch.allclose(W[4:, 5:], C[1, 0] * T[1, 0] + C[1, 1] * T[1, 1] + C[1, 2] * T[1, 2], atol=1e-6)
+    assert torch.equal(W[:4, 5:], torch.zeros(4, 5)) and torch.equal(W[4:, :5], torch.zeros(4, 5))
+    assert torch.allclose(C.t() @ C, torch.eye(3), atol=1e-5)  # orthogonal_ on a tall (4 x 3) matrix
+    # templates + coefficients + bias
+    assert sum(p.numel() for p in m.parameters()) == 2 * 3 * 4 * 5 + 4 * 3 + 8
+
+
+def test_mixture_seed_members_independent_and_zero_growth_exact():
+    from weightlab.adapt.mixturegrowth import MixtureMLP, grow
+
+    torch.manual_seed(0)
+    net = MixtureMLP(12, hidden=16, depth=3, num_classes=5)
+    x = torch.randn(7, 12)
+    full = net(x)
+    parts = [net.member_forward(x, i) for i in range(2)]
+    assert torch.allclose(full, parts[0] + parts[1] - net.head.bias, atol=1e-5)  # block-diagonal = ensemble
+    net.member_forward(x, 0).sum().backward()
+    for m in net.mids:  # member 0 touches only set 0 and its own coefficients
+        assert m.templates.grad[1].abs().sum() == 0 and m.templates.grad[0].abs().sum() > 0
+        assert m.coefs.grad[1:].abs().sum() == 0
+    diag = [(m.weight()[:8, :8].detach().clone(), m.weight()[8:, 8:].detach().clone()) for m in net.mids]
+    grow(net, how="zero")
+    for m, (d0, d1) in zip(net.mids, diag):
+        W = m.weight().detach()
+        assert torch.equal(W[:8, :8], d0) and torch.equal(W[8:, 8:], d1)
+        assert torch.equal(W[:8, 8:], torch.zeros(8, 8)) and torch.equal(W[8:, :8], torch.zeros(8, 8))
+    assert torch.equal(net(x), full)
+    assert torch.allclose(net.to_mlp()(x), full, atol=1e-5)
+    with pytest.raises(ConfigError, match="already grown"):
+        grow(net)
+
+
+def test_mixture_orthogonal_growth_rule():
+    from weightlab.adapt.mixturegrowth import MixtureMLP, grow
+
+    torch.manual_seed(1)
+    net = MixtureMLP(12, hidden=16, depth=2, num_classes=5)
+    m = net.mids[0]
+    C0 = m.coefs.detach().clone()
+    diag = m.weight()[:8, :8].detach().clone()
+    grow(net, how="orthogonal", eta=2.0)
+    C = m.coefs.detach()
+    assert torch.equal(C[:3], C0[:3])  # seeds kept; the first grown member keeps its init (reference)
+    _, _, Vh = torch.linalg.svd(C0[:3].double())
+    assert torch.allclose(C[3].double().abs(), 2.0 * Vh[-1].abs(), atol=1e-6)
+    # it is the direction the earlier members' coefficients cover least: |C[:3] c3| / eta = smallest singular value
+    assert abs(float((C0[:3].double() @ C[3].double()).norm()) / 2.0
+               - float(torch.linalg.svdvals(C0[:3].double())[-1])) < 1e-5
+    W = m.weight().detach()
+    assert torch.equal(W[:8, :8], diag)
+    T = m.templates.detach()
+    assert torch.allclose(W[:8, 8:], C[2, 0] * T[0, 0] + C[2, 1] * T[0, 1], atol=1e-6)  # block (0,1): set 0
+    assert torch.allclose(W[8:, :8], C[3, 0] * T[1, 0] + C[3, 1] * T[1, 1], atol=1e-6)  # block (1,0): set 1
+    with pytest.raises(ConfigError, match="not an adapter"):
+        adapt.attach(mlp(), "mixturegrowth")
+
+
+@pytest.mark.slow
+def test_mixturegrowth_on_zoo_digits():
+    """Seed two half-width members, grow, keep training: the grown net beats the seed ensemble's start."""
+    from weightlab import zoo
+    from weightlab.adapt.mixturegrowth import MixtureMLP, grow
+
+    ds = zoo.digits()
+    torch.manual_seed(0)
+    net = MixtureMLP(64, hidden=64, depth=2, num_classes=10)
+
+    def run(loss_fn, epochs):
+        opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(epochs):
+            perm = torch.randperm(len(ds.y_train), generator=g)
+            for s in range(0, len(perm), 64):
+                i = perm[s:s + 64]
+                opt.zero_grad()
+                loss_fn(ds.x_train[i], ds.y_train[i]).backward()
+                opt.step()
+
+    def acc(f):
+        with torch.no_grad():
+            return float((f(ds.x_test).argmax(1) == ds.y_test).float().mean())
+
+    run(net.seed_loss, 8)
+    seed_acc = [acc(lambda x: net.member_forward(x, i)) for i in range(2)]
+    grow(net)
+    run(lambda x, y: nn.functional.cross_entropy(net(x), y), 8)
+    grown_acc = acc(net)
+    assert min(seed_acc) > 0.85
+    assert grown_acc >= max(seed_acc) - 0.01

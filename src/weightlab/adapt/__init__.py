@@ -7,7 +7,7 @@ folders; ``export_peft``/``import_peft`` for PEFT LoRA folders; ``make_optimizer
 """
 from . import bat, bone, gradnormlorp, lora, pissa, sorsa  # noqa: F401  (register the methods)
 from . import dsee, pst, sara, sltrain  # noqa: F401  (sparse methods)
-from . import compander, contracon, orthogonal  # noqa: F401  (compositional methods)
+from . import compander, contracon, mixturegrowth, orthogonal  # noqa: F401  (compositional methods)
 from .api import (adapter_layers, attach, backward_regularizers, count_trainable, detach, load, make_optimizer,
                   merge, regularizer_values, regularizers, save, select_targets, step_hooks, trainable_parameters,
                   unmerge)
