@@ -520,3 +520,19 @@ def test_tune_cli(method, params, tiny_lm_folder, tmp_path):
         sd = load_file(str(tmp_path / "o" / "merged" / "model.safetensors"))
         w = sd["model.layers.0.self_attn.q_proj.weight"]
         assert int((w == 0).sum()) == w.numel() // 2  # the schedule reached 0.5 by the last step
+
+
+@pytest.mark.parametrize("method,cfg", METHODS)
+def test_peft_factors_full_rank_reproduce_the_update(method, cfg):
+    m = tiny_llama()
+    W0 = {n: mod.weight.detach().clone() for n, mod in m.named_modules() if n.endswith("q_proj")}
+    adapt.attach(m, method, targets=["q_proj"], **cfg)
+    perturb(m, 0.4)
+    if method == "dsee":
+        dsee.prune(m, 0.3)
+    for n, l in adapt.adapter_layers(m).items():
+        t = l.adapter_tensors()
+        with pytest.raises(Exception, match="svd"):
+            type(l.method).peft_factors(t, l.method.cfg, W0[n], None)
+        B, A = type(l.method).peft_factors(t, l.method.cfg, W0[n], 32)
+        assert torch.allclose(B @ A, l.merged_weight() - W0[n], atol=1e-5)

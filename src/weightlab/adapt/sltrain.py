@@ -53,8 +53,8 @@ class SLTrainLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, r: int = 128, delta: float = 0.03, alpha: float = 32.0,
                  bias: bool = True, seed: int | None = None):
         super().__init__()
-        if not 0 < delta <= 1:
-            raise ConfigError(f"sltrain delta must be in (0, 1], got {delta}")
+        if not 0 <= delta <= 1:  # 0: a pure low-rank layer (the low-rank pretraining baseline)
+            raise ConfigError(f"sltrain delta must be in [0, 1], got {delta}")
         self.in_features, self.out_features = in_features, out_features
         self.r = rank_of(r, out_features, in_features)
         self.scale = alpha / self.r
