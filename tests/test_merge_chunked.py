@@ -27,7 +27,22 @@ def _inputs(seed=0, n=(60, 50), T=3, coarse=True):
 @pytest.mark.parametrize("trim_mode", ["topk", "reference"])
 @pytest.mark.parametrize("zero_sign", ["majority", "positive"])
 @pytest.mark.parametrize("coarse", [True, False])
-def test_ties_chunked_equals_plain(trim_mode, zero_sign, coarse):
+@pytest.mark.parametrize("route", ["bracket", "radix", "missed-bracket"])
+def test_ties_chunked_equals_plain(trim_mode, zero_sign, coarse, route, monkeypatch):
+    # the threshold search has three routes: the sampled bracket, the radix fallback when the
+    # bracket is too wide, and the fallback when a (deliberately tiny) bracket misses
+    if route == "radix":
+        monkeypatch.setattr(chunked, "MAX_WINDOW", 0)
+    else:  # these small tensors are sampled whole: a +-2 bracket always holds the threshold and stays narrow
+        monkeypatch.setattr(chunked, "MARGIN_SIGMAS", 0)
+    if route == "missed-bracket":  # shift the bracket wholly above / below the true threshold
+        real, calls = chunked._bracket_counts, []
+
+        def shifted(ft, fb, k, klo, khi):
+            lo, hi = (khi + 1, khi + 10) if len(calls) % 2 == 0 else (max(0, klo - 10), klo - 1)
+            calls.append(real(ft, fb, k, lo, hi))
+            return calls[-1]
+        monkeypatch.setattr(chunked, "_bracket_counts", shifted)
     ts, base = _inputs(coarse=coarse)
     cfg = TiesConfig(density=0.3, trim=trim_mode, zero_sign=zero_sign, **{"lambda": 0.7})
     w = [1.0, 0.5, 2.0]
@@ -37,6 +52,8 @@ def test_ties_chunked_equals_plain(trim_mode, zero_sign, coarse):
     b = base.float()
     plain = b + 0.7 * disjoint_merge([trim(t.float() - b, 0.3, trim_mode) for t in ts], w, zero_sign, True)
     assert torch.equal(fast, plain)
+    if route == "missed-bracket":
+        assert calls and all(c is None for c in calls)  # every shifted bracket missed; the fallback answered
 
 
 def test_topk_keeps_exactly_k_with_index_order_ties():

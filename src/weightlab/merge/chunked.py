@@ -48,13 +48,19 @@ def weighted_sum_into(out: torch.Tensor, parts: list[torch.Tensor], weights: lis
 
 
 class Selector:
-    """Which entries of |delta| a trim keeps: above a threshold, plus ties filled in index order."""
+    """Which entries of |delta| a trim keeps: above a threshold, plus ties filled in index order.
 
-    def __init__(self, thr: float, quota: int | None):
-        self.thr, self.quota = thr, quota  # quota None: keep every entry >= thr
+    ``n_eq`` (the tensor's number of entries equal to the threshold, when known) lets a chunk
+    use one comparison whenever the quota keeps all ties or none of them.
+    """
+
+    def __init__(self, thr: float, quota: int | None, n_eq: int | None = None):
+        self.thr, self.quota, self.n_eq = thr, quota, n_eq  # quota None: keep every entry >= thr
+        if quota is not None and n_eq is not None and quota >= n_eq:
+            self.quota = None
 
     def start(self) -> "Selector":
-        return Selector(self.thr, self.quota)
+        return Selector(self.thr, self.quota, self.n_eq)
 
     def mask(self, a: torch.Tensor) -> torch.Tensor:
         if self.quota is None:
@@ -72,16 +78,19 @@ class Selector:
         return keep
 
 
-WINDOW = 3  # high-bit bins on each side of the sampled estimate whose low bits the first pass records
+MAX_WINDOW = 1 << 18  # bins of the one-pass exact histogram around the sampled threshold
+MARGIN_SIGMAS = 8  # half-width of the sampled bracket, in standard deviations of the sample rank
 
 
 def topk_selector(t: torch.Tensor, b: torch.Tensor, k: int, exact: bool) -> Selector:
-    """Selector for the k largest |t - b| (float32 deltas) via radix select on the float bits.
+    """Selector for the k largest |t - b| (float32 deltas), exact, usually in one pass.
 
     exact: keep exactly k (ties by index); otherwise keep every entry >= the k-th largest.
-    A strided sample estimates which high-16-bit bin holds the threshold; the first pass
-    histograms the high bits and, for a few bins around the estimate, the low bits too, so
-    a second pass is needed only when the estimate misses (the result is exact either way).
+    The float bits of |delta| order like the floats. A strided sample brackets the bit
+    pattern of the k-th largest (the estimate's rank +- 8 sigma); one pass counts the entries
+    above the bracket and histograms every bit pattern inside it, which pins the exact
+    threshold and its ties. If the bracket misses (or is too wide) a two-level radix select
+    over the bits finds it instead; the result is exact either way.
     """
     ft, fb = flat(t), flat(b)
     n = ft.numel()
@@ -90,33 +99,53 @@ def topk_selector(t: torch.Tensor, b: torch.Tensor, k: int, exact: bool) -> Sele
     if k >= n:
         return Selector(0.0, None)
     step = max(1, n // 65536)
-    sample = abs_bits(ft[::step].float() - fb[::step].float())
-    rank = min(sample.numel() - 1, max(0, int(k / n * sample.numel())))
-    est = int(torch.kthvalue(sample, sample.numel() - rank).values) >> 16
-    lo_bin, width = max(0, est - WINDOW), 2 * WINDOW + 1
-    hi = torch.zeros(65536, dtype=torch.int64)
-    win = torch.zeros(width * 65536, dtype=torch.int64)
-    for s, e in spans(n):
-        bits = abs_bits(ft[s:e].float() - fb[s:e].float())
-        top = bits >> 16
-        hi += torch.bincount(top, minlength=65536)
-        near = bits[(top >= lo_bin) & (top < lo_bin + width)]
-        win += torch.bincount(((near >> 16) - lo_bin) * 65536 + (near & 0xFFFF), minlength=width * 65536)
-    hbin = threshold_from_counts(hi, k)
-    above_hi = int(hi[hbin + 1:].sum())
-    if lo_bin <= hbin < lo_bin + width:
-        lo = win[(hbin - lo_bin) * 65536:(hbin - lo_bin + 1) * 65536]
-    else:  # the sample's estimate missed: one more pass for the low bits of the true bin
-        lo = torch.zeros(65536, dtype=torch.int64)
-        for s, e in spans(n):
-            bits = abs_bits(ft[s:e].float() - fb[s:e].float())
-            lo += torch.bincount(bits[(bits >> 16) == hbin] & 0xFFFF, minlength=65536)
-    lbin = threshold_from_counts(lo, k - above_hi)
-    thr = float(torch.tensor([(hbin << 16) | lbin], dtype=torch.int32).view(torch.float32))
+    sample = abs_bits(ft[::step].float() - fb[::step].float()).sort().values
+    m = sample.numel()
+    p = k / n
+    pos = m * (1 - p)  # ascending position of the k-th largest in the sample
+    margin = MARGIN_SIGMAS * (m * p * (1 - p)) ** 0.5 + 2
+    klo = int(sample[min(m - 1, max(0, int(pos - margin)))])
+    khi = int(sample[min(m - 1, max(0, int(pos + margin) + 1))])
+    found = None
+    if 0 <= khi - klo < MAX_WINDOW:
+        found = _bracket_counts(ft, fb, k, klo, khi)
+    if found is None:
+        found = _radix_counts(ft, fb, k)
+    thr_bits, count_gt, n_eq = found
+    thr = float(torch.tensor([thr_bits], dtype=torch.int32).view(torch.float32))
     if not exact:
         return Selector(thr, None)
-    count_gt = above_hi + int(lo[lbin + 1:].sum())
-    return Selector(thr, k - count_gt)
+    return Selector(thr, k - count_gt, n_eq)
+
+
+def _bracket_counts(ft, fb, k: int, klo: int, khi: int):
+    """(threshold bits, entries above it, entries equal) if the k-th largest lies in [klo, khi], else None."""
+    width = khi - klo + 1
+    hist = torch.zeros(width + 2, dtype=torch.int64)  # [below, klo..khi, above]
+    for s, e in spans(ft.numel()):
+        bits = abs_bits(ft[s:e].float() - fb[s:e].float())
+        hist += torch.bincount((bits - (klo - 1)).clamp_(0, width + 1), minlength=width + 2)
+    above = int(hist[-1])
+    inside = hist[1:-1]
+    if above >= k or above + int(inside.sum()) < k:
+        return None
+    j = threshold_from_counts(inside, k - above)
+    return klo + j, above + int(inside[j + 1:].sum()), int(inside[j])
+
+
+def _radix_counts(ft, fb, k: int):
+    """The same by radix select: histogram the high 16 bits, then the low 16 bits of the threshold's bin."""
+    hi = torch.zeros(65536, dtype=torch.int64)
+    for s, e in spans(ft.numel()):
+        hi += torch.bincount(abs_bits(ft[s:e].float() - fb[s:e].float()) >> 16, minlength=65536)
+    hbin = threshold_from_counts(hi, k)
+    above_hi = int(hi[hbin + 1:].sum())
+    lo = torch.zeros(65536, dtype=torch.int64)
+    for s, e in spans(ft.numel()):
+        bits = abs_bits(ft[s:e].float() - fb[s:e].float())
+        lo += torch.bincount(bits[(bits >> 16) == hbin] & 0xFFFF, minlength=65536)
+    lbin = threshold_from_counts(lo, k - above_hi)
+    return (hbin << 16) | lbin, above_hi + int(lo[lbin + 1:].sum()), int(lo[lbin])
 
 
 def ties_into(out: torch.Tensor, tensors: list[torch.Tensor], base: torch.Tensor, selectors: list[Selector],
@@ -137,8 +166,10 @@ def ties_into(out: torch.Tensor, tensors: list[torch.Tensor], base: torch.Tensor
         wds = []
         acc = torch.zeros(e - s, dtype=torch.float32)
         for t, w, sel in zip(ts, weights, sels):
-            d = t[s:e].float() - bc
-            wd = (d * sel.mask(d.abs())) * w
+            wd = t[s:e].float().sub_(bc)
+            wd.mul_(sel.mask(wd.abs()))
+            if w != 1.0:
+                wd.mul_(w)
             acc += wd
             wds.append(wd)
         if zero_sign == "positive":
@@ -166,10 +197,19 @@ def ties_into(out: torch.Tensor, tensors: list[torch.Tensor], base: torch.Tensor
 
 
 def _disjoint(wds: list[torch.Tensor], weights: list[float], g: torch.Tensor):
+    """(sum of the agreeing entries, sum of the agreeing models' weights) per coordinate.
+
+    |entry| * [agrees] is (entry * g) clamped at 0, summed in model order and signed at the
+    end: bit-identical to summing the signed agreeing entries (negation is exact), fewer ops.
+    """
     num = torch.zeros_like(g)
     den = torch.zeros_like(g)
     for wd, w in zip(wds, weights):
-        agree = (wd * g) > 0  # zero entries never agree
-        num += wd * agree
-        den += agree * w
-    return num, den
+        p = (wd * g).clamp_min_(0)
+        num += p
+        agree = p > 0  # zero entries never agree
+        if w == 1.0:
+            den += agree
+        else:
+            den += agree * w
+    return num.mul_(g), den
