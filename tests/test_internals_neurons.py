@@ -88,8 +88,10 @@ def test_clamping_raises_the_neurons_token_monotonically_and_hooks_go_away(plant
                 probs.append(float(torch.softmax(m(ids).logits[0, -1], -1)[dog]))
         assert torch.equal(m(ids).logits, ref)
     assert probs == sorted(probs) and probs[-1] > 0.9 and probs[0] < probs[1] / 10
-    r = clamp_neurons(m, tok, [(1, 7)], 1000.0, "the cat sat on", max_new_tokens=4)
-    assert r["watched"][0]["token"] == "dog" and r["watched"][0]["after"] > 0.9 > r["watched"][0]["before"]
+    mat = tok.convert_tokens_to_ids("mat")
+    r = clamp_neurons(m, tok, [(1, 7)], 1000.0, "the cat sat on", max_new_tokens=4, watch=[mat])
+    assert r["watched"][0]["token"] == "mat" and r["watched"][0]["after"] < 0.01
+    assert r["watched"][1]["token"] == "dog" and r["watched"][1]["after"] > 0.9 > r["watched"][1]["before"]
     assert r["after"]["top"][0]["token"] == "dog" and r["after"]["text"].split() == ["dog"] * 4
     assert r["before"]["text"] != r["after"]["text"]
     assert r["neurons"] == ["1:7"] and "1:7" in r["activation_on_prompt"]
@@ -103,6 +105,10 @@ def test_compare_counts_exactly_the_changed_neurons(planted, tok):
         other.model.layers[1].mlp.down_proj.weight[:, 7] = other.lm_head.weight[river]
     r = compare_neurons(m, other, NeuronsConfig(vector="down"))
     assert r["neurons"] == 128 and r["same_top_token"] == pytest.approx(127 / 128)
+    decoded = decode_neurons(m, NeuronsConfig(top_k=3))  # a base decoded once serves several comparisons
+    assert compare_neurons(decoded, other)["same_top_token"] == r["same_top_token"]
+    with pytest.raises(wl.ConfigError, match="cannot compare down vectors with up"):
+        compare_neurons(decoded, other, NeuronsConfig(vector="up"))
     assert r["per_layer"] == {0: 1.0, 1: pytest.approx(63 / 64)}
     assert compare_neurons(m, other, NeuronsConfig(vector="up"))["same_top_token"] == 1.0
     with pytest.raises(wl.ConfigError, match="LM heads differ"):
@@ -144,9 +150,9 @@ def test_neurons_cli_show_search_clamp_compare(planted, tok, tmp_path, capsys):
     assert main(["neurons", "show", path, "--layer", "1", "--limit", "1"]) == 0
     capsys.readouterr()
     assert main(["neurons", "clamp", path, "--neuron", "1:7", "--value", "1000", "--prompt", "the cat sat on",
-                 "--max-new-tokens", "3"]) == 0
+                 "--max-new-tokens", "3", "--watch", "cat"]) == 0
     out = capsys.readouterr().out
-    assert "'dog'" in out and "after text: 'dog dog dog'" in out
+    assert "'dog'" in out and "'cat'" in out and "after text: 'dog dog dog'" in out
     assert main(["neurons", "compare", path, path]) == 0
     assert "100.00% of 128 up neurons" in capsys.readouterr().out
     assert main(["neurons", "clamp", path, "--neuron", "1-7", "--value", "1", "--prompt", "x"]) == 1

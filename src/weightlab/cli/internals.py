@@ -94,16 +94,18 @@ def clamp(path: str = typer.Argument(..., help="causal LM folder or zoo:smollm2"
           value: float = typer.Option(..., "--value", "-v", help="activation forced at every position"),
           prompt: str = typer.Option(..., "--prompt", "-p"),
           max_new_tokens: int = typer.Option(20, "--max-new-tokens"),
+          watch: list[str] = typer.Option(None, "--watch", "-w", help="also show this word's probability (repeatable)"),
           json_out: str = typer.Option(None, "--json", help="write the comparison here")) -> None:
     """Clamp neurons during generation; print next-token probabilities and greedy text with and without."""
-    from ..inspect.neurons import clamp_neurons, parse_neuron
+    from ..inspect.neurons import clamp_neurons, parse_neuron, token_variants
 
     targets = [parse_neuron(s) for s in neuron]
     model, tok = _load(path)
-    r = clamp_neurons(model, tok, targets, value, prompt, max_new_tokens=max_new_tokens)
+    extra = [i for w in watch or [] for i in token_variants(tok, w)]
+    r = clamp_neurons(model, tok, targets, value, prompt, max_new_tokens=max_new_tokens, watch=extra)
     for k, a in r["activation_on_prompt"].items():
         _say(f"neuron {k}: activation on the prompt ranges {a['min']:.3f} .. {a['max']:.3f}; clamped to {value:g}")
-    _say("watched tokens (the neurons' own top tokens):")
+    _say("watched tokens (--watch words, then the neurons' own top tokens):")
     for w in r["watched"]:
         _say(f"  {w['token']!r:>16}  {w['before']:.5f} -> {w['after']:.5f}  (x{w['after'] / max(w['before'], 1e-30):.3g})")
     for side in ("before", "after"):

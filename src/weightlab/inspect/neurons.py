@@ -234,17 +234,18 @@ def _generate(model, tokenizer, ids, max_new_tokens):
 
 
 def clamp_neurons(model, tokenizer, neurons: list[tuple[int, int]], value: float, prompt: str,
-                  max_new_tokens: int = 20, top: int = 5, vector: str = "down") -> dict:
+                  max_new_tokens: int = 20, top: int = 5, vector: str = "down",
+                  watch: list[int] | None = None) -> dict:
     """Next-token probabilities and greedy text with and without the neurons clamped to value.
 
-    Watched tokens are the clamped neurons' own decoded top tokens, so the expected effect
-    (their probability rises for positive values) can be read off directly.
+    Watched tokens are the given ids followed by the clamped neurons' own decoded top tokens,
+    so the expected effect (their probability rises for positive values) can be read off directly.
     """
     layers, norm, head = model_parts(model)
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.shape[1] == 0:
         raise ConfigError("the prompt is empty")
-    watch: list[int] = []
+    watch = list(dict.fromkeys(watch or []))
     for layer, idx in neurons:
         with clamped(model, [(layer, idx)], 0.0):  # validates the indices before anything runs
             pass
@@ -273,15 +274,19 @@ def clamp_neurons(model, tokenizer, neurons: list[tuple[int, int]], value: float
 
 
 def compare_neurons(model_a, model_b, cfg: NeuronsConfig = NeuronsConfig(), show_progress: bool | None = None) -> dict:
-    """Share of neurons whose top-1 decoded token is the same in both models, overall and per layer."""
-    ha, hb = model_parts(model_a)[2], model_parts(model_b)[2]
-    if ha.weight.shape != hb.weight.shape:
-        raise ConfigError(f"the models' LM heads differ in shape ({tuple(ha.weight.shape)} vs {tuple(hb.weight.shape)}); "
+    """Share of neurons whose top-1 decoded token is the same in both models, overall and per layer.
+
+    Either side may be a NeuronMap decoded before (e.g. one base against several variants)."""
+    heads = [m.get_output_embeddings().weight.shape for m in (model_a, model_b) if not isinstance(m, NeuronMap)]
+    if len(heads) == 2 and heads[0] != heads[1]:
+        raise ConfigError(f"the models' LM heads differ in shape ({tuple(heads[0])} vs {tuple(heads[1])}); "
                           "neurons can only be compared over the same vocabulary")
     one = cfg.model_copy(update={"top_k": 1})
-    a = decode_neurons(model_a, one, show_progress=show_progress)
-    b = decode_neurons(model_b, one, show_progress=show_progress)
-    if a.top_ids.keys() != b.top_ids.keys() or any(a.top_ids[k].shape != b.top_ids[k].shape for k in a.top_ids):
+    a, b = (m if isinstance(m, NeuronMap) else decode_neurons(m, one, show_progress=show_progress)
+            for m in (model_a, model_b))
+    if a.vector != b.vector:
+        raise ConfigError(f"cannot compare {a.vector} vectors with {b.vector} vectors")
+    if a.top_ids.keys() != b.top_ids.keys() or any(a.top_ids[k].shape[0] != b.top_ids[k].shape[0] for k in a.top_ids):
         raise ConfigError("the models have different layer counts or MLP widths; compare models of one architecture")
     per_layer = {k: float((a.top_ids[k][:, 0] == b.top_ids[k][:, 0]).float().mean()) for k in a.top_ids}
     same = sum(int((a.top_ids[k][:, 0] == b.top_ids[k][:, 0]).sum()) for k in a.top_ids)
