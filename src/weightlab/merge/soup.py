@@ -3,8 +3,10 @@
 Greedy: score every ingredient on held-out data, sort best first, start the soup with the
 best, then add each next ingredient only if the uniform average with it scores strictly
 higher. By construction the soup is never worse than the best ingredient on that data.
-Learned: per-tensor (per-layer) mixing weights, a softmax over ingredients, trained by
-gradient descent on a held-out loss.
+Learned (the paper's appendix; the reference's learned_bylayer): one row of mixing logits
+per tensor, a softmax over ingredients, starting equal (the uniform soup), trained with
+AdamW (lr 0.05, no weight decay, 5 epochs, batch 256) on a held-out loss, together with
+a scale on the output logits that is dropped from the result.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 from pydantic import Field
 
 from ..engine.progress import progress
+from ..errors import ConfigError
 from ..registry import MethodConfig, Regime, register
 
 StateDict = dict[str, torch.Tensor]
@@ -111,39 +114,126 @@ def uniform_soup(ingredients: list[StateDict]) -> StateDict:
     return out
 
 
-def learned_soup(ingredients: list[StateDict], model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], torch.Tensor],
-                 steps: int = 100, lr: float = 0.05, by_layer: bool = True) -> tuple[StateDict, torch.Tensor]:
-    """Learn mixing logits (one row per tensor if ``by_layer``, else one) by minimizing ``loss_fn``.
+class LearnedSoupConfig(MethodConfig):
+    by_layer: bool = Field(True, description="one mixing row per tensor (the reference's learned_bylayer); "
+                                             "False: one row for the whole model")
+    lr: float = Field(0.05, gt=0, description="AdamW learning rate (the reference's)")
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: int = Field(5, gt=0)
+    steps: int | None = Field(None, gt=0, description="overrides epochs when set")
+    batch_size: int = Field(256, gt=0)
+    learn_scale: bool = Field(True, description="train a logit scale beta with the weights (classification only; "
+                                                 "it is not part of the soup)")
+    seed: int = 0
 
-    ``loss_fn(m)`` evaluates the functional model on held-out data. Returns the soup and the
-    mixing weights (softmax over ingredients).
+
+@dataclass
+class LearnedSoupResult:
+    state_dict: StateDict
+    weights: torch.Tensor  # (rows, ingredients), each row a softmax
+    rows: list[str]  # tensor names, in the order of the rows ("*" for one row)
+    losses: list[float] = field(default_factory=list)
+    scale: float = 1.0
+    seconds: float = 0.0
+
+    def __iter__(self):
+        # ``soup, weights = learned_soup(...)`` keeps working for callers of the old tuple return
+        return iter((self.state_dict, self.weights))
+
+
+class _Mixed(torch.nn.Module):
+    """The model run with sum_i softmax(logits)[row, i] * ingredient_i for every floating tensor."""
+
+    def __init__(self, model: torch.nn.Module, ingredients: list[StateDict], by_layer: bool, learn_scale: bool):
+        super().__init__()
+        self.model = model
+        self.names = _floating(ingredients[0])
+        for i, sd in enumerate(ingredients[1:], 1):
+            bad = [k for k in self.names if k not in sd or sd[k].shape != ingredients[0][k].shape]
+            if bad:
+                raise ConfigError(f"ingredient {i} lacks or reshapes tensor '{bad[0]}': all ingredients must share "
+                                  f"one architecture")
+        own = set(model.state_dict())
+        missing = [k for k in self.names if k not in own]
+        if missing:
+            raise ConfigError(f"the model has no tensor '{missing[0]}' that the ingredients hold: pass the module "
+                              f"the ingredients were saved from")
+        self.stacked = {k: torch.stack([sd[k].detach().float() for sd in ingredients]) for k in self.names}
+        # equal logits: training starts at the uniform soup, as in the reference
+        self.logits = torch.nn.Parameter(torch.zeros(len(self.names) if by_layer else 1, len(ingredients)))
+        self.beta = torch.nn.Parameter(torch.ones(())) if learn_scale else None
+        self.by_layer = by_layer
+
+    def weights(self) -> torch.Tensor:
+        return torch.softmax(self.logits, -1)
+
+    def params(self, w: torch.Tensor) -> StateDict:
+        return {k: torch.tensordot(w[j if self.by_layer else 0], self.stacked[k], 1) for j, k in enumerate(self.names)}
+
+    def forward(self, *args, **kwargs):
+        from torch.func import functional_call
+
+        out = functional_call(self.model, self.params(self.weights()), args, kwargs)
+        return out * self.beta if self.beta is not None else out
+
+
+@register("merge", "learned-soup", kind="whole", config=LearnedSoupConfig, regime=Regime.WHOLE_MODEL,
+          paper="Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing "
+                "inference time (Wortsman et al., 2022), appendix: learned soup",
+          summary="learn softmax mixing weights per tensor by gradient descent on a held-out loss")
+def learned_soup(ingredients: list[StateDict], model: torch.nn.Module, train=None, cfg: LearnedSoupConfig | None = None,
+                 loss_fn: Callable | None = None, show_progress: bool | None = None, **params) -> LearnedSoupResult:
+    """Learn mixing weights for ``ingredients`` (state dicts of ``model``'s architecture).
+
+    ``train``: an evaluator from ``engine.evaluators`` (its ``batches`` and differentiable
+    ``loss``; ClassificationEvaluator on held-out data, or CausalLMEvaluator on held-out
+    text), or a callable ``loss(module) -> tensor`` computed on fixed data (then every
+    step sees the same data; ``steps`` defaults to 100). ``loss_fn(module, batch)``
+    replaces the evaluator's loss. Floating buffers (BatchNorm statistics) are mixed with
+    their own row; the model runs in eval mode so it uses them.
     """
-    from torch.func import functional_call
+    import math
+    import time
 
-    names = _floating(ingredients[0])
-    stacked = {k: torch.stack([sd[k].float() for sd in ingredients]) for k in names}
-    logits = torch.zeros(len(names) if by_layer else 1, len(ingredients), requires_grad=True)
-    opt = torch.optim.Adam([logits], lr=lr)
-
-    def mix(weights):
-        return {k: (weights[j if by_layer else 0].view(-1, *[1] * (stacked[k].dim() - 1)) * stacked[k]).sum(0)
-                for j, k in enumerate(names)}
-
-    class _Bound(torch.nn.Module):
-        def __init__(self, params):
-            super().__init__()
-            self.params = params
-
-        def forward(self, *a, **kw):
-            return functional_call(model, self.params, a, kw)
-
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = loss_fn(_Bound(mix(torch.softmax(logits, -1))))
-        loss.backward()
-        opt.step()
+    if not ingredients:
+        raise ConfigError("a learned soup needs at least one ingredient")
+    fixed = callable(train) and not hasattr(train, "batches")
+    if fixed and "steps" not in params and (cfg is None or cfg.steps is None):
+        params["steps"] = 100
+    cfg = cfg or LearnedSoupConfig(**params)
+    if train is None:
+        raise ConfigError("a learned soup needs held-out data: an evaluator (engine.evaluators) or a loss callable")
+    t0 = time.perf_counter()
+    # the logit scale only makes sense for a classifier's cross-entropy
+    scaled = cfg.learn_scale and not fixed and loss_fn is None and getattr(train, "primary", None) == "accuracy"
+    mixed = _Mixed(model, ingredients, cfg.by_layer, scaled)
+    if fixed:
+        batches, step_loss = iter(lambda: None, 0), (lambda m, _batch: train(m))
+        steps = cfg.steps
+    else:
+        step_loss = loss_fn or train.loss
+        n = len(train.y) if hasattr(train, "y") else len(train.windows) if hasattr(train, "windows") else len(train)
+        steps = cfg.steps or cfg.epochs * max(1, math.ceil(n / cfg.batch_size))
+        batches = train.batches(cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
+    opt = torch.optim.AdamW([p for p in (mixed.logits, mixed.beta) if p is not None], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    was = model.training
+    model.eval()
+    losses = []
+    try:
+        for _ in progress(range(steps), "learned soup", enabled=show_progress):
+            loss = step_loss(mixed, next(batches))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    finally:
+        model.train(was)
     with torch.no_grad():
-        w = torch.softmax(logits, -1)
+        w = mixed.weights().double()
         soup = {k: v.clone() for k, v in ingredients[0].items()}
-        soup.update({k: v.to(ingredients[0][k].dtype) for k, v in mix(w).items()})
-    return soup, w.detach()
+        for j, k in enumerate(mixed.names):
+            stacked = torch.stack([sd[k].double() for sd in ingredients])
+            soup[k] = torch.tensordot(w[j if cfg.by_layer else 0], stacked, 1).to(ingredients[0][k].dtype)
+    return LearnedSoupResult(soup, w.float(), mixed.names if cfg.by_layer else ["*"], losses,
+                             float(mixed.beta.detach()) if mixed.beta is not None else 1.0, time.perf_counter() - t0)
