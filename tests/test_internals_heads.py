@@ -161,6 +161,20 @@ def test_heads_cli_report_and_json(sinky, tok, text, tmp_path):
     assert main(["heads", str(tmp_path / "m"), "--domains", str(tmp_path / "nope.txt")]) == 1
 
 
+def test_heads_and_neurons_join_the_inspect_report(sinky, tok, text, tmp_path):
+    from weightlab.inspect.internals_html import attach
+    from weightlab.inspect.neurons import NeuronsConfig, decode_neurons
+
+    res = wl.inspect.analyze(sinky)
+    plain = res.write_html(tmp_path / "plain.html").read_text()
+    assert "wl-heads" not in plain and "wl-neurons" not in plain  # only when asked
+    rep = analyze_heads(sinky, tok, HeadsConfig(windows=1, seqlen=16), texts={"x": text})
+    rows = decode_neurons(sinky, NeuronsConfig(layers=[1])).rows(tok, best_first=True, limit=3)
+    page = attach(res, heads=rep, neurons=rows).write_html(tmp_path / "r.html").read_text()
+    assert "id='wl-heads'" in page and "id='wl-neurons'" in page and "first token" in page
+    assert page.count("<tr><td>1</td>") == 3
+
+
 def test_registered():
     import weightlab.inspect.heads  # noqa: F401
 

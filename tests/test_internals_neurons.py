@@ -147,7 +147,8 @@ def test_neurons_cli_show_search_clamp_compare(planted, tok, tmp_path, capsys):
     assert main(["neurons", path, "--layer", "0", "--vector", "up", "--json", str(tmp_path / "all.json")]) == 0
     every = json.loads((tmp_path / "all.json").read_text())
     assert len(every) == 64 and [r["neuron"] for r in every] == list(range(64)) and every[3]["top_tokens"][0] == "river"
-    assert main(["neurons", "show", path, "--layer", "1", "--limit", "1"]) == 0
+    assert main(["neurons", "show", path, "--layer", "1", "--limit", "1", "--report", str(tmp_path / "n.html")]) == 0
+    assert (tmp_path / "n.html").read_text().count("<tr><td>1</td>") == 1
     capsys.readouterr()
     assert main(["neurons", "clamp", path, "--neuron", "1:7", "--value", "1000", "--prompt", "the cat sat on",
                  "--max-new-tokens", "3", "--watch", "cat"]) == 0

@@ -66,8 +66,10 @@ def show(path: str = typer.Argument(..., help="causal LM folder or zoo:smollm2")
          vector: str = typer.Option("down", "--vector", help="down (written to the residual stream), up or gate"),
          top_k: int = typer.Option(5, "--top-k"), limit: int = typer.Option(20, "--limit", help="neurons printed"),
          negative: bool = typer.Option(False, "--negative", help="decode -v: what a firing neuron suppresses"),
-         json_out: str = typer.Option(None, "--json", help="write [{layer, neuron, top_tokens, score}] here")) -> None:
+         json_out: str = typer.Option(None, "--json", help="write [{layer, neuron, top_tokens, score}] here"),
+         report: str = typer.Option(None, "--report", help="write the printed neurons as an HTML table here")) -> None:
     """Decode every MLP neuron through the final norm and LM head; with --token, best matches first."""
+    from ..inspect.internals_html import render_neurons
     from ..inspect.neurons import NeuronsConfig, decode_neurons, token_variants
 
     cfg = NeuronsConfig(vector=vector, top_k=top_k, layers=layer or None, negative=negative)
@@ -86,6 +88,8 @@ def show(path: str = typer.Argument(..., help="causal LM folder or zoo:smollm2")
         rows = best if token else nmap.rows(tok)
         _write(json_out, json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
         _say(f"wrote {len(rows)} neurons to {json_out}")
+    if report:
+        _write(report, render_neurons(best, note=f"{vector} vectors through the final norm and LM head; score: {what}"))
 
 
 @neurons_app.command("clamp")
@@ -146,7 +150,7 @@ def heads(path: str = typer.Argument(..., help="causal LM folder or zoo:smollm2"
           json_out: str = typer.Option(None, "--json", help="write every row here")) -> None:
     """Attention sinks, value drains, residual peaks and active/dormant heads per text domain."""
     from ..inspect.heads import HeadsConfig, analyze_heads
-    from ..inspect.heads_html import render_heads
+    from ..inspect.internals_html import render_heads
     from ..registry import get_method
 
     cfg = get_method("inspect", "heads").make_config(dict(

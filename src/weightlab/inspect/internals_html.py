@@ -1,4 +1,4 @@
-"""A self-contained HTML page (or fragment) for a heads report: one layer x head map per domain."""
+"""HTML for neuron and head analyses: standalone pages, and sections of the inspect report when attached."""
 from __future__ import annotations
 
 import html
@@ -51,3 +51,47 @@ def render_heads(report, standalone: bool = True, title: str = "Attention sinks 
         return f"<style>{_CSS}</style>\n{body}"
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_PAGE}\n{_CSS}</style></head><body>{body}</body></html>")
+
+
+def render_neurons(rows: list[dict], standalone: bool = True, title: str = "Feature neurons",
+                   note: str = "") -> str:
+    """rows as from NeuronMap.rows(tokenizer) / find_neurons: [{layer, neuron, top_tokens, score}]."""
+    trs = "".join(f"<tr><td>{r['layer']}</td><td>{r['neuron']}</td><td>{r['score']:.4f}</td><td>"
+                  + " ".join(f"<code>{html.escape(repr(t))}</code>" for t in r["top_tokens"]) + "</td></tr>"
+                  for r in rows)
+    body = (f"<h2>{html.escape(title)}</h2><p class='small'>{html.escape(note)}</p>"
+            f"<table class='t'><tr><th>layer</th><th>neuron</th><th>score</th><th>top tokens</th></tr>{trs}</table>")
+    if not standalone:
+        return f"<style>{_CSS}</style>\n{body}"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_PAGE}\n{_CSS}</style></head><body>{body}</body></html>")
+
+
+def attach(result, *, heads=None, neurons: list[dict] | None = None, neurons_note: str = ""):
+    """Put a heads report and/or neuron rows into an inspect result so its HTML report shows them
+    (sections 'heads' and 'neurons'); returns the result."""
+    if heads is not None:
+        result.heads_report = heads
+    if neurons is not None:
+        result.neuron_rows = (neurons, neurons_note)
+    return result
+
+
+def _heads_section(ctx):
+    rep = getattr(ctx.result, "heads_report", None)
+    return None if rep is None else render_heads(rep, standalone=False)
+
+
+def _neurons_section(ctx):
+    got = getattr(ctx.result, "neuron_rows", None)
+    return None if got is None else render_neurons(got[0], standalone=False, note=got[1])
+
+
+def _register() -> None:
+    from .report import add_section
+
+    add_section("neurons", _neurons_section)
+    add_section("heads", _heads_section)
+
+
+_register()
