@@ -115,6 +115,13 @@ def test_linear_estimate_tracks_exact_change_for_small_effects(sinky, tok, text)
     lin = analyze_heads(sinky, tok, HeadsConfig(windows=3, seqlen=24), texts={"x": text})
     assert lin.domains["x"]["dormant_test"] == "linear" and lin.domains["x"]["rerun"] == 0
     assert [r["dloss"] for r in lin.heads] == [r["dloss_linear"] for r in rep.heads]
+    sinky.requires_grad_(False)  # a frozen model gets the same estimate
+    try:
+        frozen = analyze_heads(sinky, tok, HeadsConfig(windows=3, seqlen=24), texts={"x": text})
+    finally:
+        sinky.requires_grad_(True)
+    assert [r["dloss"] for r in frozen.heads] == pytest.approx([r["dloss"] for r in lin.heads], abs=1e-9)
+    assert all(p.grad is None for p in sinky.parameters())
 
 
 def test_classify_thresholds():

@@ -140,6 +140,12 @@ def _base_pass(model, ids, linear: bool = False):
         def hook(_m, args, kwargs):
             detach = lambda t: t.detach() if isinstance(t, torch.Tensor) else t  # noqa: E731
             saved[i] = (tuple(detach(a) for a in args), {k: detach(v) for k, v in kwargs.items()})
+            if i == 0 and linear:  # a graph from here on, even for a frozen model, and none into the embeddings
+                a, kw = saved[0]
+                if a:
+                    return (a[0].clone().requires_grad_(True), *a[1:]), kw
+                return a, {**kw, "hidden_states": kw["hidden_states"].clone().requires_grad_(True)}
+            return None
         return hook
 
     def keep_mixed(i):
@@ -192,9 +198,6 @@ def _base_pass(model, ids, linear: bool = False):
         raise ConfigError("the attention modules returned no attention probabilities under eager attention; "
                           "this architecture is not supported by the head analysis")
     if linear:
-        if not loss.requires_grad:
-            raise ConfigError("the model's parameters do not require gradients, so the linear dormant test cannot "
-                              "run; use dormant_test='exact'")
         grads = torch.autograd.grad(loss, mixed)
         for i, (x, g) in enumerate(zip(mixed, grads)):
             x, g = x.detach().float().unflatten(-1, (H, hd)), g.float().unflatten(-1, (H, hd))
