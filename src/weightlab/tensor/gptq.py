@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from .obs import inverse_hessian_factor
+from .obs import damped_hessian, upper_inverse_factor
 from .quant import SCALE_DTYPES, AffineQuant, check_bits, find_params, group_index, num_groups, to_codes
 
 
@@ -35,13 +35,12 @@ def obs_quantize(W: torch.Tensor, U: torch.Tensor, column: Callable, blocksize: 
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             w = W1[:, i]
-            d = U1[i, i]
             q = column(i1 + i, W1, i)
             Q[:, i1 + i] = q
-            loss += ((w - q) ** 2).sum() / (2 * d ** 2)
-            err = (w - q) / d
-            W1[:, i:] -= err.unsqueeze(1) @ U1[i, i:].unsqueeze(0)
+            err = (w - q) / U1[i, i]
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)  # in place: no (rows x block) temporary per column
             Err1[:, i] = err
+        loss += (Err1 ** 2).sum() / 2  # (w - q)^2 / (2 U_ii^2) summed over the block's columns
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
     return Q, float(loss)
 
@@ -56,8 +55,10 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = -1, 
     """
     check_bits(bits)
     rows, cols = W.shape
-    U, W64, Hd = inverse_hessian_factor(H, W, percdamp)
+    W64, Hd = damped_hessian(H, W, percdamp)
     perm = torch.argsort(torch.diag(Hd), descending=True, stable=True) if act_order else torch.arange(cols)
+    # one factorization, of the matrix in processing order
+    U = upper_inverse_factor(Hd[perm][:, perm] if act_order else Hd)
     G = num_groups(cols, group_size)
     scales = torch.zeros(rows, G, dtype=torch.float64)
     zeros = torch.zeros(rows, G, dtype=torch.float64)
@@ -75,27 +76,22 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = -1, 
         scales[:, 0], zeros[:, 0] = find_params(W64, bits, sym, scale_dtype)
     if act_order:
         W64 = W64[:, perm]
-        U = _factor_permuted(Hd, perm)
-    codes = torch.zeros(rows, cols, dtype=torch.float64)
+    codes_p = torch.zeros(rows, cols, dtype=torch.float64)  # in processing order
     dynamic = group_size > 0 and not static_groups
+    group_of = g_idx[perm].tolist()  # plain ints: tensor indexing per column costs more than the column's maths
 
     def column(j, W1, i):
-        g = int(g_idx[perm[j]])
+        g = group_of[j]
         if dynamic and j % group_size == 0:
             scales[:, g], zeros[:, g] = find_params(W1[:, i:i + group_size], bits, sym, scale_dtype)
         s, z = scales[:, g], zeros[:, g]
         c = to_codes(W1[:, i], s, z, bits)
-        codes[:, perm[j]] = c
+        codes_p[:, j] = c
         return s * (c - z)
 
     _, loss = obs_quantize(W64, U, column, blocksize)
+    codes = torch.empty_like(codes_p)
+    codes[:, perm] = codes_p
     aq = AffineQuant(codes.to(torch.uint8), scales.to(SCALE_DTYPES[scale_dtype]), zeros.to(torch.uint8),
                      g_idx.to(torch.int32), bits, group_size, sym)
     return aq, loss
-
-
-def _factor_permuted(Hd: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """U for the permuted, already damped H (no second damping, dead columns already handled)."""
-    Hp = Hd[perm][:, perm]
-    L = torch.linalg.cholesky(Hp)
-    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)

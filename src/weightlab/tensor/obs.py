@@ -10,6 +10,12 @@ def inverse_hessian_factor(H: torch.Tensor, W: torch.Tensor, percdamp: float = 0
     Dead inputs (H_jj = 0) get H_jj = 1 and a zero weight column; lambda = percdamp * mean diag H.
     Returns (U, W, H_damped).
     """
+    W, H = damped_hessian(H, W, percdamp)
+    return upper_inverse_factor(H), W, H
+
+
+def damped_hessian(H: torch.Tensor, W: torch.Tensor, percdamp: float = 0.01):
+    """(W with dead input columns zeroed, H + lambda I) in float64; dead inputs get H_jj = 1."""
     H = H.clone().double()
     W = W.clone().double()
     dead = torch.diag(H) == 0
@@ -17,10 +23,12 @@ def inverse_hessian_factor(H: torch.Tensor, W: torch.Tensor, percdamp: float = 0
     W[:, dead] = 0
     damp = percdamp * torch.mean(torch.diag(H))
     H.diagonal().add_(damp)
-    L = torch.linalg.cholesky(H)
-    Hinv = torch.cholesky_inverse(L)
-    U = torch.linalg.cholesky(Hinv, upper=True)
-    return U, W, H
+    return W, H
+
+
+def upper_inverse_factor(Hd: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of Hd^-1 (Hd already damped)."""
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
 
 
 def sparsegpt(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None,
@@ -56,13 +64,12 @@ def sparsegpt(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: tuple[int, 
                 score = W1[:, i:i + nm[1]] ** 2 / d[i:i + nm[1]].view(1, -1) ** 2
                 idx = torch.sort(score, dim=1, stable=True).indices[:, :nm[0]]
                 prune1.scatter_(1, i + idx, True)
-            q = w.clone()
-            q[prune1[:, i]] = 0
+            q = w.masked_fill(prune1[:, i], 0)
             Q1[:, i] = q
-            loss += ((w - q) ** 2).sum() / (2 * d[i] ** 2)
             err = (w - q) / d[i]
-            W1[:, i:] -= err.unsqueeze(1) @ U1[i, i:].unsqueeze(0)
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)  # in place: no (rows x block) temporary per column
             Err1[:, i] = err
+        loss += (Err1 ** 2).sum() / 2  # (w - q)^2 / (2 U_ii^2) summed over the block's columns
         W[:, i1:i2] = Q1
         mask[:, i1:i2] = ~prune1
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
