@@ -119,7 +119,7 @@ def test_spec_roundtrip_and_errors(tmp_path):
         weight_matching(MLP(10, (7,), 3), MLP(10, (8,), 3))
 
 
-def test_untraceable_model_asks_for_a_hand_spec():
+def test_untraceable_model_falls_back_to_the_run_order_or_asks_for_a_hand_spec():
     class Branchy(nn.Module):
         def __init__(self):
             super().__init__()
@@ -128,8 +128,10 @@ def test_untraceable_model_asks_for_a_hand_spec():
         def forward(self, x):
             return self.l(x) if x.sum() > 0 else x
 
-    with pytest.raises(wl.ConfigError, match="by hand"):
-        spec_from_module(Branchy())
+    s = spec_from_module(Branchy(), example=torch.ones(2, 3))
+    assert s.groups == {} and any("example input" in n for n in s.notes)  # its only layer is the output
+    with pytest.raises(wl.ConfigError, match="by hand|hand spec"):  # the branch that skips the layer
+        spec_from_module(Branchy(), example=-torch.ones(2, 3))
 
 
 def test_apply_permutation_blocks():

@@ -8,7 +8,8 @@ reaches the model's output, its input, or any operation not known to be channel-
 frozen: it stays unpermuted, which is always safe. What was frozen is said in spec.notes.
 
 HF Llama-style decoders and BERT encoders get hand-written specs (see transformer.py),
-since their attention reshapes cannot be followed by this walk.
+since their attention reshapes cannot be followed by this walk. Models that fx cannot trace
+(Python control flow on data) fall back to the order their layers run in (derive_hooks.py).
 """
 from __future__ import annotations
 
@@ -83,13 +84,24 @@ class _Groups:
             self.union(0, r)
 
 
-def spec_from_module(model: nn.Module) -> PermutationSpec:
-    """Derive a spec by tracing ``model`` (see the module docstring for the rules)."""
+def spec_from_module(model: nn.Module, example=None) -> PermutationSpec:
+    """Derive a spec by tracing ``model`` (see the module docstring for the rules); models that
+    fx cannot trace fall back to the run order of their layers on ``example`` (derive_hooks)."""
     try:
         gm = torch.fx.symbolic_trace(model)
     except Exception as e:  # fx raises many types for untraceable Python control flow
-        raise ConfigError(f"cannot trace {type(model).__name__} to derive a permutation spec ({e}); "
-                          f"write one by hand (PermutationSpec) and pass spec=") from None
+        from .derive_hooks import spec_from_hooks
+
+        try:
+            return spec_from_hooks(model, example)
+        except ConfigError as e2:
+            raise ConfigError(f"cannot derive a permutation spec for {type(model).__name__}: torch.fx cannot trace "
+                              f"it ({str(e).splitlines()[0] if str(e) else type(e).__name__}), and the forward-hook "
+                              f"walk failed: {e2}") from None
+    return _spec_from_graph(model, gm)
+
+
+def _spec_from_graph(model: nn.Module, gm) -> PermutationSpec:
     mods = dict(gm.named_modules())
     params = {k for k, _ in model.named_parameters()} | {k for k, _ in model.named_buffers()}
     G = _Groups()
@@ -185,14 +197,26 @@ def spec_from_module(model: nn.Module) -> PermutationSpec:
     return PermutationSpec(groups, sizes, G.why)
 
 
+def module_order(model: nn.Module, example=None) -> list[str]:
+    """Names of the leaf modules in the order forward calls them (fx graph, else one run)."""
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception:  # untraceable control flow: watch one run instead
+        from .derive_hooks import run_order, example_input
+
+        return [n for n, _ in run_order(model, example_input(model) if example is None else example)]
+    return [n.target for n in gm.graph.nodes if n.op == "call_module"]
+
+
 def _start_dim(node) -> int:
     if len(node.args) > 1:
         return node.args[1]
     return node.kwargs.get("start_dim", 0)
 
 
-def resolve_spec(model: nn.Module, spec) -> PermutationSpec:
-    """``spec``: a PermutationSpec, a path to a JSON/YAML spec file, or "auto"."""
+def resolve_spec(model: nn.Module, spec, example=None) -> PermutationSpec:
+    """``spec``: a PermutationSpec, a path to a JSON/YAML spec file, or "auto" (``example``: an
+    input batch for models that torch.fx cannot trace)."""
     if isinstance(spec, PermutationSpec):
         return spec
     if spec in (None, "auto"):
@@ -201,7 +225,7 @@ def resolve_spec(model: nn.Module, spec) -> PermutationSpec:
         cfg = getattr(model, "config", None)
         if cfg is not None and getattr(cfg, "model_type", None):
             return hf_spec(model)
-        return spec_from_module(model)
+        return spec_from_module(model, example)
     if isinstance(spec, dict):
         return PermutationSpec.from_dict(spec)
     return PermutationSpec.load(spec)

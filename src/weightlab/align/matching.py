@@ -96,11 +96,13 @@ def match_state_dicts(spec: PermutationSpec, a: StateDict, b: StateDict, cfg: We
           paper="Git Re-Basin: Merging Models modulo Permutation Symmetries (Ainsworth et al., 2023)",
           summary="permute B's hidden units into A's basis by coordinate descent over linear assignments")
 def weight_matching(model_a: torch.nn.Module, model_b: torch.nn.Module, spec="auto",
-                    cfg: WeightMatchingConfig | None = None, **params) -> tuple[torch.nn.Module, dict]:
+                    cfg: WeightMatchingConfig | None = None, example=None, **params) -> tuple[torch.nn.Module, dict]:
     """Return (B permuted into A's basis as a new module, {perm name: index tensor}).
 
     ``spec``: "auto" (derived from A's structure, or the hand spec for HF Llama/BERT), a
-    PermutationSpec, a dict, or a JSON/YAML file. The permuted B computes the same function
+    PermutationSpec, a dict, or a JSON/YAML file; ``example`` (an input batch) is only needed
+    by "auto" for models torch.fx cannot trace, and guessed from the first layer if omitted.
+    The permuted B computes the same function
     as B wherever the spec permutes only hidden units (outputs of the spec's frozen groups
     are unchanged).
     """
@@ -108,16 +110,16 @@ def weight_matching(model_a: torch.nn.Module, model_b: torch.nn.Module, spec="au
     if type(model_a) is not type(model_b):
         raise ConfigError(f"A is a {type(model_a).__name__} but B is a {type(model_b).__name__}; "
                           f"weight matching needs one architecture")
-    s = resolve_spec(model_a, spec)
+    s = resolve_spec(model_a, spec, example)
     buffers = set() if cfg.include_buffers else {k for k, _ in model_a.named_buffers()}
     res = match_state_dicts(s, model_a.state_dict(), model_b.state_dict(), cfg, skip=buffers)
     return permuted_copy(model_b, s, res.perms), res.perms
 
 
-def match(model_a, model_b, spec="auto", cfg: WeightMatchingConfig | None = None) -> MatchResult:
+def match(model_a, model_b, spec="auto", cfg: WeightMatchingConfig | None = None, example=None) -> MatchResult:
     """Like weight_matching but returns the full MatchResult (objective, sweeps, time)."""
     cfg = cfg or WeightMatchingConfig()
-    s = resolve_spec(model_a, spec)
+    s = resolve_spec(model_a, spec, example)
     buffers = set() if cfg.include_buffers else {k for k, _ in model_a.named_buffers()}
     return match_state_dicts(s, model_a.state_dict(), model_b.state_dict(), cfg, skip=buffers)
 

@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 from ..errors import ConfigError
 from ..registry import MethodConfig, Regime, register
-from .derive import spec_from_module
+from .derive import module_order, spec_from_module
 from .spec import units_view
 
 _LAYERS = (nn.Linear, nn.Conv2d)
@@ -103,8 +103,7 @@ def _chain(model: nn.Module):
     """Layers in forward order with the group they read from and the group they write to."""
     spec = spec_from_module(model)
     mods = dict(model.named_modules())
-    gm = torch.fx.symbolic_trace(model)
-    order = [n.target for n in gm.graph.nodes if n.op == "call_module" and isinstance(mods[n.target], _LAYERS)]
+    order = [n for n in module_order(model) if isinstance(mods[n], _LAYERS)]
     reads, writes = {}, {}
     for p, entries in spec.groups.items():
         producers = [t for t, a in entries if a == 0 and t.endswith(".weight") and t[:-7] in order]
