@@ -285,7 +285,8 @@ def _spectral_row(it: _Item, w: np.ndarray, lam: np.ndarray, fro2: float,
     row.update({k: (_f(v) if isinstance(v, float) else v)
                 for k, v in S.rank_metrics(lam, x_shape, S.dtype_eps(it.dtype), fro2).items()})
     if it.kind == "conv2d":
-        esd, _, _ = S.conv_slice_eigenvalues(w)
+        # a 1x1 kernel has one slice, the matrix itself: its eigenvalues are already in hand
+        esd = lam.copy() if it.rf == 1 else S.conv_slice_eigenvalues(w)[0]
         if cfg.conv2d_norm:
             esd *= 0.5
     else:
