@@ -4,6 +4,7 @@
 streaming pass and returns a table of per-layer rows (see ``weightlab.inspect.analysis``).
 """
 from . import diff, filters, spectral, stats  # noqa: F401
+from . import heads, internals_html, neurons  # noqa: F401  (LLM neurons through the LM head; sinks, dormant heads)
 from .analysis import InspectConfig, InspectResult, Table, analyze
 
 __all__ = ["InspectConfig", "InspectResult", "Table", "analyze"]
