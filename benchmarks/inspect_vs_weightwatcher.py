@@ -300,8 +300,11 @@ def render(a, results, total_s: float) -> str:
         "weightlab streams tensors from the file, forms each Gram matrix in float64 (BLAS syrk, blockwise), takes "
         "its eigenvalues (LAPACK; the largest single cost), runs layers on one thread per core with BLAS limited to "
         "one thread (threadpoolctl), and prunes the xmin scan with exact lower bounds. Its start-up (`import torch` "
-        "and weightlab, see *imports*) is a floor of 2-4 s here, so on small models (EfficientNet-Lite0, MiniLM) the "
-        "wall-time ratio cannot reach 0.2x whatever the analysis costs. Float32 eigenvalues would not help: on this "
+        "and weightlab, see *imports*) is a floor of 2-8 s here depending on load, so on small models (EfficientNet-Lite0, "
+        "MiniLM) the wall-time ratio cannot reach 0.2x whatever the analysis costs. On EfficientNet-Lite0 the layers are "
+        "small (1x1 and depthwise convs), so WeightWatcher's SVDs are cheap too, and weightlab does work WeightWatcher "
+        "does not: CNN Filter DB filter quality for the spatial convs (about 0.2 s of its 1.1-1.3 s analysis, measured "
+        "with `filters=False`) and the ranks of each c_out x (c_in k k) matrix besides the slice ESD. Float32 eigenvalues would not help: on this "
         "CPU numpy's float32 eigvalsh is no faster than float64, and the float32 Gram matrix would lose the small "
         "singular values that numerical rank needs.",
         "- Multi-threaded OpenBLAS on a busy 2-core machine: when another process holds a core, OpenBLAS's threads "
