@@ -1,0 +1,457 @@
+"""weightlab's quantizers and EoRA compensation on MiniLM and SmolLM2, against llm-compressor's GPTQ in the same run.
+
+    .venv/bin/python benchmarks/quantize.py                 # everything (~25 min on an idle 2-core box), updates RESULTS.md
+    .venv/bin/python benchmarks/quantize.py --quick         # MiniLM: everything; SmolLM2: RTN and GPTQ at 4 bits, both tools
+    .venv/bin/python benchmarks/quantize.py --only minilm --no-write
+    .venv/bin/python benchmarks/quantize.py --skip-lc       # weightlab alone (no llm-compressor venv needed)
+
+llm-compressor lives in its own venv (.venv-lc; see _compress_common.LC_SETUP). Protocol:
+  MiniLM (all-MiniLM-L6-v2, genuine fp32): calibration = 64 x 128 tokens of the zoo's Wikipedia calibration
+    split (consecutive windows, no special tokens); quality = mean cosine between mean-pooled, L2-normalised
+    embeddings of the quantized and the fp32 model on the first 200 sentences (>= 5 words) of gensim's
+    lee_background.cor (weightlab.engine.evaluate.embedding_similarity in both venvs). Group 128, symmetric
+    (llm-compressor's W4A16 preset; W3 = the same with 3 bits).
+  SmolLM2-135M (fp32 folder of a Q4_1 GGUF, so compare methods with each other): the prune benchmark's
+    protocol: 32 x 512 calibration tokens, held-out perplexity over 16,384 tokens. Group 64, symmetric
+    (576 input columns are not a multiple of 128, which llm-compressor refuses).
+  Targets: the Linear layers of the repeated blocks (SmolLM2: 210; MiniLM: 36; never embeddings, lm_head, pooler).
+  Runs: dense; RTN and GPTQ at 4 and 3 bits (GPTQ configured as llm-compressor's default: static act-order,
+    block 128, damping 0.01); PB-LLM 10 % salient (8-bit salient, the rest binarized, GPTQ reconstruction);
+    the compensation chain SparseGPT 2:4 -> RTN 4-bit (a symmetric grid keeps the zeros) -> EoRA vs SVD at
+    ranks 16 and 64 (merged). llm-compressor: GPTQModifier with the same int grid at 4 and 3 bits.
+Every run is a child process (wall, peak RSS, and inside it phase times and CPU seconds); pairs alternate order.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+import _compress_common as CC  # noqa: E402
+from _compress_common import LC_SETUP, SMOKE, fmt  # noqa: E402
+
+SECTION = "Quantize: MiniLM and SmolLM2, weightlab vs llm-compressor GPTQ"
+REPRO = ".venv/bin/python benchmarks/quantize.py"
+MODELS = {
+    "minilm": {"nsamples": 8 if SMOKE else 64, "seqlen": 128, "group": 128, "sentences": 40 if SMOKE else 200},
+    "smollm2": {"nsamples": CC.NSAMPLES, "seqlen": CC.SEQLEN, "group": 64},
+}
+BITS = (4, 3)
+SALIENT = 0.1
+RANKS = (16, 64)
+COS_SLACK, PPL_SLACK = 0.001, 1.01  # targets vs llm-compressor: cosine >= lc - 0.001, PPL <= lc x 1.01
+
+
+# ============================================================================ children (stdlib at top level only)
+
+def child_main(spec_path: str) -> int:
+    t_start = time.perf_counter()
+    spec, res = CC.child_setup(spec_path)
+    res.update({k: spec[k] for k in ("model", "bits", "tag")})
+    import copy
+
+    import torch
+
+    tool, method, mname = spec["tool"], spec["method"], spec["model"]
+    mp = MODELS[mname]
+    if tool == "weightlab":
+        from weightlab.compress import compensate, prune, quantize
+    else:
+        from datasets import Dataset
+        from llmcompressor import oneshot
+        from llmcompressor.modifiers.quantization import GPTQModifier
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    res["import_s"] = time.perf_counter() - t_start
+    res["rss_after_imports_mib"] = CC.status_mib()["VmRSS"]
+    auto = AutoModelForCausalLM if mname == "smollm2" else AutoModel
+    tok = AutoTokenizer.from_pretrained(spec["model_dir"], local_files_only=True)
+    model = auto.from_pretrained(spec["model_dir"], dtype=torch.float32, local_files_only=True).eval()
+    res["model_mib"] = CC.model_bytes(model) / 2**20
+    original = copy.deepcopy(model) if (mname == "minilm" or method == "chain") else None
+    ids = CC.load_ids(spec["ids_path"], (mp["nsamples"], mp["seqlen"]))
+    res["calib_ids_sha"] = CC.sha(ids)
+    # the same batches for every weightlab call: 4 windows, no padding, no special tokens
+    extra = {"use_cache": False} if mname == "smollm2" else {}  # a KV cache would carry keys across batches
+    batches = [{"input_ids": b, **extra} for b in ids.split(4)]
+    text = Path(spec["eval_path"]).read_text(encoding="utf-8")
+
+    def evaluate() -> dict:
+        with CC.Phase(res, "eval"):
+            if mname == "smollm2":
+                r = CC.eval_perplexity(model, tok, text)
+                return {"ppl": r["perplexity"], "tokens": r["tokens"], "eval_ids_sha": r["eval_ids_sha"]}
+            from weightlab.engine.evaluate import embedding_similarity
+
+            r = embedding_similarity(model, original, tok, json.loads(text))
+            return {"cos": r["cosine_mean"], "cos_min": r["cosine_min"], "sentences": r["sentences"]}
+
+    targets = _targets(model)
+    res["targets"] = len(targets)
+    qkw = {"sym": True, "calib": batches, "show_progress": False}
+    if method == "dense":
+        res["quality"] = evaluate()
+    elif tool == "llm-compressor":
+        grid = {"num_bits": spec["bits"], "type": "int", "symmetric": True, "strategy": "group",
+                "group_size": mp["group"]}
+        recipe = GPTQModifier(config_groups={"g0": {"targets": ["Linear"], "weights": grid}},
+                              ignore=["re:.*lm_head", "re:.*pooler.*"])
+        ds = Dataset.from_dict({"input_ids": ids.tolist()})
+        with CC.Phase(res, "quant"):
+            oneshot(model=model, tokenizer=tok, dataset=ds, recipe=recipe, num_calibration_samples=mp["nsamples"],
+                    max_seq_length=mp["seqlen"], shuffle_calibration_samples=False, batch_size=1)
+        res["check"] = _check_levels(targets, spec["bits"], mp["group"])
+        res["quality"] = evaluate()
+    elif method in ("rtn", "gptq", "pbllm"):
+        params = {"act_order": True, "static_groups": True} if method == "gptq" else {}
+        if method == "pbllm":
+            params = {"salient": SALIENT}
+        with CC.Phase(res, "quant"):
+            rep = quantize(model, method, None if method == "pbllm" else spec["bits"], mp["group"], **qkw, **params)
+        res["bits_per_weight"] = rep.bits_per_weight
+        res["rel_weight_error"] = rep.as_dict()["rel_weight_error"]
+        res["check"] = (_check_levels(targets, spec["bits"], mp["group"]) if method != "pbllm" else
+                        {"salient_share": _salient_share(rep)})
+        res["quality"] = evaluate()
+    elif method == "chain":
+        with CC.Phase(res, "prune"):
+            prune(model, "sparsegpt", 0.5, pattern="2:4", calib=batches, show_progress=False)
+        with CC.Phase(res, "quant"):
+            rep = quantize(model, "rtn", 4, mp["group"], sym=True, show_progress=False)
+        res["bits_per_weight"] = rep.bits_per_weight
+        res["check"] = {**_check_levels(targets, 4, mp["group"]), **_check_24(targets)}
+        res["quality"] = evaluate()
+        compressed = {n: m.weight.detach().clone() for n, m in targets.items()}
+        res["stages"] = {}
+        for cm in ("svd", "eora"):
+            for rank in RANKS:
+                with torch.no_grad():
+                    for n, m in targets.items():
+                        m.weight.copy_(compressed[n])
+                key = f"{cm}{rank}"
+                ph = {"method": "EoRA" if cm == "eora" else "SVD", "rank": rank}
+                with CC.Phase(ph, "comp"):
+                    crep = compensate(model, original, cm, rank, calib=batches if cm == "eora" else None,
+                                      show_progress=False)
+                d = crep.as_dict()
+                ph["adapter_params"] = d["adapter_params"]
+                ph["input_weighted_error_ratio"] = d.get("input_weighted_error_ratio")
+                ph["rel_weight_error_after"] = _mean(r["rel_weight_error_after"] for r in d["layers"])
+                ph["rel_weight_error_before"] = _mean(r["rel_weight_error_before"] for r in d["layers"])
+                ph["quality"] = evaluate()
+                ph["eval_s"] = res["eval_s"]
+                res["stages"][key] = ph
+    else:
+        raise SystemExit(f"unknown run {tool} {method}")
+    return CC.child_finish(res, Path(spec["out_dir"]), spec["tag"], t_start)
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs)
+
+
+def _targets(model) -> dict:
+    """The Linear layers of the repeated blocks (what weightlab quantizes; llm-compressor's targets minus ignores)."""
+    import torch
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+            and (".layers." in n or ".layer." in n)}
+
+
+def _check_levels(targets: dict, bits: int, group: int) -> dict:
+    """The most distinct values in any (row, group) of any target weight: a b-bit grid has at most 2^b."""
+    worst = 0
+    for m in targets.values():
+        w = m.weight.detach()
+        rows, cols = w.shape
+        pad = (-cols) % group
+        g = torch_pad(w, pad).reshape(rows, -1, group)
+        s = g.sort(-1).values
+        distinct = (s[..., 1:] != s[..., :-1]).sum(-1) + 1
+        worst = max(worst, int(distinct.max()))
+    return {"max_levels_per_group": worst, "allowed_levels": 2 ** bits}
+
+
+def torch_pad(w, pad: int):
+    import torch
+
+    # a partial last group is padded with copies of its first value (adds no new level)
+    return w if pad == 0 else torch.cat([w, w[:, -1:].expand(-1, pad)], 1)
+
+
+def _check_24(targets: dict) -> dict:
+    bad = 0
+    for m in targets.values():
+        w = m.weight.detach()
+        bad += int(((w == 0).reshape(w.shape[0], -1, 4).sum(-1) < 2).sum())
+    return {"groups_violating_2:4": bad}
+
+
+def _salient_share(rep) -> float:
+    n = s = 0
+    for q in rep.quantized.values():
+        if hasattr(q, "salient"):
+            s += int(q.salient.sum())
+            n += q.salient.numel()
+    return s / n if n else float("nan")
+
+
+# ============================================================================ driver
+
+def prepare(work: Path, models: set) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    from weightlab.zoo import minilm, wiki_text
+
+    out = {}
+    if "smollm2" in models:
+        d = CC.prepare_smollm2(work)
+        out["smollm2"] = {"model_dir": d["model_dir"], "ids_path": d["ids_path"], "eval_path": d["heldout_path"],
+                          "calib_ids_sha": d["calib_ids_sha"]}
+    if "minilm" in models:
+        mp = MODELS["minilm"]
+        model_dir = minilm()
+        tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        ids = tok(wiki_text("calib"), add_special_tokens=False)["input_ids"][: mp["nsamples"] * mp["seqlen"]]
+        ids = torch.tensor(ids, dtype=torch.int64).view(mp["nsamples"], mp["seqlen"])
+        torch.save(ids, work / "minilm_ids.pt")
+        (work / "minilm_sentences.json").write_text(json.dumps(lee_sentences(mp["sentences"])))
+        out["minilm"] = {"model_dir": str(model_dir), "ids_path": str(work / "minilm_ids.pt"),
+                         "eval_path": str(work / "minilm_sentences.json"), "calib_ids_sha": CC.sha(ids)}
+    return out
+
+
+def lee_sentences(n: int) -> list[str]:
+    """The first ``n`` sentences of at least 5 words of gensim's lee_background.cor (baselines.md)."""
+    import re
+
+    from gensim.test.utils import datapath
+
+    text = " ".join(Path(datapath("lee_background.cor")).read_text(encoding="utf-8", errors="replace").split())
+    return [s for s in re.split(r"(?<=[.!?])\s+", text) if len(s.split()) >= 5][:n]
+
+
+def plan(args) -> list[dict]:
+    models = [m for m in ("minilm", "smollm2") if not args.only or m in args.only.split(",")]
+    runs = []
+    flip = False
+    for m in models:
+        quick_llm = args.quick and m == "smollm2"
+        runs.append({"model": m, "tool": "weightlab", "method": "dense", "bits": None})
+        for bits in BITS[:1] if quick_llm else BITS:
+            runs.append({"model": m, "tool": "weightlab", "method": "rtn", "bits": bits})
+            pair = [{"model": m, "tool": "weightlab", "method": "gptq", "bits": bits},
+                    {"model": m, "tool": "llm-compressor", "method": "gptq", "bits": bits}]
+            runs += pair[::-1] if flip else pair
+            flip = not flip
+        if not quick_llm:
+            runs.append({"model": m, "tool": "weightlab", "method": "pbllm", "bits": 1})
+            runs.append({"model": m, "tool": "weightlab", "method": "chain", "bits": 4})
+    if args.skip_lc:
+        runs = [r for r in runs if r["tool"] != "llm-compressor"]
+    for r in runs:
+        r["tag"] = f"{r['model']}_{'wl' if r['tool'] == 'weightlab' else 'lc'}_{r['method']}{r['bits'] or ''}"
+    return runs
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="MiniLM: every run; SmolLM2: dense, RTN and GPTQ at 4 bits")
+    ap.add_argument("--only", help="comma-separated models: minilm, smollm2")
+    ap.add_argument("--skip-lc", action="store_true", help="weightlab only")
+    ap.add_argument("--lc-python", help="python of the llm-compressor venv (default .venv-lc/bin/python)")
+    ap.add_argument("--write", action="store_true", help="write RESULTS.md even for a partial run")
+    ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    ap.add_argument("--keep", help="keep the work folder (ids, per-run JSON) at this path")
+    ap.add_argument("--render-only", metavar="DIR", help="re-render the section from a kept work folder")
+    CC.add_threads_arg(ap)
+    args = ap.parse_args(argv)
+    if args.render_only:
+        work = Path(args.render_only)
+        results = [json.loads(p.read_text()) for p in work.glob("result_*.json")]
+        results = sorted((r for r in results if "wall_s" in r), key=lambda r: r.get("order", 0))
+        lines = (work / "total_s.txt").read_text().splitlines() if (work / "total_s.txt").exists() else ["0", ""]
+        body = render(results, json.loads((work / "data.json").read_text()), float(lines[0]),
+                      lines[1] if len(lines) > 1 else "")
+        print(body)
+        if not args.no_write and not SMOKE:
+            C.write_section(SECTION, body)
+        return 0
+    runs = plan(args)
+    lc_py = CC.lc_python(args.lc_python) if any(r["tool"] == "llm-compressor" for r in runs) else None
+    partial = bool(args.quick or args.only or args.skip_lc)
+    write = not args.no_write and (args.write or not partial) and not SMOKE
+    t_all = time.perf_counter()
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="wl-quant-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    C.log(f"work folder {work}; {len(runs)} runs: " + ", ".join(r["tag"] for r in runs))
+    data = prepare(work, {r["model"] for r in runs})
+    (work / "data.json").write_text(json.dumps(data))
+    C.warm_page_cache([d["model_dir"] for d in data.values()])
+    results = []
+    for r in runs:
+        C.log(f"{r['tag']} ...")
+        res, cr = CC.run_child(__file__, {**r, **data[r["model"]]}, work,
+                               C.python_exe() if r["tool"] == "weightlab" else lc_py, args.threads)
+        res["order"] = len(results)
+        (work / f"result_{r['tag']}.json").write_text(json.dumps(res, indent=1))
+        results.append(res)
+        q = res.get("quality", {})
+        C.log(f"  wall {cr.wall_s:.1f}s, quant {res.get('quant_s', 0):.1f}s (cpu {res.get('quant_cpu_s', 0):.1f}s), "
+              f"{_qual(q)}, peak {cr.peak_rss_mib:.0f} MiB, check {res.get('check')}"
+              + "".join(f"; {k}: {_qual(v['quality'])} in {v['comp_s']:.1f}s" for k, v in res.get("stages", {}).items()))
+    total = time.perf_counter() - t_all
+    note = " ".join(a for a in ("--quick" if args.quick else "", f"--only {args.only}" if args.only else "",
+                                "--skip-lc" if args.skip_lc else "") if a)
+    (work / "total_s.txt").write_text(f"{total}\n{note}\n")
+    body = render(results, data, total, note)
+    print("\n" + body)
+    (work / "section.md").write_text(body)
+    if write:
+        C.write_section(SECTION, body)
+        C.log(f"wrote the '{SECTION}' section of {C.RESULTS_MD}")
+    if not args.keep:
+        C.rmtree(work)
+    return 0
+
+
+def _qual(q: dict) -> str:
+    if "ppl" in q:
+        return f"PPL {q['ppl']:.3f}"
+    if "cos" in q:
+        return f"cos {q['cos']:.4f} (min {q['cos_min']:.4f})"
+    return "-"
+
+
+# ============================================================================ report
+
+def render(results: list[dict], data: dict, total_s: float, note: str) -> str:
+    by = {(r["model"], r["tool"], r["method"], r.get("bits")): r for r in results}
+    wl_v = next((r["versions"] for r in results if r["tool"] == "weightlab"), {})
+    lc_v = next((r["versions"] for r in results if r["tool"] == "llm-compressor"), {})
+    lo, hi = CC.loadavg_range(results)
+    lines = [f"Date: {C.today()}. Machine: {C.machine_line()}. Shared and busy: other jobs ran at the same time "
+             f"(1-minute load average {lo:.1f}-{hi:.1f} on 2 cores at the starts/ends of the runs), so wall times are "
+             "inflated and noisy; CPU seconds (user + system) are given next to them; compare tools within this run.",
+             f"Versions: weightlab {C.package_version('weightlab')} in .venv (torch {wl_v.get('torch', 'n/a')}, "
+             f"transformers {wl_v.get('transformers', 'n/a')}); llm-compressor {lc_v.get('llmcompressor', 'n/a')} in "
+             f".venv-lc (torch {lc_v.get('torch', 'n/a')}, transformers {lc_v.get('transformers', 'n/a')}, "
+             f"compressed-tensors {lc_v.get('compressed-tensors', 'n/a')}).", "",
+             "Protocol. **MiniLM** (all-MiniLM-L6-v2, genuine fp32): calibration 64 x 128 tokens of the zoo's "
+             "Wikipedia calibration split (consecutive windows, no special tokens); quality = mean cosine of mean-pooled, "
+             "L2-normalised sentence embeddings vs the fp32 model on the first 200 sentences (>= 5 words) of gensim's "
+             "`lee_background.cor` (min over sentences in brackets); groups of 128. **SmolLM2-135M**: calibration "
+             "32 x 512 tokens, held-out perplexity over 16,384 tokens (16,352 scored, the prune benchmark's protocol); "
+             "its fp32 weights are a dequantized Q4_1 GGUF, so compare methods with each other; groups of 64 (576 "
+             "columns are not a multiple of 128, which llm-compressor refuses). Both: symmetric integer grids, every "
+             "Linear of the repeated blocks (MiniLM 36, SmolLM2 210), fake-quantized in memory and scored by the same "
+             "weightlab evaluation code in both venvs. weightlab GPTQ = `quantize(model, 'gptq', BITS, GROUP, "
+             "sym=True, act_order=True, static_groups=True)` (llm-compressor's default actorder 'static'; block 128, "
+             "damping 0.01; scales stored in fp16), calibration batches of 4. llm-compressor = `oneshot(model, "
+             "dataset=Dataset({'input_ids': ids}), recipe=GPTQModifier(config_groups={targets: Linear, weights: "
+             "int BITS symmetric group GROUP}, ignore=[lm_head, pooler]), batch_size=1, shuffle off)`. PB-LLM: 10 % "
+             "salient weights by magnitude on an 8-bit per-row grid, the rest binarized (per-row mean + alpha sign), "
+             "GPTQ reconstruction. Compensation chain: SparseGPT 2:4 -> RTN 4-bit symmetric (zero is on the grid, "
+             "so 2:4 survives; checked) -> EoRA (input-covariance eigenspace, same calibration) or plain SVD of "
+             "W - W_c, rank 16 and 64, merged for evaluation (as adapters they are extra parameters).",
+             "Each run is its own child process, run once. **quant s** = the `quantize(...)` / `oneshot(...)` call "
+             "(wall; CPU seconds in brackets); **wall** = the whole child; **levels** = most distinct values in any "
+             "(row, group) of any target weight (a b-bit grid: at most 2^b).", ""]
+    for mname in ("minilm", "smollm2"):
+        rs = [r for r in results if r["model"] == mname]
+        if not rs:
+            continue
+        qname = "mean cos" if mname == "minilm" else "PPL"
+        lines += [f"**{'MiniLM-L6 (fp32)' if mname == 'minilm' else 'SmolLM2-135M'}**", ""]
+        rows = []
+        for r in rs:
+            if r["method"] == "chain":
+                continue
+            o = by.get((mname, "llm-compressor" if r["tool"] == "weightlab" else "weightlab", r["method"], r.get("bits")))
+            rq, tr = _qnum(r), None
+            if o is not None and r["tool"] == "weightlab":
+                tr = r["quant_s"] / o["quant_s"]
+            label = {"dense": "fp32", "rtn": f"RTN {r['bits']}-bit", "gptq": f"GPTQ {r['bits']}-bit",
+                     "pbllm": f"PB-LLM {int(SALIENT * 100)} % salient"}[r["method"]]
+            rows.append([label, r["tool"], f"**{_qfmt(rq, mname)}**", fmt(r.get("bits_per_weight"), 3),
+                         f"{fmt(r.get('quant_s'))} ({fmt(r.get('quant_cpu_s'))})" if "quant_s" in r else "-",
+                         fmt(r["wall_s"]), fmt(r["peak_rss_mib"], 0),
+                         str(r.get("check", {}).get("max_levels_per_group", "-")),
+                         C.fmt_ratio(tr)])
+        lines += [C.md_table(["method", "tool", qname, "bits/weight", "quant s (CPU s)", "wall s", "peak RSS MiB",
+                              "levels", "time ratio wl/lc"], rows), ""]
+        ch = by.get((mname, "weightlab", "chain", 4))
+        if ch:
+            ck = ch["check"]
+            lines.append(f"Compensation chain: SparseGPT 2:4 ({fmt(ch['prune_s'])} s) -> RTN 4-bit ({fmt(ch['quant_s'], 2)} s, "
+                         f"{ch['bits_per_weight']:.3f} bits/weight, {ck['groups_violating_2:4']} groups violating 2:4, "
+                         f"at most {ck['max_levels_per_group']} levels per group): {qname} **{_qfmt(_qnum(ch), mname)}**.")
+            rows = []
+            for key, st in ch["stages"].items():
+                rows.append([st["method"], st["rank"], f"**{_qfmt(_qnum(st), mname)}**", f"{st['adapter_params']:,}",
+                             f"{st['rel_weight_error_before']:.4f} -> {st['rel_weight_error_after']:.4f}",
+                             "n/a" if st.get("input_weighted_error_ratio") is None else f"{st['input_weighted_error_ratio']:.4f}",
+                             f"{fmt(st['comp_s'])} ({fmt(st['comp_cpu_s'])})"])
+            lines += ["", C.md_table(["compensation", "rank", qname, "extra params", "mean rel. weight error",
+                                      "input-weighted error after/before", "s (CPU s)"], rows), ""]
+    lines.append("Targets and verdicts (weightlab vs llm-compressor GPTQ, same grid, same run): quality no worse "
+                 f"(cosine >= lc - {COS_SLACK}; PPL <= lc x {PPL_SLACK}) and no slower (the quantize call, wall).")
+    for r in results:
+        o = by.get((r["model"], "llm-compressor", r["method"], r.get("bits")))
+        if r["tool"] != "weightlab" or o is None:
+            continue
+        a, b = _qnum(r), _qnum(o)
+        ok_q = a >= b - COS_SLACK if r["model"] == "minilm" else a <= b * PPL_SLACK
+        tr, cr = r["quant_s"] / o["quant_s"], r["quant_cpu_s"] / o["quant_cpu_s"]
+        lines.append(f"- {r['model']} GPTQ {r['bits']}-bit: {_qfmt(a, r['model'])} vs {_qfmt(b, r['model'])}: "
+                     f"**{'met' if ok_q else 'NOT met'}**; time {tr:.2f}x (CPU {cr:.2f}x): "
+                     f"**{'met' if tr <= 1.0 else 'NOT met'}**")
+    for mname in ("minilm", "smollm2"):
+        lines += _method_verdicts(by, mname)
+    lines += ["", f"Whole benchmark run: {total_s / 60:.1f} min" + (f" (partial run: {note})" if note else "") +
+              f". Reproduce: `{REPRO}` (`--quick`, `--only minilm|smollm2`, `--skip-lc`, `--no-write`, `--keep DIR` then "
+              f"`--render-only DIR`); llm-compressor's venv: `{LC_SETUP}`."]
+    return "\n".join(lines)
+
+
+def _method_verdicts(by: dict, mname: str) -> list[str]:
+    """The issue's claims among weightlab's own methods: GPTQ beats RTN; EoRA beats SVD at equal rank."""
+    out = []
+    better = (lambda a, b: a > b) if mname == "minilm" else (lambda a, b: a < b)
+    for bits in BITS:
+        g, r = by.get((mname, "weightlab", "gptq", bits)), by.get((mname, "weightlab", "rtn", bits))
+        if g and r:
+            a, b = _qnum(g), _qnum(r)
+            out.append(f"- {mname} {bits}-bit: GPTQ {_qfmt(a, mname)} vs RTN {_qfmt(b, mname)}: GPTQ "
+                       f"**{'better' if better(a, b) else 'NOT better'}**")
+    ch = by.get((mname, "weightlab", "chain", 4))
+    if ch:
+        for rank in RANKS:
+            e, s = ch["stages"].get(f"eora{rank}"), ch["stages"].get(f"svd{rank}")
+            if e and s:
+                a, b = _qnum(e), _qnum(s)
+                out.append(f"- {mname} rank {rank}: EoRA {_qfmt(a, mname)} vs SVD {_qfmt(b, mname)} (compressed "
+                           f"{_qfmt(_qnum(ch), mname)}): EoRA **{'better' if better(a, b) else 'NOT better'}**")
+    return out
+
+
+def _qnum(r: dict) -> float:
+    q = r["quality"]
+    return q["ppl"] if "ppl" in q else q["cos"]
+
+
+def _qfmt(x: float, mname: str) -> str:
+    return f"{x:.4f}" if mname == "minilm" else f"{x:.3f}"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "_child":
+        sys.exit(child_main(sys.argv[2]))
+    sys.exit(main(sys.argv[1:]))
