@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from pydantic import Field
 
+from ..errors import ConfigError
 from ..registry import MethodConfig, Regime, register
 
 StateDict = dict[str, torch.Tensor]
@@ -134,6 +135,12 @@ def connectivity(model_a, model_b, evaluator, spec="auto", cfg: ConnectivityConf
     from .matching import WeightMatchingConfig, weight_matching
 
     cfg = cfg or ConnectivityConfig(**params)
+    sa, sb = model_a.state_dict(), model_b.state_dict()
+    odd = [k for k in sa if k not in sb or sa[k].shape != sb[k].shape]
+    if odd:
+        raise ConfigError(f"tensor '{odd[0]}' has shape {list(sa[odd[0]].shape)} in A but "
+                          f"{list(sb[odd[0]].shape) if odd[0] in sb else 'is missing'} in B: a linear path needs "
+                          f"one architecture (a PLeaS merge wider than one model has no path to its parents)")
     t0 = time.perf_counter()
     before = linear_path(model_a, model_b, evaluator, cfg.points, bn_data)
     after = perms = analysis = None

@@ -3,6 +3,8 @@
 A reference is one of:
 - ``zoo:DATASET-KIND-seedN``: a zoo classifier trained with seed N (cached), e.g.
   ``zoo:digits-mlp-seed0``, ``zoo:digits-cnn-seed1``, ``zoo:mnist1d-mlp-seed2``;
+- ``zoo:digits-KIND-base`` / ``zoo:digits-KIND-ftI``: the zoo's shared-init base and its
+  fine-tunes on class subsets (zoo.digits_finetunes), for task-vector merges such as aTLAS;
 - a folder written by ``weightlab align`` (or ``weightlab zoo export``): its config.json says
   which zoo architecture to rebuild (``weightlab-zoo-classifier`` / ``weightlab-zoo-mlp``);
 - a Hugging Face folder: Llama-family decoders load as causal LMs, BERT as an encoder.
@@ -20,6 +22,7 @@ import torch
 from ..errors import CheckpointError, ConfigError
 
 _ZOO = re.compile(r"^zoo:(?P<dataset>[a-z0-9_]+)-(?P<kind>mlp|cnn)-seed(?P<seed>\d+)$")
+_ZOO_FT = re.compile(r"^zoo:digits-(?P<kind>mlp|cnn)-(?P<role>base|ft(?P<i>\d+))$")
 ZOO_CONFIG = "weightlab-zoo-classifier"
 
 
@@ -43,6 +46,9 @@ def _classifier_config(model, dataset: str, kind: str) -> dict:
            "num_features": data.num_features, "num_classes": data.num_classes}
     if kind == "mlp":
         cfg["hidden"] = [m.out_features for m in model.body if isinstance(m, torch.nn.Linear)][:-1]
+    else:  # merged CNNs (PLeaS) change widths and fold BatchNorm into the convs
+        cfg["channels"] = [m.out_channels for m in model.features if isinstance(m, torch.nn.Conv2d)]
+        cfg["batchnorm_folded"] = not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.features)
     return cfg
 
 
@@ -53,9 +59,21 @@ def load_model(ref: str) -> LoadedModel:
 
         model = trained_classifier(m["dataset"], m["kind"], int(m["seed"]))
         return LoadedModel(model, "classifier", ref, m["dataset"], _classifier_config(model, m["dataset"], m["kind"]))
+    m = _ZOO_FT.match(ref)
+    if m:
+        from ..zoo import digits_finetunes
+        from ..zoo.classifiers import DEFAULT_SUBSETS
+
+        i = int(m["i"]) if m["i"] is not None else None
+        if i is not None and i >= len(DEFAULT_SUBSETS):
+            raise ConfigError(f"the zoo has fine-tunes ft0..ft{len(DEFAULT_SUBSETS) - 1}, not ft{i}")
+        base, fts = digits_finetunes(m["kind"])
+        model = base if i is None else fts[i]
+        return LoadedModel(model, "classifier", ref, "digits", _classifier_config(model, "digits", m["kind"]))
     if ref.startswith("zoo:"):
         raise ConfigError(f"unknown zoo classifier '{ref}'; write zoo:DATASET-KIND-seedN, e.g. zoo:digits-mlp-seed0 "
-                          f"(datasets: digits, mnist1d; kinds: mlp, cnn)")
+                          f"(datasets: digits, mnist1d; kinds: mlp, cnn), or zoo:digits-mlp-base / "
+                          f"zoo:digits-mlp-ft0 for the shared-init fine-tunes")
     p = Path(ref).expanduser()
     if not p.exists():
         raise ConfigError(f"model '{ref}' does not exist (give a folder or zoo:DATASET-KIND-seedN)")
@@ -75,7 +93,11 @@ def load_model(ref: str) -> LoadedModel:
         data = load_dataset(dataset)
         kind = cfg.get("kind", "mlp")
         if kind == "cnn":
-            model = SmallCNN(data.num_classes)
+            model = SmallCNN(data.num_classes, tuple(cfg.get("channels") or (16, 32)))
+            if cfg.get("batchnorm_folded"):
+                from .pleas import fold_batchnorm
+
+                model = fold_batchnorm(model)
         else:
             hidden = cfg.get("hidden") or [sd[k].shape[0] for k in sd if k.endswith("weight")][:-1]
             model = MLP(data.num_features, tuple(hidden), data.num_classes)

@@ -119,3 +119,152 @@ def connect(a: str = typer.Argument(..., help=f"model A: {_REF_HELP}"),
     for f in (plot, report):
         if f:
             console.print(f"wrote {f}")
+
+
+def _classifiers(refs: list[str], what: str):
+    from ..align.models import load_model
+    from ..errors import ConfigError
+
+    loaded = [load_model(r) for r in refs]
+    for lm in loaded:
+        if lm.kind != "classifier":
+            raise ConfigError(f"{what} on the command line works on zoo classifiers and folders written by weightlab "
+                              f"(got a {lm.kind} at '{lm.ref}'); call weightlab.align.{what}() from Python for "
+                              f"other models")
+        if type(lm.model) is not type(loaded[0].model) or lm.dataset != loaded[0].dataset:
+            raise ConfigError(f"'{lm.ref}' is a {type(lm.model).__name__} for {lm.dataset} but '{loaded[0].ref}' is "
+                              f"a {type(loaded[0].model).__name__} for {loaded[0].dataset}: {what} needs one "
+                              f"architecture and task")
+    return loaded
+
+
+def _inputs(name: str, loaded, samples: int):
+    from ..errors import ConfigError
+    from ..zoo import load_dataset
+
+    ds = load_dataset(name)
+    if ds.num_features != loaded.config["num_features"]:
+        raise ConfigError(f"dataset '{name}' has {ds.num_features} input features but '{loaded.ref}' reads "
+                          f"{loaded.config['num_features']}; pick data of the same input size")
+    return ds.x_train[:samples], ds.y_train[:samples]
+
+
+def _accuracy(model, dataset: str) -> float:
+    from ..engine.evaluators import ClassificationEvaluator
+    from ..zoo import load_dataset
+
+    ds = load_dataset(dataset)
+    return round(ClassificationEvaluator(ds.x_test, ds.y_test)(model)["accuracy"], 4)
+
+
+def _refuse_existing(out: str, force: bool) -> None:
+    from ..errors import OutputExistsError
+
+    if Path(out).exists() and not force:
+        raise OutputExistsError(f"output '{out}' already exists; pass --force to replace it")
+
+
+@app.command("pleas")
+def pleas_cmd(a: str = typer.Argument(..., help=f"model A: {_REF_HELP}"),
+              b: str = typer.Argument(..., help="model B, same architecture and task"),
+              ratio: float = typer.Option(None, "--ratio", help="share of units per layer kept unmerged: 0 merges "
+                                                                 "fully (one model's size), 1 keeps both (default 0)"),
+              budget: float = typer.Option(None, "--budget", help="merged size in multiples of one model's "
+                                                                   "parameters (e.g. 1.5); picks the ratio"),
+              data: str = typer.Option(None, "--data", help="zoo dataset whose training inputs drive matching and "
+                                                            "the refit (default: the models' own; another dataset of "
+                                                            "the same input size is the data-free variant)"),
+              samples: int = typer.Option(2000, "--samples", help="inputs used, from the start of the training split"),
+              matching: str = typer.Option("activation", "--matching", help="activation or weight"),
+              out: str = typer.Option(..., "--out", "-o", help="folder to create (the merged model; loads like A)"),
+              force: bool = typer.Option(False, "--force"),
+              json_out: bool = typer.Option(False, "--json", help="print the report as JSON")) -> None:
+    """PLeaS: match A's and B's units, merge each layer to n(1 + ratio) units, refit every layer by least squares."""
+    import dataclasses
+
+    from ..align.models import _classifier_config, save_aligned
+    from ..align.pleas import pleas, ratio_for_budget
+    from ..errors import ConfigError
+    from ..io.provenance import Provenance
+    from ..registry import get_method
+
+    if ratio is not None and budget is not None:
+        raise ConfigError("give --ratio or --budget, not both")
+    _refuse_existing(out, force)
+    la, lb = _classifiers([a, b], "pleas")
+    x, _ = _inputs(data or la.dataset, la, samples)
+    r = ratio_for_budget(la.model, budget) if budget is not None else (ratio or 0.0)
+    cfg = get_method("merge", "pleas").make_config({"ratio": r, "matching": matching})
+    res = pleas(la.model, lb.model, x, cfg)
+    one = sum(p.numel() for p in la.model.parameters())
+    report = {"ratio": r, "widths": res.widths, "params": res.params, "params_one_model": one,
+              "size": round(res.params / one, 4), "layer_error": res.layer_error, "seconds": round(res.seconds, 3),
+              "data": data or la.dataset, "samples": len(x),
+              "accuracy": {"a": _accuracy(la.model, la.dataset), "b": _accuracy(lb.model, la.dataset),
+                           "merged": _accuracy(res.model, la.dataset)}}
+    files = {"permutations.json": json.dumps({p: v.tolist() for p, v in res.perms.items()}) + "\n",
+             "pleas-report.json": json.dumps(report, indent=1) + "\n"}
+    merged = dataclasses.replace(la, config=_classifier_config(res.model, la.dataset, la.config["kind"]))
+    prov = Provenance(method="merge/pleas", params={"matching": matching, **report}, inputs=[a, b])
+    save_aligned(merged, res.model, out, prov, [p for p in (la.path, lb.path) if p is not None], files, force=force)
+    if json_out:
+        print_json(report)
+        return
+    acc = report["accuracy"]
+    console.print(f"[green]merged[/] with ratio {r:.3f}: widths {res.widths}, {report['size']:.2f}x one model; test "
+                  f"accuracy A {acc['a']:.4f}, B {acc['b']:.4f}, merged {acc['merged']:.4f}; wrote {out}")
+
+
+@app.command("atlas")
+def atlas_cmd(base: str = typer.Argument(..., help=f"pre-trained model theta_0: {_REF_HELP}"),
+              finetunes: list[str] = typer.Argument(..., help="fine-tunes of BASE (e.g. zoo:digits-mlp-ft0)"),
+              data: str = typer.Option(None, "--data", help="zoo dataset to fit on (default: the base model's)"),
+              samples: int = typer.Option(300, "--samples", help="examples from the start of the training split"),
+              objective: str = typer.Option("supervised", "--objective", help="supervised (labels) or entropy "
+                                                                              "(unlabelled)"),
+              partitions: int = typer.Option(1, "--partitions", help="aTLAS x K: random groups per tensor"),
+              per_model: bool = typer.Option(False, "--per-model", help="one coefficient per fine-tune, not per tensor"),
+              lr: float = typer.Option(1e-3, "--lr"),
+              epochs: int = typer.Option(20, "--epochs"),
+              steps: int = typer.Option(None, "--steps", help="overrides --epochs"),
+              seed: int = typer.Option(0, "--seed"),
+              out: str = typer.Option(..., "--out", "-o", help="folder to create (the composed model; loads like BASE)"),
+              force: bool = typer.Option(False, "--force"),
+              json_out: bool = typer.Option(False, "--json", help="print the report as JSON")) -> None:
+    """aTLAS: theta_0 + sum of learned per-tensor coefficients x task vectors, fitted from zero on a small set."""
+    import copy
+
+    from ..align.atlas import atlas
+    from ..align.models import save_aligned
+    from ..engine.evaluators import ClassificationEvaluator
+    from ..io.provenance import Provenance
+    from ..registry import get_method
+
+    _refuse_existing(out, force)
+    loaded = _classifiers([base, *finetunes], "atlas")
+    lb, fts = loaded[0], loaded[1:]
+    x, y = _inputs(data or lb.dataset, lb, samples)
+    cfg = get_method("merge", "atlas").make_config({"objective": objective, "partitions": partitions,
+                                                    "blockwise": not per_model, "lr": lr, "epochs": epochs,
+                                                    "steps": steps, "seed": seed})
+    res = atlas(lb.model, [f.model for f in fts], ClassificationEvaluator(x, y), cfg)
+    composed = copy.deepcopy(lb.model)
+    composed.load_state_dict(res.state_dict)
+    report = {"coefficients_learned": res.coefficients.numel(), "seconds": round(res.seconds, 3),
+              "loss_start": res.losses[0], "loss_end": res.losses[-1], "data": data or lb.dataset,
+              "samples": len(x), "objective": objective,
+              "accuracy": {"base": _accuracy(lb.model, lb.dataset),
+                           **{f.ref: _accuracy(f.model, lb.dataset) for f in fts},
+                           "composed": _accuracy(composed, lb.dataset)}}
+    coefs = {"finetunes": finetunes, "blocks": res.blocks, "coefficients": res.coefficients.tolist()}
+    files = {"atlas-coefficients.json": json.dumps(coefs) + "\n",
+             "atlas-report.json": json.dumps(report, indent=1) + "\n"}
+    prov = Provenance(method="merge/atlas", params={**cfg.model_dump(), **report}, inputs=[base, *finetunes])
+    save_aligned(lb, composed, out, prov, [lm.path for lm in loaded if lm.path is not None], files, force=force)
+    if json_out:
+        print_json(report)
+        return
+    acc = report["accuracy"]
+    console.print(f"[green]composed[/] {len(fts)} task vectors with {report['coefficients_learned']} coefficients "
+                  f"({res.seconds:.1f} s); test accuracy base {acc['base']:.4f} -> composed {acc['composed']:.4f}; "
+                  f"wrote {out}")
