@@ -9,6 +9,7 @@ from . import app
 from ._common import console, print_json
 
 _REF_HELP = "zoo:DATASET-KIND-seedN (e.g. zoo:digits-mlp-seed0), a folder written by weightlab align, or an HF folder"
+_CLS_HELP = "zoo:DATASET-KIND-seedN, zoo:digits-KIND-base/ftI, or a classifier folder written by weightlab"
 
 
 def _spec(spec: str):
@@ -165,7 +166,7 @@ def _refuse_existing(out: str, force: bool) -> None:
 
 
 @app.command("pleas")
-def pleas_cmd(a: str = typer.Argument(..., help=f"model A: {_REF_HELP}"),
+def pleas_cmd(a: str = typer.Argument(..., help=f"model A: {_CLS_HELP}"),
               b: str = typer.Argument(..., help="model B, same architecture and task"),
               ratio: float = typer.Option(None, "--ratio", help="share of units per layer kept unmerged: 0 merges "
                                                                  "fully (one model's size), 1 keeps both (default 0)"),
@@ -216,19 +217,21 @@ def pleas_cmd(a: str = typer.Argument(..., help=f"model A: {_REF_HELP}"),
 
 
 @app.command("atlas")
-def atlas_cmd(base: str = typer.Argument(..., help=f"pre-trained model theta_0: {_REF_HELP}"),
+def atlas_cmd(base: str = typer.Argument(..., help=f"pre-trained model theta_0: {_CLS_HELP}"),
               finetunes: list[str] = typer.Argument(..., help="fine-tunes of BASE (e.g. zoo:digits-mlp-ft0)"),
               data: str = typer.Option(None, "--data", help="zoo dataset to fit on (default: the base model's)"),
               samples: int = typer.Option(300, "--samples", help="examples from the start of the training split"),
               objective: str = typer.Option("supervised", "--objective", help="supervised (labels) or entropy "
                                                                               "(unlabelled)"),
               partitions: int = typer.Option(1, "--partitions", help="aTLAS x K: random groups per tensor"),
-              per_model: bool = typer.Option(False, "--per-model", help="one coefficient per fine-tune, not per tensor"),
+              per_model: bool = typer.Option(False, "--per-model",
+                                             help="one coefficient per fine-tune, not per tensor"),
               lr: float = typer.Option(1e-3, "--lr"),
               epochs: int = typer.Option(20, "--epochs"),
               steps: int = typer.Option(None, "--steps", help="overrides --epochs"),
               seed: int = typer.Option(0, "--seed"),
-              out: str = typer.Option(..., "--out", "-o", help="folder to create (the composed model; loads like BASE)"),
+              out: str = typer.Option(..., "--out", "-o",
+                                      help="folder to create (the composed model; loads like BASE)"),
               force: bool = typer.Option(False, "--force"),
               json_out: bool = typer.Option(False, "--json", help="print the report as JSON")) -> None:
     """aTLAS: theta_0 + sum of learned per-tensor coefficients x task vectors, fitted from zero on a small set."""
