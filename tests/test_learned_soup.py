@@ -91,3 +91,28 @@ def test_single_ingredient_is_returned_exactly_and_errors_name_the_tensor():
         learned_soup([ings[0], bad], _net(), held, steps=1)
     with pytest.raises(ConfigError, match="held-out"):
         learned_soup(ings, _net())
+
+
+def test_learned_soup_from_a_merge_config(tmp_path):
+    import weightlab as wl
+    from weightlab.cli import main
+
+    assert main(["zoo", "export", "-o", str(tmp_path / "z")]) == 0
+    cfg = tmp_path / "soup.yaml"
+    cfg.write_text(f"""method: learned-soup
+models: [{tmp_path}/z/ft0, {tmp_path}/z/ft3]
+scorer: {{type: accuracy, dataset: digits}}
+params: {{steps: 15}}
+""")
+    res = wl.merge.run_merge(wl.merge.api.load_merge_config(cfg), tmp_path / "soup")
+    rep = res.report
+    assert len(rep["rows"]) == 6 and len(rep["weights"][0]) == 2 and rep["loss_end"] < rep["loss_start"]
+    saved = wl.open_checkpoint(tmp_path / "soup").state_dict()
+    fts = [wl.open_checkpoint(tmp_path / "z" / f).state_dict() for f in ("ft0", "ft3")]
+    for name, w in zip(rep["rows"], rep["weights"]):
+        torch.testing.assert_close(saved[name], w[0] * fts[0][name] + w[1] * fts[1][name], rtol=1e-5, atol=1e-6)
+    prov = wl.Provenance.from_metadata(wl.open_checkpoint(tmp_path / "soup").metadata)
+    assert prov.method == "merge/learned-soup"
+    cfg.write_text(cfg.read_text().replace("scorer: {type: accuracy, dataset: digits}\n", ""))
+    with pytest.raises(ConfigError, match="held-out data"):
+        wl.merge.run_merge(wl.merge.api.load_merge_config(cfg), tmp_path / "soup2")

@@ -177,7 +177,76 @@ class _Mixed(torch.nn.Module):
         return out * self.beta if self.beta is not None else out
 
 
-@register("merge", "learned-soup", kind="whole", config=LearnedSoupConfig, regime=Regime.WHOLE_MODEL,
+def _evaluator_from_config(scfg, reference):
+    """(module, evaluator) for a merge config's ``scorer:`` mapping, as the greedy soup reads it."""
+    import json
+
+    from ..engine.evaluators import CausalLMEvaluator, ClassificationEvaluator
+
+    config = json.loads((reference / "config.json").read_text()) if (reference / "config.json").is_file() else {}
+    if scfg.type == "accuracy":
+        if config.get("model_type") not in ("weightlab-zoo-mlp", "weightlab-zoo-classifier") or \
+                config.get("kind", "mlp") != "mlp":
+            raise ConfigError("learned-soup with an accuracy scorer works on the zoo's MLP folders "
+                              "(weightlab zoo export); for other models call learned_soup() with an evaluator")
+        from ..io.reader import open_checkpoint
+        from ..zoo import MLP, load_dataset
+
+        data = load_dataset(scfg.dataset or config.get("dataset", "digits"))
+        sd = open_checkpoint(reference).state_dict()
+        hidden = tuple(sd[k].shape[0] for k in sd if k.endswith("weight"))[:-1]
+        # the split the greedy soup scores on: the zoo datasets have no separate validation split
+        return MLP(data.num_features, hidden, data.num_classes), ClassificationEvaluator(data.x_test, data.y_test)
+    from pathlib import Path
+
+    from ..io.hf import load_causal_lm
+
+    model, tok = load_causal_lm(reference)
+    if scfg.text.startswith("zoo:wiki-"):
+        from ..zoo import wiki_text
+
+        text = wiki_text(scfg.text.removeprefix("zoo:wiki-"))
+    else:
+        p = Path(scfg.text)
+        if not p.is_file():
+            raise ConfigError(f"scorer text file '{p}' does not exist")
+        text = p.read_text(encoding="utf-8")
+    return model, CausalLMEvaluator(tok, text, scfg.seqlen, scfg.max_tokens)
+
+
+def run_learned_soup_job(job, cfg: "LearnedSoupConfig", out, force: bool, show_progress: bool | None):
+    """`weightlab merge` with method learned-soup: the mixing weights learn on the scorer's data."""
+    from ..configfile import build
+    from ..engine.source import StateDictSource
+    from ..engine.streaming import write_source
+    from ..io.provenance import Provenance
+    from ..io.reader import open_checkpoint
+    from .engine import MergeResult
+    from .scorers import ScorerConfig
+    from .validate import plan_tensors
+
+    if job.scorer is None:
+        raise ConfigError("learned-soup needs held-out data to learn on, e.g. scorer: {type: accuracy, dataset: "
+                          "digits} or scorer: {type: lm-loss, text: zoo:wiki-heldout}")
+    scfg = build(ScorerConfig, job.scorer, "scorer")
+    cks = [open_checkpoint(m.path) for m in job.models]
+    plan_tensors(cks, None, [m.name_map for m in job.models])
+    model, evaluator = _evaluator_from_config(scfg, cks[0].folder())
+    res = learned_soup([ck.state_dict() for ck in cks], model, evaluator, cfg, show_progress=show_progress)
+    model.load_state_dict(res.state_dict, strict=False)
+    report = {"method": "learned-soup", "rows": res.rows, "weights": res.weights.tolist(),
+              "loss_start": res.losses[0], "loss_end": res.losses[-1],
+              "metrics": evaluator(model), "seconds": round(res.seconds, 3)}
+    if out is None:
+        return MergeResult(None, res.state_dict, report)
+    prov = Provenance(method="merge/learned-soup", params={**job.model_dump(), "result": report},
+                      inputs=[m.path for m in job.models])
+    path = write_source(StateDictSource(res.state_dict, cks[0].config, cks[0].path), out, provenance=prov,
+                        inputs=[ck.path for ck in cks], force=force, show_progress=show_progress)
+    return MergeResult(path, None, report)
+
+
+@register("merge", "learned-soup", kind="whole", job_runner=run_learned_soup_job, config=LearnedSoupConfig, regime=Regime.WHOLE_MODEL,
           paper="Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing "
                 "inference time (Wortsman et al., 2022), appendix: learned soup",
           summary="learn softmax mixing weights per tensor by gradient descent on a held-out loss")
