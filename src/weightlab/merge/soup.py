@@ -246,7 +246,8 @@ def run_learned_soup_job(job, cfg: "LearnedSoupConfig", out, force: bool, show_p
     return MergeResult(path, None, report)
 
 
-@register("merge", "learned-soup", kind="whole", job_runner=run_learned_soup_job, config=LearnedSoupConfig, regime=Regime.WHOLE_MODEL,
+@register("merge", "learned-soup", kind="whole", config=LearnedSoupConfig, regime=Regime.WHOLE_MODEL,
+          job_runner=run_learned_soup_job,
           paper="Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing "
                 "inference time (Wortsman et al., 2022), appendix: learned soup",
           summary="learn softmax mixing weights per tensor by gradient descent on a held-out loss")
