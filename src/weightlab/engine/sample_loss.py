@@ -9,7 +9,9 @@ A data method says what it is by its registered role (``get_method("data", name)
 
 The loop asks the registry for the role, so a data method registered later with one of these
 roles works in ``tune`` without changes here. A method whose factory takes ``num_samples`` keeps
-per-sample state (ALDR's temperatures) and gets stable sample ids from the data.
+per-sample state (ALDR's temperatures) and gets stable sample ids from the data. In
+multi-process training reweighters see the global batch; a per-sample state is updated by the
+process that saw the sample, and the main process's copy is the one checkpointed.
 """
 from __future__ import annotations
 
