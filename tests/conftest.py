@@ -7,6 +7,15 @@ os.environ.setdefault("WEIGHTLAB_PROGRESS", "0")
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models: torch's intra-op threads only add contention on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def sample_sd():
     g = torch.Generator().manual_seed(0)
     sd = {

@@ -8,12 +8,7 @@ from weightlab.align.analysis import alignment_analysis
 from weightlab.cli import main
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_barrier_definitions_hand_computed():

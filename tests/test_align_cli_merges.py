@@ -12,12 +12,7 @@ from weightlab.io.reader import open_checkpoint
 from weightlab.zoo import load_dataset
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _test_acc(model):

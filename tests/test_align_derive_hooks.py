@@ -9,12 +9,7 @@ from weightlab.align.derive_hooks import spec_from_hooks
 from weightlab.errors import ConfigError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Branchy(nn.Module):

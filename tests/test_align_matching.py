@@ -7,13 +7,7 @@ from weightlab.align import PermutationSpec, apply_permutation, permuted_copy, s
 from weightlab.zoo import MLP, SmallCNN
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matmuls: threads only add contention on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomize_bn(model, seed=0):

@@ -9,13 +9,7 @@ from weightlab.engine.evaluators import ClassificationEvaluator
 from weightlab.zoo import MLP, SmallCNN
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matmuls: threads only add contention on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bn_random(m, seed=0):

@@ -10,12 +10,7 @@ from weightlab.merge.soup import LearnedSoupConfig, learned_soup, uniform_soup
 from weightlab.registry import get_method
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _net():
