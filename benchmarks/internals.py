@@ -8,7 +8,7 @@
    " dog" neuron during generation on "My favourite animal is the" and report p(" dog") and
    the greedy text per clamp value.
 2. Neurons, two models: share of up-projection neurons whose top token is unchanged between
-   SmolLM2 and copies pruned by magnitude (20%, 50%), on every third layer. The paper's
+   SmolLM2 and copies pruned by magnitude (20%, 50%), on every fifth layer. The paper's
    base-vs-instruct claim (>75% unchanged) cannot be checked offline: the zoo has only the
    instruct model.
 3. Heads: per domain (the zoo's held-out Wikipedia vs Python's own stdlib source), sink mass,
@@ -38,8 +38,10 @@ def neurons_part(model, tok, layers, out):
     from weightlab.inspect.neurons import NeuronsConfig, clamp_neurons, decode_neurons, token_variants
 
     dog = token_variants(tok, "dog")
+    cpu = time.process_time()
     nmap = decode_neurons(model, NeuronsConfig(layers=layers), token_ids=dog)
     out["decode"] = {"neurons": nmap.neurons, "layers": len(nmap.top_ids), "seconds": nmap.seconds,
+                     "cpu_seconds": time.process_time() - cpu,
                      "per_layer": statistics.median(nmap.layer_seconds.values())}
     best = nmap.rows(tok, best_first=True, limit=5)
     out["dog_variants"] = [tok.decode([i]) for i in dog]
@@ -159,8 +161,9 @@ def report(out, args) -> str:
         "",
         "**Neurons.** Down-projection columns (what each neuron writes to the residual stream) pushed through the "
         f"model's final RMSNorm and LM head: {d['neurons']:,} neurons of {d['layers']} layers decoded in "
-        f"{d['seconds']:.1f} s ({d['per_layer']:.2f} s per layer, median; the cost is the (1536 x 576) x (576 x 49152) "
-        "matmul per layer). Best matches for " + ", ".join(repr(v) for v in out["dog_variants"]) + ":",
+        f"{d['seconds']:.1f} s wall, {d['cpu_seconds']:.1f} s CPU on one thread ({d['per_layer']:.2f} s wall per layer, "
+        "median; the cost is the (1536 x 576) x (576 x 49152) matmul per layer; on this shared machine CPU time is the "
+        "better guide to an idle one). Best matches for " + ", ".join(repr(v) for v in out["dog_variants"]) + ":",
         "",
         C.md_table(["layer:neuron", "p(dog)", "top tokens"],
                    [[f"{r['layer']}:{r['neuron']}", f"{r['score']:.3f}", " ".join(repr(t) for t in r["top_tokens"])]
@@ -243,7 +246,7 @@ def main(argv=None) -> int:
     model, tok = load_causal_lm(smollm2())
     n = len(model.model.layers)
     layers = [0, n // 2, n - 1] if args.quick else None
-    args.compare_layers = [n // 2] if args.quick else list(range(0, n, 3))
+    args.compare_layers = [n // 2] if args.quick else list(range(0, n, 5))
     if args.quick:
         args.seqlen = 64
     out: dict = {}
