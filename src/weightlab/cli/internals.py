@@ -143,7 +143,8 @@ def heads(path: str = typer.Argument(..., help="causal LM folder or zoo:smollm2"
           domains: str = typer.Option("wiki,code", "--domains", help="comma list: wiki, code, or .txt/.jsonl files"),
           windows: int = typer.Option(2, "--windows", help="token windows per domain"),
           seqlen: int = typer.Option(128, "--seqlen"),
-          test: str = typer.Option("linear", "--test", help="dormant test: linear (one backward), exact, none"),
+          test: str = typer.Option("linear", "--test", help="dormant test: linear (one backward; understates large changes), "
+                                                          "exact (a rerun per sink head), none"),
           all_heads: bool = typer.Option(False, "--all-heads", help="exact test on every head, not only sinks"),
           sink: float = typer.Option(0.5, "--sink-threshold"), dormant: float = typer.Option(0.01, "--dormant-threshold"),
           report: str = typer.Option(None, "--report", help="write an HTML map here"),
