@@ -161,7 +161,8 @@ def report(out, args) -> str:
         "",
         "**Neurons.** Down-projection columns (what each neuron writes to the residual stream) pushed through the "
         f"model's final RMSNorm and LM head: {d['neurons']:,} neurons of {d['layers']} layers decoded in "
-        f"{d['seconds']:.1f} s wall, {d['cpu_seconds']:.1f} s CPU on one thread ({d['per_layer']:.2f} s wall per layer, "
+        f"{d['seconds']:.1f} s wall, {d['cpu_seconds']:.1f} s CPU on one thread "
+        f"({d['per_layer']:.2f} s wall per layer, "
         "median; the cost is the (1536 x 576) x (576 x 49152) matmul per layer; on this shared machine CPU time is the "
         "better guide to an idle one). Best matches for " + ", ".join(repr(v) for v in out["dog_variants"]) + ":",
         "",

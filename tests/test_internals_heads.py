@@ -52,7 +52,8 @@ def test_planted_sink_is_flagged_and_dormant_uniform_head_is_not(sinky, tok, tex
     assert sink["sink_mass"] > 0.999 and sink["row_entropy"] < 1e-3 and sink["sink"]
     # its output is already v_0 (= 0), so moving its attention to the first token changes nothing
     assert abs(sink["dloss"]) < 1e-6 and sink["state"] == "dormant"
-    assert sink["value_first"] == 0 and sink["drain_ratio"] == 0 and r[(0, 1)]["drain_ratio"] == 0  # v_0 = 0 in kv head 0
+    # v_0 = 0 in kv head 0, shared by heads 0 and 1
+    assert sink["value_first"] == 0 and sink["drain_ratio"] == 0 and r[(0, 1)]["drain_ratio"] == 0
     # zero queries: every visible key gets 1/(q+1); queries 1..n-1 average to (H_n - 1)/(n - 1)
     harmonic = sum(1 / k for k in range(1, n + 1))
     assert uniform["sink_mass"] == pytest.approx((harmonic - 1) / (n - 1), abs=1e-6)

@@ -111,7 +111,8 @@ def clamp(path: str = typer.Argument(..., help="causal LM folder or zoo:smollm2"
         _say(f"neuron {k}: activation on the prompt ranges {a['min']:.3f} .. {a['max']:.3f}; clamped to {value:g}")
     _say("watched tokens (--watch words, then the neurons' own top tokens):")
     for w in r["watched"]:
-        _say(f"  {w['token']!r:>16}  {w['before']:.5f} -> {w['after']:.5f}  (x{w['after'] / max(w['before'], 1e-30):.3g})")
+        ratio = w["after"] / max(w["before"], 1e-30)
+        _say(f"  {w['token']!r:>16}  {w['before']:.5f} -> {w['after']:.5f}  (x{ratio:.3g})")
     for side in ("before", "after"):
         tops = ", ".join(f"{t['token']!r} {t['prob']:.3f}" for t in r[side]["top"])
         _say(f"{side:>6} next token: {tops}")
@@ -143,10 +144,11 @@ def heads(path: str = typer.Argument(..., help="causal LM folder or zoo:smollm2"
           domains: str = typer.Option("wiki,code", "--domains", help="comma list: wiki, code, or .txt/.jsonl files"),
           windows: int = typer.Option(2, "--windows", help="token windows per domain"),
           seqlen: int = typer.Option(128, "--seqlen"),
-          test: str = typer.Option("linear", "--test", help="dormant test: linear (one backward; understates large changes), "
-                                                          "exact (a rerun per sink head), none"),
+          test: str = typer.Option("linear", "--test", help="dormant test: linear (one backward; understates large "
+                                                          "changes), exact (a rerun per sink head), none"),
           all_heads: bool = typer.Option(False, "--all-heads", help="exact test on every head, not only sinks"),
-          sink: float = typer.Option(0.5, "--sink-threshold"), dormant: float = typer.Option(0.01, "--dormant-threshold"),
+          sink: float = typer.Option(0.5, "--sink-threshold"),
+          dormant: float = typer.Option(0.01, "--dormant-threshold"),
           report: str = typer.Option(None, "--report", help="write an HTML map here"),
           json_out: str = typer.Option(None, "--json", help="write every row here")) -> None:
     """Attention sinks, value drains, residual peaks and active/dormant heads per text domain."""

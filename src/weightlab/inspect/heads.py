@@ -54,12 +54,15 @@ class HeadsConfig(MethodConfig):
     windows: int = Field(2, ge=1, description="token windows per domain, spread evenly over the text")
     seqlen: int = Field(128, ge=4, description="tokens per window, the first-token/BOS included")
     bos: bool = Field(True, description="start each window with the tokenizer's BOS token (the usual sink)")
-    sink_threshold: float = Field(0.5, gt=0, le=1, description="[weightlab] mean attention on the first token for a sink")
-    dormant_threshold: float = Field(0.01, ge=0, description="[weightlab] |loss change| / loss below which a sink is dormant")
+    sink_threshold: float = Field(0.5, gt=0, le=1,
+                                  description="[weightlab] mean attention on the first token for a sink")
+    dormant_threshold: float = Field(0.01, ge=0,
+                                     description="[weightlab] |loss change| / loss below which a sink is dormant")
     dormant_test: Literal["linear", "exact", "none"] = Field(
         "linear", description="loss change of attention moved to the first token: first-order estimate for all heads "
                               "from one backward pass, exact rerun per tested head, or none")
-    tested: Literal["sinks", "all"] = Field("sinks", description="heads rerun by the exact test (sinks suffice to classify)")
+    tested: Literal["sinks", "all"] = Field("sinks",
+                                            description="heads rerun by the exact test (sinks suffice to classify)")
 
 
 def domain_text(name: str) -> str:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import html
 
 _PAGE = "body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}"
-_CSS = """table.hm{border-collapse:collapse;font-size:11px;margin:0.5em 1.5em 1.5em 0;display:inline-table;vertical-align:top}
+_CSS = """table.hm{border-collapse:collapse;font-size:11px;margin:0.5em 1.5em 1.5em 0;display:inline-table;
+vertical-align:top}
 table.hm td,table.hm th{border:1px solid #fff;padding:2px 4px;text-align:center;min-width:2.4em}
 td.d{outline:2px solid #222;outline-offset:-2px;font-weight:bold} .small{color:#666;font-size:12px}
 table.t{border-collapse:collapse;font-size:12px} table.t td,table.t th{border-bottom:1px solid #ddd;padding:2px 8px}"""
@@ -33,7 +34,8 @@ def render_heads(report, standalone: bool = True, title: str = "Attention sinks 
         for r in rows:
             grid.setdefault(r["layer"], [None] * n_heads)[r["head"]] = r
         head = "".join(f"<th>H{h}</th>" for h in range(n_heads))
-        body = "".join(f"<tr><th>L{li}</th>{''.join(_cell(r) for r in cells)}</tr>" for li, cells in sorted(grid.items()))
+        body = "".join(f"<tr><th>L{li}</th>{''.join(_cell(r) for r in cells)}</tr>"
+                       for li, cells in sorted(grid.items()))
         out.append(f'<table class="hm"><caption><b>{html.escape(dom)}</b>: loss {info["loss"]:.3f}, '
                    f'{info["tokens"]} tokens, {info["sinks"]} sinks, {info["dormant"]} dormant</caption>'
                    f"<tr><th></th>{head}</tr>{body}</table>")
@@ -45,7 +47,8 @@ def render_heads(report, standalone: bool = True, title: str = "Attention sinks 
         f"<tr><td>L{li}</td>" + "".join(
             f"<td>{lrows[(d, li)]['resid_first']:.0f} / {lrows[(d, li)]['resid_median']:.0f} / "
             f"{lrows[(d, li)]['resid_max']:.0f}</td>" for d in doms) + "</tr>" for li in range(n_layers))
-    out.append(f'<h3>Residual-stream norms after each layer</h3><table class="t"><tr><th>layer</th>{hdr}</tr>{trs}</table>')
+    out.append('<h3>Residual-stream norms after each layer</h3>'
+               f'<table class="t"><tr><th>layer</th>{hdr}</tr>{trs}</table>')
     body = "\n".join(out)
     if not standalone:
         return f"<style>{_CSS}</style>\n{body}"

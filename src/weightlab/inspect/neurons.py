@@ -266,8 +266,10 @@ def clamp_neurons(model, tokenizer, neurons: list[tuple[int, int]], value: float
 
     return {
         "neurons": [f"{layer}:{idx}" for layer, idx in neurons], "value": value, "prompt": prompt,
-        "activation_on_prompt": {f"{k[0]}:{k[1]}": {"max": float(a.max()), "min": float(a.min())} for k, a in acts.items()},
-        "watched": [{"token": tokenizer.decode([t]), "before": float(before[t]), "after": float(after[t])} for t in watch],
+        "activation_on_prompt": {f"{k[0]}:{k[1]}": {"max": float(a.max()), "min": float(a.min())}
+                                 for k, a in acts.items()},
+        "watched": [{"token": tokenizer.decode([t]), "before": float(before[t]), "after": float(after[t])}
+                    for t in watch],
         "before": {"top": tops(before), "text": text_before},
         "after": {"top": tops(after), "text": text_after},
     }
