@@ -12,7 +12,7 @@ from weightlab.inspect.heads import (HeadsConfig, _base_pass, analyze_heads, cla
 
 pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
-from _internals_tiny import HD, WORDS, plant_sink, tiny_llama, word_tokenizer  # noqa: E402
+from _internals_tiny import WORDS, plant_sink, tiny_llama, word_tokenizer  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -184,7 +184,5 @@ def test_heads_and_neurons_join_the_inspect_report(sinky, tok, text, tmp_path):
 
 
 def test_registered():
-    import weightlab.inspect.heads  # noqa: F401
-
     spec = wl.get_method("inspect", "heads")
     assert spec.defaults()["sink_threshold"] == 0.5 and spec.defaults()["dormant_test"] == "linear"
