@@ -94,13 +94,20 @@ def domain_windows(tokenizer, text: str, windows: int, seqlen: int, bos: bool = 
 def eager_attention(model):
     """Eager attention for the block so attention probabilities are materialised."""
     before = model.config._attn_implementation
+
+    def use(impl):
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(impl)
+        else:  # older transformers read the config at every forward
+            model.config._attn_implementation = impl
+
     if before != "eager":
-        model.set_attn_implementation("eager")
+        use("eager")
     try:
         yield
     finally:
         if before != "eager":
-            model.set_attn_implementation(before)
+            use(before)
 
 
 def _geometry(model, layers):
