@@ -46,7 +46,9 @@ def rows_by_head(rep):
 def test_planted_sink_is_flagged_and_dormant_uniform_head_is_not(sinky, tok, text):
     n = 24
     cfg = HeadsConfig(windows=3, seqlen=n, dormant_test="exact", tested="all")
+    before = sinky.config._attn_implementation
     rep = analyze_heads(sinky, tok, cfg, texts={"x": text})
+    assert sinky.config._attn_implementation == before != "eager"  # eager only for the call
     r = rows_by_head(rep)
     sink, uniform = r[(0, 0)], r[(0, 2)]
     assert sink["sink_mass"] > 0.999 and sink["row_entropy"] < 1e-3 and sink["sink"]
