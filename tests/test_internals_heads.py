@@ -188,3 +188,19 @@ def test_heads_and_neurons_join_the_inspect_report(sinky, tok, text, tmp_path):
 def test_registered():
     spec = wl.get_method("inspect", "heads")
     assert spec.defaults()["sink_threshold"] == 0.5 and spec.defaults()["dormant_test"] == "linear"
+
+
+def test_inspect_cli_adds_heads_and_neurons_sections(sinky, tok, text, tmp_path):
+    from weightlab.cli import main
+
+    sinky.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "a.txt").write_text(" ".join([text] * 2))  # two default windows of 128 tokens
+    page = tmp_path / "r.html"
+    args = ["inspect", str(tmp_path / "m"), "--report", str(page), "--heads", str(tmp_path / "a.txt"),
+            "--neurons", "all"]
+    assert main(args) == 0
+    html = page.read_text()
+    assert "id='wl-heads'" in html and "id='wl-neurons'" in html
+    assert html.count("<tr><td>0</td>") >= 1 and html.count("<tr><td>1</td>") >= 1  # one best neuron per layer
+    assert main(["inspect", str(tmp_path / "m"), "--heads", "wiki"]) == 1  # sections need --report

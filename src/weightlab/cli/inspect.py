@@ -36,6 +36,12 @@ def inspect_command(
     plot: list[str] = typer.Option([], "--plot", help="layer whose spectrum the report plots (repeatable; "
                                                       "default: a few chosen by alpha)"),
     top: int = typer.Option(8, "--top", help="how many layers to list per table"),
+    heads: str | None = typer.Option(None, "--heads", metavar="DOMAINS",
+                                     help="causal LMs: add the attention-sink / dormant-head map for these text "
+                                          "domains (e.g. wiki,code; linear dormant test) to the report"),
+    neurons: str | None = typer.Option(None, "--neurons", metavar="WORD|all",
+                                       help="causal LMs: add feature neurons to the report: those decoding to WORD, "
+                                            "or with 'all' the most confident neuron of every layer"),
 ) -> None:
     """Per weight matrix: norms, ranks, power-law alpha of the eigenvalue spectrum (WeightWatcher's method),
     KS distance, MP spikes and warnings; conv filter quality; with --base, what changed."""
@@ -50,6 +56,10 @@ def inspect_command(
     elif json_out:
         res.to_json(json_out)
         err_console.print(f"wrote {json_out}")
+    if (heads or neurons) and not report:
+        raise ConfigError("--heads/--neurons add sections to the HTML report: give --report FILE.html too")
+    if report and (heads or neurons):
+        _attach_internals(res, path, heads, neurons)
     if report:
         res.write_html(report, plot_layers=plot or None)
         err_console.print(f"wrote {report}")
@@ -106,3 +116,33 @@ def inspect_command(
             if d.get(key):
                 err_console.print(f"[yellow]{len(d[key])} tensor(s) {label}:[/] " + ", ".join(d[key][:6])
                                   + (" ..." if len(d[key]) > 6 else ""))
+
+
+def _attach_internals(res, path: str, heads: str | None, neurons: str | None) -> None:
+    """Load the model once as a causal LM and put the heads map / neuron table into the report."""
+    from ..inspect.heads import analyze_heads
+    from ..inspect.internals_html import attach
+    from ..inspect.neurons import NeuronsConfig, decode_neurons, token_variants
+    from ..io.hf import load_causal_lm
+    from ..recipe.models import resolve_model
+    from ..registry import get_method
+
+    model, tok = load_causal_lm(resolve_model(path))
+    if heads:
+        cfg = get_method("inspect", "heads").make_config(
+            {"domains": [d.strip() for d in heads.split(",") if d.strip()]})
+        attach(res, heads=analyze_heads(model, tok, cfg))
+    if neurons:
+        ids = None if neurons == "all" else token_variants(tok, neurons)
+        nmap = decode_neurons(model, NeuronsConfig(), token_ids=ids)
+        if ids:
+            rows = nmap.rows(tok, best_first=True, limit=20)
+        else:
+            best: dict[int, dict] = {}
+            for r in nmap.rows():  # token ids, decoded below only for the kept rows
+                if r["layer"] not in best or r["score"] > best[r["layer"]]["score"]:
+                    best[r["layer"]] = r
+            rows = [{**r, "top_tokens": [tok.decode([t]) for t in r["top_tokens"]]} for _, r in sorted(best.items())]
+        note = (f"down-projection columns decoded through the final norm and LM head; "
+                + (f"best matches for {neurons!r}" if ids else "the most confident neuron of each layer"))
+        attach(res, neurons=rows, neurons_note=note)
