@@ -69,7 +69,6 @@ class CompanderConfig(MethodConfig):
     bound_factor: float = 2.0
     steepness: float = 2.0  # k0 = f'(0)
     learn_hparams: bool = True  # the paper's learned-hyperparameter variant
-    r: int | None = None  # accepted because `weightlab tune` passes --rank; unused
 
 
 @register("adapt", "compander", kind="whole", regime=Regime.WHOLE_MODEL, config=CompanderConfig,

@@ -43,7 +43,6 @@ class ContraconConfig(MethodConfig):
     gate_init: float = 1.0
     init: Literal["default", "identity"] = "default"
     seed: int | None = None
-    r: int | None = None  # accepted because `weightlab tune` passes --rank; unused
 
 
 def reweight(W: torch.Tensor, kernels: torch.Tensor, bias: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,6 @@ class SaraConfig(MethodConfig):
     progressive_iter: int | None = 2500
     weight_decay: float = 1e-2
     seed: int = 0
-    r: int | None = None  # unused (SaRA has no rank): `weightlab tune --rank` passes r to every method
 
 
 def paper_lr(eps: float) -> float:

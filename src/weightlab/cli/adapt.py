@@ -16,8 +16,8 @@ app.add_typer(adapter_app, name="adapter")
 
 @app.command()
 def tune(path: str = typer.Argument(..., help="causal-LM folder (HF) or zoo:NAME"),
-         adapter: str = typer.Option("lora", "--adapter", "-a", help="lora, pissa, sorsa, bone, bat, gradnormlorp"),
-         rank: int = typer.Option(16, "--rank", "-r"),
+         adapter: str = typer.Option("lora", "--adapter", "-a", help="an adapt method: lora, pissa, sorsa, bone, bat, gradnormlorp, dsee, sara, sltrain, pst, orthogonal, compander, contracon (weightlab methods --family adapt)"),
+         rank: int = typer.Option(16, "--rank", "-r", help="adapter rank, for the methods that have one"),
          data: str = typer.Option("wiki", "--data", help="wiki, FILE.txt, or FILE.jsonl (text or prompt/response)"),
          steps: int = typer.Option(100, "--steps"), lr: float = typer.Option(2e-4, "--lr"),
          batch_size: int = typer.Option(4, "--batch-size"), seqlen: int = typer.Option(256, "--seqlen"),

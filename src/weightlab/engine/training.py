@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 
 from ..errors import ConfigError, MissingDependencyError
+from ..registry import get_method
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -200,8 +201,8 @@ def tune(model, tokenizer, method: str = "lora", data: str = "wiki", *, rank: in
     out = Path(out) if out is not None else None
     ckpt = out / "checkpoint" if out is not None else None
     cfg = dict(method_config or {})
-    if rank is not None:
-        cfg.setdefault("r", rank)
+    if rank is not None and "r" in get_method("adapt", method).config.model_fields:
+        cfg.setdefault("r", rank)  # methods without a rank (SaRA, compander, ConTraCon) do not take one
     weighting = (LossWeighting(loss_weighting, loss_weighting_config, num_samples=getattr(tr, "num_samples", 0))
                  if loss_weighting else None)
     start, history = 0, []
