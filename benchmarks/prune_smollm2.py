@@ -440,7 +440,8 @@ def render(results: list[dict], data: dict, work: Path, total_s: float, note: st
              f"Versions: weightlab {C.package_version('weightlab')} in .venv (torch {wl_v.get('torch', 'n/a')}, "
              f"transformers {wl_v.get('transformers', 'n/a')}); llm-compressor {lc_v.get('llmcompressor', 'n/a')} in its own "
              f".venv-lc (torch {lc_v.get('torch', 'n/a')}, transformers {lc_v.get('transformers', 'n/a')}, compressed-tensors "
-             f"{lc_v.get('compressed-tensors', 'n/a')}, datasets {lc_v.get('datasets', 'n/a')}).", ""]
+             f"{lc_v.get('compressed-tensors', 'n/a')}, datasets {lc_v.get('datasets', 'n/a')}). torch threads per child: "
+             f"{sorted({r['eval'].get('threads') for r in results})} (the same for both tools).", ""]
     lines += [
         "Protocol (that of shared/design/baselines.md, identical for both tools): SmolLM2-135M fp32 "
         "(`weightlab.zoo.smollm2()`); calibration = the first 32x512 tokens of the zoo's Wikipedia calibration "

@@ -343,7 +343,8 @@ def render(results: list[dict], data: dict, total_s: float, note: str) -> str:
              f"Versions: weightlab {C.package_version('weightlab')} in .venv (torch {wl_v.get('torch', 'n/a')}, "
              f"transformers {wl_v.get('transformers', 'n/a')}); llm-compressor {lc_v.get('llmcompressor', 'n/a')} in "
              f".venv-lc (torch {lc_v.get('torch', 'n/a')}, transformers {lc_v.get('transformers', 'n/a')}, "
-             f"compressed-tensors {lc_v.get('compressed-tensors', 'n/a')}).", "",
+             f"compressed-tensors {lc_v.get('compressed-tensors', 'n/a')}). torch threads per child: "
+             f"{sorted({r.get('torch_threads') for r in results}, key=str)} (the same for both tools).", "",
              "Protocol. **MiniLM** (all-MiniLM-L6-v2, genuine fp32): calibration 64 x 128 tokens of the zoo's "
              "Wikipedia calibration split (consecutive windows, no special tokens); quality = mean cosine of mean-pooled, "
              "L2-normalised sentence embeddings vs the fp32 model on the first 200 sentences (>= 5 words) of gensim's "
