@@ -80,12 +80,20 @@ def run(args) -> str:
     names = [n for n, _ in variants]
     sl, lr_same, lr_eq = (statistics.mean(accs[n]) for n in names[1:])
     dense = statistics.mean(accs[names[0]])
+
+    def noise(a: str, b: str) -> float:  # the larger seed std of the two rows
+        return max(statistics.stdev(accs[a]) if len(accs[a]) > 1 else 0.0,
+                   statistics.stdev(accs[b]) if len(accs[b]) > 1 else 0.0)
+
+    def says(diff: float, a: str, b: str) -> str:
+        if abs(diff) <= noise(a, b):
+            return "within the seed-to-seed spread: no difference shown"
+        return "SLTrain better" if diff > 0 else "SLTrain worse"
+
     verdict = [
-        f"- SLTrain vs low-rank at the same rank: {sl - lr_same:+.4f} accuracy "
-        f"({'SLTrain better' if sl > lr_same else 'SLTrain not better'}).",
-        f"- SLTrain vs low-rank at equal parameters: {sl - lr_eq:+.4f} "
-        f"({'SLTrain better' if sl > lr_eq else 'SLTrain not better'}); the paper's claim is that the sparse "
-        "part buys more than the same parameters spent on rank.",
+        f"- SLTrain vs low-rank at the same rank: {sl - lr_same:+.4f} accuracy ({says(sl - lr_same, names[1], names[2])}).",
+        f"- SLTrain vs low-rank at equal parameters: {sl - lr_eq:+.4f} ({says(sl - lr_eq, names[1], names[3])}); "
+        "the paper's claim is that the sparse part buys more than the same parameters spent on rank.",
         f"- SLTrain vs dense: {sl - dense:+.4f} with {sl_params / (256 * 256 + 256):.1%} of the layer's parameters.",
     ]
     return "\n".join([
