@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import click
 import typer
 from typer.core import TyperGroup
 
-from ..errors import ConfigError
 from . import app
 from ._common import console
 
@@ -37,18 +34,9 @@ def _load(path: str):
 
 
 def _write(path: str, text: str) -> None:
-    """Atomic: a reader never sees half a file."""
-    p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"'{p}' is a folder; give a file name")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.weightlab-tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    from ..io.atomic import write_file_atomic
+
+    write_file_atomic(path, text)
 
 
 def _say(text: str) -> None:

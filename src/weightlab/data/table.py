@@ -7,13 +7,13 @@ import io
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import ConfigError, MissingDependencyError, OutputExistsError
+from ..io.atomic import write_file_atomic
 from ..tensor.sample_scores import rank_descending
 
 POLICIES = ("hard", "easy", "random", "auto")
@@ -198,24 +198,19 @@ class ScoreTable:
             import pyarrow.parquet as pq
         except ImportError:
             pa = None
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
+
+        def write(tmp):
             if pa is not None:
                 pq.write_table(pa.table(cols), tmp)
-            else:
-                try:
-                    import pandas as pd
+                return
+            try:
+                import pandas as pd
 
-                    pd.DataFrame(cols).to_parquet(tmp)
-                except ImportError:
-                    raise MissingDependencyError("pyarrow", "Writing scores as Parquet") from None
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+                pd.DataFrame(cols).to_parquet(tmp)
+            except ImportError:
+                raise MissingDependencyError("pyarrow", "Writing scores as Parquet") from None
+
+        return write_file_atomic(path, writer=write)
 
     def save(self, path: str | os.PathLike, *, force: bool = False) -> Path:
         """Write by file extension: .csv, .json or .parquet."""
@@ -256,17 +251,10 @@ class ScoreTable:
         ax.set_xlabel("score (higher = harder)")
         ax.set_ylabel("samples")
         fig.tight_layout()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".png", dir=path.parent)
-        os.close(fd)
         try:
-            fig.savefig(tmp)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
+            return write_file_atomic(path, writer=fig.savefig)
         finally:
             plt.close(fig)
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
 
 
 def _pyplot():
@@ -307,13 +295,5 @@ def _check_target(path: Path, force: bool) -> None:
 
 def _write_atomic(path: Path, data: bytes, force: bool) -> Path:
     _check_target(path, force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_file_atomic(path, data)
     return path

@@ -33,6 +33,7 @@ from pydantic import Field, field_validator
 from ..engine.progress import progress
 from ..engine.source import StateDictSource, root_path
 from ..errors import ConfigError, MissingDependencyError, WeightlabError
+from ..io.atomic import write_file_atomic
 from ..io.dtypes import dtype_name
 from ..registry import MethodConfig
 from ..tensor import spectral as S
@@ -148,16 +149,7 @@ def _jsonable(obj):
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    if path.is_dir():
-        raise ConfigError(f"'{path}' is a folder; give a file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.weightlab-tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_file_atomic(path, text)
 
 
 # ----------------------------------------------------------------------------- sources and plan

@@ -96,3 +96,33 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def write_file_atomic(path, data: str | bytes | None = None, *, writer=None) -> Path:
+    """Write one file atomically: into a hidden temporary file beside it, then rename.
+
+    Give ``data`` (text is written as UTF-8) or ``writer(tmp_path)`` for libraries that write
+    files themselves. A reader never sees half a file; a failure leaves the old file, if any.
+    """
+    import tempfile
+
+    from ..errors import ConfigError
+
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"'{path}' is a folder; give a file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # keep the suffix: writers such as matplotlib pick the format from it
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".weightlab-tmp{path.suffix}", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            if data is not None:
+                fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+        if writer is not None:
+            writer(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
