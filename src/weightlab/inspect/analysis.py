@@ -15,33 +15,29 @@ of the change lies along the base's top singular directions, and where in depth 
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from pydantic import Field, field_validator
 
 from ..engine.progress import progress
-from ..engine.source import StateDictSource, root_path
-from ..errors import ConfigError, MissingDependencyError, WeightlabError
-from ..io.atomic import write_file_atomic
+from ..engine.source import root_path
+from ..errors import ConfigError
 from ..io.dtypes import dtype_name
 from ..registry import MethodConfig
 from ..tensor import spectral as S
 from ..tensor.filters import filter_quality
+from .plan import _Item, as_source, plan  # noqa: F401  (as_source re-exported)
+from .result import InspectResult, Table, _atomic_write, _jsonable  # noqa: F401  (re-exported)
+from .summary import diff_summary, spectral_summary
 
-WW_MEAN_METRICS = ("log_norm", "alpha", "alpha_weighted", "log_alpha_norm", "log_spectral_norm", "stable_rank",
-                   "mp_softrank")
-EPS_SWEEP = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 SMALL_TAIL = 10
 MP_MIN_M = 8
 
@@ -77,182 +73,6 @@ class DiffOptions(MethodConfig):
                                                     "singular vector is below eps")
 
 
-# ----------------------------------------------------------------------------- result tables
-
-class Table(list):
-    """A list of row dicts; ``to_pandas()`` makes a DataFrame when pandas is installed."""
-
-    def to_pandas(self):
-        try:
-            import pandas as pd
-        except ImportError:
-            raise MissingDependencyError("pandas", "Table.to_pandas()") from None
-        return pd.DataFrame(list(self))
-
-    def column(self, key: str) -> list:
-        return [r.get(key) for r in self]
-
-
-class InspectResult(Table):
-    """Per-layer rows (a Table), plus ``diff`` (a Table, empty without a base), ``summary`` and ``spectra``.
-
-    ``spectra`` maps a layer name to its ESD (numpy, ascending; for plots). ``to_dict()`` is the
-    JSON document ``{"layers", "diff", "summary"}``; ``write_html(path)`` writes the report.
-    """
-
-    def __init__(self, layers: list[dict], diff: list[dict], summary: dict, spectra: dict[str, np.ndarray]):
-        super().__init__(layers)
-        self.diff = Table(diff)
-        self.summary = summary
-        self.spectra = spectra
-
-    def to_dict(self) -> dict:
-        return {"layers": list(self), "diff": list(self.diff), "summary": self.summary}
-
-    def to_json(self, path: str | os.PathLike | None = None, indent: int | None = 1) -> str:
-        text = json.dumps(_jsonable(self.to_dict()), indent=indent, allow_nan=False)
-        if path is not None:
-            _atomic_write(Path(path), text + "\n")
-        return text
-
-    def write_html(self, path: str | os.PathLike, *, title: str | None = None,
-                   plot_layers: list[str] | None = None, sections: list[str] | None = None) -> Path:
-        from .report import write_report
-
-        return write_report(self, path, title=title, plot_layers=plot_layers, sections=sections)
-
-    def __repr__(self) -> str:
-        s = self.summary
-        extra = f", diff of {len(self.diff)} tensors" if self.diff else ""
-        med = s.get("median_alpha")
-        return (f"InspectResult({len(self)} layers, median alpha {med:.3f}{extra})" if med is not None else
-                f"InspectResult({len(self)} layers{extra})")
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    write_file_atomic(path, text)
-
-
-# ----------------------------------------------------------------------------- sources and plan
-
-def as_source(obj: Any, what: str = "model"):
-    """A tensor source from a path / zoo reference, a source, an nn.Module or a state dict."""
-    if isinstance(obj, (str, os.PathLike)):
-        from ..io.reader import open_checkpoint
-        from ..recipe.models import resolve_model
-
-        return open_checkpoint(resolve_model(str(obj)))
-    if all(hasattr(obj, a) for a in ("names", "info", "get")):
-        return obj
-    if isinstance(obj, torch.nn.Module):
-        return StateDictSource(obj.state_dict())
-    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return StateDictSource(dict(obj))
-    raise ConfigError(f"cannot inspect {what} of type {type(obj).__name__}: give a checkpoint path, 'zoo:NAME', "
-                      "an nn.Module, a state dict or a tensor source")
-
-
-def _aliases(source) -> dict[str, str]:
-    """name -> first name sharing its storage (tied weights), for in-memory state dicts."""
-    sd = getattr(source, "sd", None)
-    if not isinstance(sd, dict):
-        return {}
-    seen: dict[tuple, str] = {}
-    out = {}
-    for n, t in sd.items():
-        if not isinstance(t, torch.Tensor) or t.numel() == 0:
-            continue
-        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
-        if key in seen:
-            out[n] = seen[key]
-        else:
-            seen[key] = n
-    return out
-
-
-@dataclass
-class _Item:
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    kind: str
-    n: int  # WeightWatcher's N (longer side of a matrix / slice)
-    m: int  # WeightWatcher's M
-    rf: int  # receptive field (slices pooled), 1 for plain matrices
-    cost: float
-    tied_to: str | None = None
-
-
-def _kind(name: str, ndim: int) -> str:
-    if ndim == 4:
-        return "conv2d"
-    low = name.lower()
-    return "embedding" if any(s in low for s in ("embed", "wte", "wpe", "shared.weight")) else "linear"
-
-
-def plan(source, cfg: InspectConfig) -> tuple[list[_Item], list[dict], list[str]]:
-    """(matrices to analyse, skipped matrices with reasons, other floating tensors)."""
-    inc = re.compile(cfg.include) if cfg.include else None
-    exc = re.compile(cfg.exclude) if cfg.exclude else None
-    aliases = _aliases(source)
-    items, skipped, others = [], [], []
-    for name in source.names():
-        info = source.info(name)
-        if not info.dtype.is_floating_point or info.numel == 0:
-            continue
-        nd = len(info.shape)
-        if nd not in (2, 4):
-            if nd == 3 or nd > 4:
-                skipped.append({"name": name, "reason": f"{nd}-D tensor (only 2-D matrices and 4-D conv kernels)"})
-            others.append(name)
-            continue
-        if (inc and not inc.search(name)) or (exc and exc.search(name)):
-            skipped.append({"name": name, "reason": "excluded by name pattern"})
-            others.append(name)
-            continue
-        if nd == 2:
-            a, b = info.shape
-            n, m, rf = max(a, b), min(a, b), 1
-            cost = n * m * m + 4 * m ** 3
-        else:
-            co, ci, kh, kw = info.shape
-            n, m, rf = max(co, ci), min(co, ci), kh * kw
-            mm = min(co, ci * rf)
-            cost = rf * (n * m * m + 4 * m ** 3) + max(co, ci * rf) * mm * mm + 4 * mm ** 3
-        evals = m * rf
-        reason = None
-        if evals < cfg.min_evals:
-            reason = f"{evals} eigenvalues < min_evals {cfg.min_evals}"
-        elif evals > cfg.max_evals:
-            reason = f"{evals} eigenvalues > max_evals {cfg.max_evals}"
-        elif n > cfg.max_n:
-            reason = f"longer side {n} > max_n {cfg.max_n}"
-        if reason:
-            skipped.append({"name": name, "reason": reason})
-            others.append(name)
-            continue
-        items.append(_Item(name, tuple(info.shape), info.dtype, _kind(name, nd), n, m, rf, float(cost),
-                           aliases.get(name)))
-    return items, skipped, others
 
 
 # ----------------------------------------------------------------------------- per-layer work
@@ -456,109 +276,6 @@ def default_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
         return max(1, os.cpu_count() or 1)
-
-
-# ----------------------------------------------------------------------------- summaries
-
-def _mean(vals) -> float | None:
-    v = [x for x in vals if x is not None and math.isfinite(x)]
-    return sum(v) / len(v) if v else None
-
-
-def _median(vals) -> float | None:
-    v = sorted(x for x in vals if x is not None and math.isfinite(x))
-    return float(np.median(v)) if v else None
-
-
-def spectral_summary(rows: list[dict], skipped: list[dict]) -> dict:
-    fitted = [r for r in rows if r.get("alpha") is not None]
-    by_alpha = sorted(fitted, key=lambda r: r["alpha"])
-    s: dict[str, Any] = {
-        "layers": len(rows),
-        "fitted": len(fitted),
-        "failed_fits": [r["name"] for r in rows if r.get("fit") == "failed"],
-        "skipped": skipped,
-        "mean": {k: _mean(r.get(k) for r in rows) for k in WW_MEAN_METRICS},
-        "median_alpha": _median(r.get("alpha") for r in rows),
-        "alpha_below_2": [r["name"] for r in by_alpha if r["alpha"] < S.ALPHA_LOW],
-        "alpha_above_6": [r["name"] for r in by_alpha if r["alpha"] > S.ALPHA_HIGH],
-        "lowest_alpha": [{"name": r["name"], "alpha": r["alpha"]} for r in by_alpha[:5]],
-        "highest_alpha": [{"name": r["name"], "alpha": r["alpha"]} for r in by_alpha[::-1][:5]],
-        "rank_deficient": [r["name"] for r in rows if r.get("numerical_rank") is not None
-                           and r["numerical_rank"] < min(r["shape"][0], int(np.prod(r["shape"][1:])))],
-        "layers_with_warnings": sum(1 for r in rows if r.get("warnings")),
-        "tied": {r["name"]: r["tied_to"] for r in rows if r.get("tied_to")},
-    }
-    conv = [r for r in rows if "filter_sparsity" in r]
-    if conv:
-        s["filters"] = {"layers": len(conv),
-                        "mean_sparsity": _mean(r["filter_sparsity"] for r in conv),
-                        "mean_orthogonality": _mean(r.get("filter_orthogonality") for r in conv),
-                        "flagged": [{"name": r["name"], "flags": r["filter_flags"]} for r in conv
-                                    if r.get("filter_flags")]}
-    return s
-
-
-def diff_summary(drows: list[dict], opts: DiffOptions, only_in_base: list[str]) -> dict:
-    compared = [r for r in drows if r.get("status") in ("changed", "unchanged")]
-    changed = [r for r in compared if r["status"] == "changed"]
-    mats = [r for r in compared if r["kind"] != "other" and r.get("rel_change") is not None]
-    tot_d = math.sqrt(sum((r.get("delta_norm") or 0.0) ** 2 for r in compared))
-    tot_b = math.sqrt(sum((r.get("base_norm") or 0.0) ** 2 for r in compared))
-    most = sorted(mats, key=lambda r: -r["rel_change"])[:10]
-    out: dict[str, Any] = {
-        "compared": len(compared),
-        "changed": len(changed),
-        "unchanged": len(compared) - len(changed),
-        "only_in_model": [r["name"] for r in drows if r.get("status") == "only in model"],
-        "only_in_base": only_in_base,
-        "shape_mismatch": [r["name"] for r in drows if r.get("status") == "shape mismatch"],
-        "non_finite": [r["name"] for r in drows if str(r.get("status", "")).startswith("non-finite")],
-        "total_rel_change": tot_d / tot_b if tot_b > 0 else None,
-        "most_changed": [{"name": r["name"], "rel_change": r["rel_change"], "intruders": r.get("intruders")}
-                         for r in most],
-    }
-    # depth profile: mean relative change of the matrices of each block, and shallow/middle/deep thirds
-    depths = sorted({r["depth"] for r in mats if r.get("depth") is not None})
-    if depths:
-        per = []
-        for d in depths:
-            rs = [r for r in mats if r.get("depth") == d]
-            per.append({"depth": d, "mean_rel_change": _mean(r["rel_change"] for r in rs),
-                        "intruders": sum(r.get("intruders") or 0 for r in rs), "matrices": len(rs)})
-        out["per_depth"] = per
-        if len(depths) >= 3:
-            lo, hi = depths[0], depths[-1]
-            span = hi - lo + 1
-            thirds = {"shallow": [], "middle": [], "deep": []}
-            for p in per:
-                pos = (p["depth"] - lo) / span
-                key = "shallow" if pos < 1 / 3 else ("middle" if pos < 2 / 3 else "deep")
-                thirds[key].append(p["mean_rel_change"])
-            t = {k: _mean(v) for k, v in thirds.items()}
-            out["by_depth"] = t
-            sh, dp = t["shallow"], t["deep"]
-            if sh is not None and dp is not None:
-                if sh == 0 and dp == 0:
-                    verdict = "neither shallow nor deep blocks changed"
-                elif sh == 0:
-                    verdict = "deep layers changed, shallow ones did not"
-                elif dp == 0:
-                    verdict = "shallow layers changed, deep ones did not"
-                else:
-                    r = dp / sh
-                    verdict = (f"deep layers changed {r:.2f}x as much as shallow ones" if r >= 1.25 else
-                               f"shallow layers changed {1 / r:.2f}x as much as deep ones" if r <= 0.8 else
-                               "changes are spread evenly over depth")
-                out["depth_verdict"] = verdict
-    others = [r for r in compared if r["kind"] == "other" and r.get("depth") is None]
-    if others:
-        out["outside_blocks"] = [{"name": r["name"], "rel_change": r.get("rel_change")} for r in others]
-    mc = [r.get("intruder_max_cos") or [] for r in mats]
-    out["intruders"] = {"k": opts.k, "eps": opts.eps, "total": sum(r.get("intruders") or 0 for r in mats),
-                        "layers_with_intruders": sum(1 for r in mats if (r.get("intruders") or 0) > 0),
-                        "sweep": {f"{e:g}": int(sum(sum(1 for c in cs if c < e) for cs in mc)) for e in EPS_SWEEP}}
-    return out
 
 
 # ----------------------------------------------------------------------------- the pass
