@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from weightlab.tensor import filters as F
+from weightlab.tensor import powerlaw as P
 from weightlab.tensor import spectral as S
 
 
@@ -61,7 +62,7 @@ def test_ww_small_n_fallback_and_failures():
     assert S.fit_power_law(np.array([3.0])).status == "failed"
     assert S.fit_power_law(np.array([1e-7, 1e-6, 2.0])).status == "failed"  # one eigenvalue above 1e-5
     small = S.fit_power_law(pareto(12, 3.0, seed=4))
-    assert small.status == "small-n" and small.alpha > 1 and small.n_tail >= S.SMALL_N_MIN_TAIL
+    assert small.status == "small-n" and small.alpha > 1 and small.n_tail >= P.SMALL_N_MIN_TAIL
     tiny = S.fit_power_law(pareto(5, 3.0, seed=5))  # no tail of 8: the whole ESD
     assert tiny.status == "small-n" and tiny.n_tail == 5
     assert S.fit_power_law(np.full(30, 2.0)).status == "failed"
@@ -73,9 +74,9 @@ def test_pruned_ks_scan_is_exact(monkeypatch):
         n = int(rng.integers(150, 2500))
         x = [pareto(n, rng.uniform(1.5, 6), seed=trial), np.exp(rng.normal(0, 2, n)),
              rng.standard_normal(n) ** 2 * rng.random(n) + rng.random(n)][trial % 3]
-        monkeypatch.setattr(S, "_FULL_SCAN", 10 ** 12)
+        monkeypatch.setattr(P, "_FULL_SCAN", 10 ** 12)
         a = S.fit_power_law(x)
-        monkeypatch.setattr(S, "_FULL_SCAN", 0)
+        monkeypatch.setattr(P, "_FULL_SCAN", 0)
         b = S.fit_power_law(x)
         assert (a.alpha, a.xmin, a.D) == (b.alpha, b.xmin, b.D)
 
