@@ -16,7 +16,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..engine.calibration import find_blocks, layerwise, prunable_layers, set_weight_matrix, weight_matrix
+from ..engine.calibration import (find_blocks, layerwise, prunable_layers, set_weight_matrix, weight_matrix,
+                                  weight_view)
 from ..engine.progress import progress
 from ..errors import ConfigError
 from ..registry import MethodConfig, Regime, get_method, register
@@ -100,12 +101,12 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pat
     if not layers:
         raise ConfigError("the model has no Linear/Conv layers to prune")
     for n, m in layers.items():
-        if nm is not None and weight_matrix(m).shape[1] % nm[1]:
-            raise ConfigError(f"layer {n} has {weight_matrix(m).shape[1]} inputs, not a multiple of {nm[1]}")
+        if nm is not None and weight_view(m).shape[1] % nm[1]:
+            raise ConfigError(f"layer {n} has {weight_view(m).shape[1]} inputs, not a multiple of {nm[1]}")
     needs = set(spec.extra.get("needs", ()))
     batches = to_batches(calib, tokenizer, nsamples, seqlen, seed, sampling) if (needs or allocation == "rd") else []
 
-    weights = {n: weight_matrix(m) for n, m in layers.items()}
+    weights = {n: weight_view(m) for n, m in layers.items()}  # views: a copy of every weight would double memory
     kwargs = {"distortion": _distortion_fn(model, layers, batches[:2])} if allocation == "rd" else {}
     per_layer = {n: sparsity for n in layers} if nm else alloc.fn(weights, sparsity, **kwargs)
     del weights

@@ -11,6 +11,7 @@ CNNs) are one block.
 """
 from __future__ import annotations
 
+import gc
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from .memory import release_freed_memory
 from .progress import progress
 
 
@@ -60,6 +62,14 @@ def weight_matrix(mod: nn.Module) -> torch.Tensor:
     if is_conv1d_hf(mod):
         w = w.T
     return w.reshape(w.shape[0], -1).to(torch.float32, copy=True)
+
+
+def weight_view(mod: nn.Module) -> torch.Tensor:
+    """The layer's weight as (out, in) without copying (read-only use: shapes, allocation scores)."""
+    w = mod.weight.detach()
+    if is_conv1d_hf(mod):
+        w = w.T
+    return w.reshape(w.shape[0], -1)
 
 
 def set_weight_matrix(mod: nn.Module, w: torch.Tensor) -> None:
@@ -140,6 +150,9 @@ def capture_inputs(model: nn.Module, first_block: nn.Module, batches: list) -> B
                     pass
     finally:
         h.remove()
+    # each aborted forward leaves its frames (holding that batch's hidden states) in a reference cycle
+    # with the _Stop traceback; without a collection they would outlive their replacement by the outputs
+    gc.collect()
     return cap
 
 
@@ -176,13 +189,28 @@ def layerwise(model: nn.Module, batches: list, on_block: Callable, *, hessian: b
     if not cap.args and not cap.kwargs:
         raise ConfigError("no calibration batch reached the model's first block")
     inputs = list(zip(cap.args, cap.kwargs))
+    del cap  # `inputs` is the only holder, so each batch's input is freed as soon as its output replaces it
     for i, block in enumerate(progress(list(blocks), "calibrating blocks", enabled=show_progress)):
         prefix = f"{name}.{i}" if name else str(i)
         layers = {n: m for n, m in prunable_layers(block, prefix).items() if layer_filter is None or layer_filter(n)}
         with torch.no_grad():
-            stats = _collect(layers, lambda: [block(*a, **k) for a, k in inputs], hessian)
+            stats = _collect(layers, lambda: _run_each(block, inputs), hessian)
             on_block(i, prefix, layers, stats)
-            inputs = [_with_hidden(a, k, _block_output(block(*a, **k))) for a, k in inputs]
+            del stats
+            _propagate(block, inputs)
+        release_freed_memory()
+
+
+def _propagate(block: nn.Module, inputs: list) -> None:
+    """Replace each cached input by the block's output, in place: one batch more than the cache, not two caches."""
+    for j in range(len(inputs)):
+        a, k = inputs[j]
+        inputs[j] = _with_hidden(a, k, _block_output(block(*a, **k)))
+
+
+def _run_each(block: nn.Module, inputs: list) -> None:
+    for a, k in inputs:  # outputs are dropped at once: only the hooks' statistics are wanted
+        block(*a, **k)
 
 
 def _collect(layers: dict, run: Callable, hessian: bool) -> dict[str, LayerStats]:
