@@ -180,6 +180,17 @@ def machine_line() -> str:
             f"{cpu_count()} CPU cores ({cpu_model()}), Python {platform.python_version()}")
 
 
+def load_sentence(loads: list[float]) -> str:
+    """How busy the machine was during the runs (1-minute load averages at their starts and ends)."""
+    lo, hi = min(loads, default=0.0), max(loads, default=0.0)
+    span = f"1-minute load average at the starts/ends of the runs {lo:.1f}-{hi:.1f} on {cpu_count()} cores"
+    if hi <= cpu_count() + 0.5:
+        return (f"Not overloaded: at most about one busy process per core ({span}); wall and CPU seconds "
+                "(user + system) are both given.")
+    return (f"Shared and busy: other jobs ran at the same time ({span}), so wall times are inflated and noisy; "
+            "CPU seconds (user + system of the process) are less affected and are given next to them.")
+
+
 def today() -> str:
     return _dt.date.today().isoformat()
 

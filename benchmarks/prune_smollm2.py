@@ -114,7 +114,7 @@ def child_main(spec_path: str) -> int:
     sys.path.insert(0, spec["src"])  # the llm-compressor venv does not have weightlab installed
     os.environ.setdefault("WEIGHTLAB_PROGRESS", "0")
     res: dict = {"tool": spec["tool"], "method": spec["method"], "pattern": spec["pattern"],
-                 "python": sys.executable}
+                 "calib_batch": spec.get("calib_batch"), "python": sys.executable}
     import torch
 
     res["versions"] = {k: C.package_version(k) for k in ("torch", "transformers", "llmcompressor",
@@ -144,6 +144,9 @@ def child_main(spec_path: str) -> int:
     res["rss_after_load_mib"], res["load_peak_mib"] = st["VmRSS"], st["VmHWM"]
     res["rss_after_load_anon_file_mib"] = [st["RssAnon"], st["RssFile"]]
     res["model_mib"] = CC.model_bytes(model) / 2**20
+    st = CC.materialize(model)
+    res["rss_materialized_mib"] = st["VmRSS"]
+    res["rss_materialized_anon_file_mib"] = [st["RssAnon"], st["RssFile"]]
     res["embed_zeros_before"] = _embedding_zeros(model)
     heldout = Path(spec["heldout_path"]).read_text(encoding="utf-8")
 
@@ -164,7 +167,12 @@ def child_main(spec_path: str) -> int:
 
                 prof = cProfile.Profile()
                 prof.enable()
-            rep = prune(model, method, SPARSITY, pattern=pattern, calib=ids, tokenizer=tok, nsamples=NSAMPLES,
+            calib = ids
+            if spec.get("calib_batch"):  # the noise-floor variant: same ids, another accumulation order
+                from weightlab.compress.prune import to_batches
+
+                calib = to_batches(ids, batch_size=spec["calib_batch"])
+            rep = prune(model, method, SPARSITY, pattern=pattern, calib=calib, tokenizer=tok, nsamples=NSAMPLES,
                         seqlen=SEQLEN, sampling="consecutive", show_progress=False, **params)
             if prof is not None:
                 prof.disable()
@@ -260,6 +268,8 @@ def plan_runs(args) -> list[dict]:
                 flip = not flip
     for pattern in patterns:
         runs += [{"tool": "weightlab", "method": m, "pattern": pattern} for m in methods if m not in LC_METHODS]
+    if args.noise:  # weightlab SparseGPT again with calibration batches of 1: the implementation's own spread
+        runs += [{"tool": "weightlab", "method": "sparsegpt", "pattern": p, "calib_batch": 1} for p in patterns]
     if not args.quick and not args.no_dense:
         runs += [{"tool": "weightlab", "method": "dense", "pattern": None},
                  {"tool": "llm-compressor", "method": "dense", "pattern": None}]
@@ -275,7 +285,16 @@ def plan_runs(args) -> list[dict]:
 
 
 def tag_of(r: dict) -> str:
-    return f"{'wl' if r['tool'] == 'weightlab' else 'lc'}_{r['method']}_{pat_name(r['pattern']).replace(':', '-')}"
+    t = f"{'wl' if r['tool'] == 'weightlab' else 'lc'}_{r['method']}_{pat_name(r['pattern']).replace(':', '-')}"
+    return t + (f"_b{r['calib_batch']}" if r.get("calib_batch") else "")
+
+
+def key_of(r: dict) -> tuple:
+    return r["tool"], r["method"], r["pattern"], r.get("calib_batch")
+
+
+def tool_label(r: dict) -> str:
+    return r["tool"] + (f" (calib batch {r['calib_batch']})" if r.get("calib_batch") else "")
 
 
 def run_child(run: dict, data: dict, work: Path, python: str, profile: set, threads: int | None = None) -> tuple[dict, C.Run]:
@@ -304,7 +323,7 @@ def memory_bound(model_dir: str) -> dict:
     kv = cfg.get("num_key_value_heads", heads)
     B, N, L, f4, f8 = EVAL_BATCH, NSAMPLES, SEQLEN, 4, 8  # prune() calibrates in batches of 4
     mib = 1 / 2**20
-    acts = 2 * N * L * d * f4  # block inputs for every sample + the block's outputs being built
+    acts = N * L * d * f4 + B * L * d * f4  # the cached inputs, replaced batch by batch by the block's outputs
     rope = 2 * (N // B) * B * L * hd * f4  # cos/sin kwargs kept per batch
     # one block forward on one batch: normed input, q, k, v, attention output, o, residuals;
     # gate, up, act(gate)*up, down; plus a (B, heads, L, L) score matrix if attention materializes it
@@ -328,6 +347,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--only", help="comma-separated [tool:]method[@pattern] filters, e.g. 'lc:wanda@2:4,gblm'")
     ap.add_argument("--with-dpruner", action="store_true", help="add D-Pruner (domain text: Python's pydoc topics)")
     ap.add_argument("--no-dense", action="store_true", help="skip the two dense evaluations")
+    ap.add_argument("--noise", action="store_true",
+                    help="also run weightlab's SparseGPT with calibration batches of 1 (its numerical spread)")
     ap.add_argument("--skip-lc", action="store_true", help="weightlab only (no llm-compressor venv needed)")
     ap.add_argument("--lc-python", help="python of the llm-compressor venv (default .venv-lc/bin/python)")
     ap.add_argument("--profile", default="", help="comma-separated weightlab methods to cProfile inside the child")
@@ -427,16 +448,13 @@ def _f(x, nd=1):
 
 
 def render(results: list[dict], data: dict, work: Path, total_s: float, note: str) -> str:
-    by = {(r["tool"], r["method"], r["pattern"]): r for r in results}
+    by = {key_of(r): r for r in results}
     wl_v = next((r["versions"] for r in results if r["tool"] == "weightlab"), {})
     lc_v = next((r["versions"] for r in results if r["tool"] == "llm-compressor"), {})
     bound = memory_bound(data["model_dir"])
     model_mib = next((r["model_mib"] for r in results if "model_mib" in r), float("nan"))
     loads = [x for r in results for x in (r.get("loadavg_start"), r.get("loadavg_end")) if x is not None]
-    lines = [f"Date: {C.today()}. Machine: {C.machine_line()}. Shared and busy: other jobs ran at the same time "
-             f"(1-minute load average at the start/end of the runs {min(loads, default=0):.1f}-{max(loads, default=0):.1f} "
-             "on 2 cores), so wall times are inflated and noisy; CPU seconds (user + system of the process) are "
-             "less affected and are given next to them.",
+    lines = [f"Date: {C.today()}. Machine: {C.machine_line()}. " + C.load_sentence(loads),
              f"Versions: weightlab {C.package_version('weightlab')} in .venv (torch {wl_v.get('torch', 'n/a')}, "
              f"transformers {wl_v.get('transformers', 'n/a')}); llm-compressor {lc_v.get('llmcompressor', 'n/a')} in its own "
              f".venv-lc (torch {lc_v.get('torch', 'n/a')}, transformers {lc_v.get('transformers', 'n/a')}, compressed-tensors "
@@ -459,8 +477,10 @@ def render(results: list[dict], data: dict, work: Path, total_s: float, note: st
         "child (start-up, imports, load, prune, evaluation); **prune** = the `prune(...)` / `oneshot(...)` call, wall "
         "and CPU seconds; **peak RSS** = the child's own (" + (results[0]["rss_source"] if results else "?") + "; the "
         "evaluation with its 4x512x49,152 fp32 logits sets it); **prune peak** = the highest RSS during the prune call "
-        "alone (the kernel's peak counter is reset just before it), and in brackets that minus (RSS after imports + "
-        "the fp32 model's bytes): the pruning engine's own memory. Ratios are weightlab / llm-compressor for the "
+        "alone (the kernel's peak counter is reset just before it), and in brackets that minus the RSS just before "
+        "the call: the pruning engine's own memory (both tools' models are first copied out of transformers' "
+        "memory-mapped safetensors into ordinary memory, so that pruning in place does not count the file pages "
+        "and their copy-on-write copies twice). Ratios are weightlab / llm-compressor for the "
         "same method and pattern; **mask differs** = share of the 106M decoder weights whose kept/pruned state differs "
         "between the two tools.", ""]
     header = ["method", "pattern", "tool", "PPL", "wall s", "prune s", "prune CPU s", "prune/eval", "peak RSS MiB",
@@ -468,8 +488,8 @@ def render(results: list[dict], data: dict, work: Path, total_s: float, note: st
               "mask differs"]
     rows, verdicts, notes = [], [], []
     for r in results:
-        key_other = ("llm-compressor" if r["tool"] == "weightlab" else "weightlab", r["method"], r["pattern"])
-        o = by.get(key_other) if r["method"] in LC_METHODS else None
+        key_other = ("llm-compressor" if r["tool"] == "weightlab" else "weightlab", r["method"], r["pattern"], None)
+        o = by.get(key_other) if r["method"] in LC_METHODS and not r.get("calib_batch") else None
         ppl = r["eval"]["perplexity"]
         pr = pt = pc = rr = md = None
         if o is not None and r["tool"] == "weightlab":
@@ -480,7 +500,7 @@ def render(results: list[dict], data: dict, work: Path, total_s: float, note: st
             md = mask_agreement(work, r["tag"], o["tag"])
             verdicts.append((r["method"], r["pattern"], pr, pt, pc, ppl, o["eval"]["perplexity"]))
         eng = engine_mib(r)
-        rows.append([r["method"], pat_name(r["pattern"]) if r["method"] != "dense" else "-", r["tool"],
+        rows.append([r["method"], pat_name(r["pattern"]) if r["method"] != "dense" else "-", tool_label(r),
                      f"**{ppl:.3f}**", _f(r["wall_s"]), _f(r.get("prune_s")), _f(r.get("prune_cpu_s")),
                      _f(r["prune_s"] / r["eval_s"], 2) if r.get("prune_s") else "-",
                      _f(r["peak_rss_mib"], 0),
@@ -489,7 +509,7 @@ def render(results: list[dict], data: dict, work: Path, total_s: float, note: st
                      "n/a" if md is None else f"{100 * md:.2f}%"])
         ck = r["check"]
         label = "dense" if r["method"] == "dense" else f"{r['method']} {pat_name(r['pattern'])}"
-        bits = [f"{r['tool']} {label}: load avg {r['loadavg_start']:.1f}->{r['loadavg_end']:.1f}",
+        bits = [f"{tool_label(r)} {label}: load avg {r['loadavg_start']:.1f}->{r['loadavg_end']:.1f}",
                 f"eval {r['eval_s']:.1f} s wall / {r['eval_cpu_s']:.1f} s CPU", f"child CPU {r['child_cpu_s']:.0f} s",
                 f"{r['eval']['tokens']} tokens (ids sha {r['eval']['eval_ids_sha']})"]
         if r["method"] != "dense":
@@ -501,7 +521,7 @@ def render(results: list[dict], data: dict, work: Path, total_s: float, note: st
     lines.append("Targets (weightlab vs llm-compressor, same run): PPL <= llm-compressor x 1.01, and no slower (the "
                  "prune call; judged on wall time, CPU time shown as the less noisy check).")
     for m, p, pr, pt, pc, a, b in verdicts:
-        wl_r, lc_r = by[("weightlab", m, p)], by[("llm-compressor", m, p)]
+        wl_r, lc_r = by[("weightlab", m, p, None)], by[("llm-compressor", m, p, None)]
         pn = (wl_r["prune_s"] / wl_r["eval_s"]) / (lc_r["prune_s"] / lc_r["eval_s"])
         lines.append(f"- {m} {pat_name(p)}: PPL {a:.3f} vs {b:.3f} = {pr:.4f}x: "
                      f"**{'met' if pr <= PPL_SLACK else 'NOT met'}**; prune wall {pt:.2f}x: "
@@ -509,8 +529,8 @@ def render(results: list[dict], data: dict, work: Path, total_s: float, note: st
     lines.append("")
     lines.append("Memory bound of weightlab's layer-by-layer engine (Wanda, SparseGPT): the model stays resident "
                  f"(`load_causal_lm` loads it whole, {model_mib:.0f} MiB fp32), and on top of it the engine holds only the cached "
-                 f"block inputs of all calibration samples plus the block outputs being built (2 x {NSAMPLES} x {SEQLEN} x 576 x 4 B = "
-                 f"{bound['acts_mib']:.0f} MiB), the rotary cos/sin kwargs ({bound['rope_mib']:.0f} MiB), one block's "
+                 f"block inputs of all calibration samples, which the block's outputs replace batch by batch "
+                 f"(({NSAMPLES} + {EVAL_BATCH}) x {SEQLEN} x 576 x 4 B = {bound['acts_mib']:.0f} MiB), the rotary cos/sin kwargs ({bound['rope_mib']:.0f} MiB), one block's "
                  f"forward on one batch of 4 ({bound['block_fwd_mib']:.0f} MiB, counting a materialized 4x9x512x512 "
                  f"score matrix), hook transients ({bound['hook_mib']:.0f} MiB) and one block's statistics (SparseGPT: "
                  f"7 fp32 Hessians {bound['hessians_mib']:.0f} MiB + fp64 solver buffers {bound['solver_mib']:.0f} MiB). "
@@ -520,7 +540,8 @@ def render(results: list[dict], data: dict, work: Path, total_s: float, note: st
                  f"({3 * bound['prunable_fp32_mib']:.0f} MiB; D-Pruner twice that).")
     for r in results:
         eng = engine_mib(r)
-        if r["tool"] == "weightlab" and r["method"] in ("wanda", "sparsegpt") and eng is not None:
+        if r["tool"] == "weightlab" and r["method"] in ("wanda", "sparsegpt") and eng is not None \
+                and not r.get("calib_batch"):
             b = bound[f"bound_{r['method']}_mib"]
             lines.append(f"- check {r['method']} {pat_name(r['pattern'])}: engine memory {eng:.0f} MiB vs bound {b:.0f} MiB: "
                          f"**{'within' if eng <= b else 'EXCEEDED'}**")
@@ -542,9 +563,22 @@ def explain(results: list[dict], by: dict, work: Path, bound: dict) -> list[str]
                       + ("identically." if len(set(round(v, 3) for v in dense.values())) == 1 else
                          f"{abs(max(dense.values()) / min(dense.values()) - 1) * 100:.3f} % apart.")
                       if len(dense) == 2 else ""))
-    pairs = [(r, by.get(("llm-compressor", r["method"], r["pattern"]))) for r in results
-             if r["tool"] == "weightlab" and r["method"] in LC_METHODS]
+    pairs = [(r, by.get(("llm-compressor", r["method"], r["pattern"], None))) for r in results
+             if r["tool"] == "weightlab" and r["method"] in LC_METHODS and not r.get("calib_batch")]
     pairs = [(a, b) for a, b in pairs if b is not None]
+    for v in results:
+        if not v.get("calib_batch"):
+            continue
+        a, b = by.get(("weightlab", v["method"], v["pattern"], None)), by.get(("llm-compressor", v["method"], v["pattern"], None))
+        if a is None:
+            continue
+        pv, pa = v["eval"]["perplexity"], a["eval"]["perplexity"]
+        md = mask_agreement(work, v["tag"], a["tag"])
+        out.append(f"- Numerical spread of one implementation: weightlab {v['method']} {pat_name(v['pattern'])} with "
+                   f"calibration batches of {v['calib_batch']} instead of 4 (the same 32 sequences; only the float32 "
+                   f"summation order of the statistics changes) gives PPL {pv:.3f} vs {pa:.3f} "
+                   f"({100 * (pv / pa - 1):+.2f} %)" + (f", {100 * md:.2f} % of the keep/prune decisions differ" if md is not None else "")
+                   + (f"; llm-compressor: {b['eval']['perplexity']:.3f}" if b else "") + ".")
     for a, b in pairs:
         md = mask_agreement(work, a["tag"], b["tag"])
         out.append(f"- {a['method']} {pat_name(a['pattern'])}: PPL {a['eval']['perplexity']:.3f} (weightlab) vs "
@@ -581,8 +615,13 @@ def explain(results: list[dict], by: dict, work: Path, bound: dict) -> list[str]
 
 
 def engine_mib(r: dict) -> float | None:
-    """Prune-phase peak RSS minus (RSS after imports + the model's bytes): the pruning engine's own memory."""
-    if "prune_peak_mib" not in r or "rss_after_imports_mib" not in r:
+    """The pruning engine's own memory: prune-phase peak RSS minus the RSS just before it (the model
+    materialized in anonymous memory, see CC.materialize); older runs: minus (imports + model bytes)."""
+    if "prune_peak_mib" not in r:
+        return None
+    if "rss_materialized_mib" in r:
+        return r["prune_peak_mib"] - r["rss_before_prune_mib"]
+    if "rss_after_imports_mib" not in r:
         return None
     return r["prune_peak_mib"] - r["rss_after_imports_mib"] - r["model_mib"]
 

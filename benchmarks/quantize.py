@@ -53,6 +53,7 @@ def child_main(spec_path: str) -> int:
     t_start = time.perf_counter()
     spec, res = CC.child_setup(spec_path)
     res.update({k: spec[k] for k in ("model", "bits", "tag")})
+    res["calib_batch"] = spec.get("calib_batch")
     import copy
 
     import torch
@@ -78,7 +79,7 @@ def child_main(spec_path: str) -> int:
     res["calib_ids_sha"] = CC.sha(ids)
     # the same batches for every weightlab call: 4 windows, no padding, no special tokens
     extra = {"use_cache": False} if mname == "smollm2" else {}  # a KV cache would carry keys across batches
-    batches = [{"input_ids": b, **extra} for b in ids.split(4)]
+    batches = [{"input_ids": b, **extra} for b in ids.split(spec.get("calib_batch") or 4)]
     text = Path(spec["eval_path"]).read_text(encoding="utf-8")
 
     def evaluate() -> dict:
@@ -251,13 +252,16 @@ def plan(args) -> list[dict]:
                     {"model": m, "tool": "llm-compressor", "method": "gptq", "bits": bits}]
             runs += pair[::-1] if flip else pair
             flip = not flip
+        if args.noise and m == "minilm":  # GPTQ again with calibration batches of 1: the implementation's spread
+            runs += [{"model": m, "tool": "weightlab", "method": "gptq", "bits": b, "calib_batch": 1} for b in BITS]
         if not quick_llm:
             runs.append({"model": m, "tool": "weightlab", "method": "pbllm", "bits": 1})
             runs.append({"model": m, "tool": "weightlab", "method": "chain", "bits": 4})
     if args.skip_lc:
         runs = [r for r in runs if r["tool"] != "llm-compressor"]
     for r in runs:
-        r["tag"] = f"{r['model']}_{'wl' if r['tool'] == 'weightlab' else 'lc'}_{r['method']}{r['bits'] or ''}"
+        r["tag"] = (f"{r['model']}_{'wl' if r['tool'] == 'weightlab' else 'lc'}_{r['method']}{r['bits'] or ''}"
+                    + (f"_b{r['calib_batch']}" if r.get("calib_batch") else ""))
     return runs
 
 
@@ -266,6 +270,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--quick", action="store_true", help="MiniLM: every run; SmolLM2: dense, RTN and GPTQ at 4 bits")
     ap.add_argument("--only", help="comma-separated models: minilm, smollm2")
     ap.add_argument("--skip-lc", action="store_true", help="weightlab only")
+    ap.add_argument("--noise", action="store_true",
+                    help="also run weightlab's MiniLM GPTQ with calibration batches of 1 (its numerical spread)")
     ap.add_argument("--lc-python", help="python of the llm-compressor venv (default .venv-lc/bin/python)")
     ap.add_argument("--write", action="store_true", help="write RESULTS.md even for a partial run")
     ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
@@ -333,13 +339,11 @@ def _qual(q: dict) -> str:
 # ============================================================================ report
 
 def render(results: list[dict], data: dict, total_s: float, note: str) -> str:
-    by = {(r["model"], r["tool"], r["method"], r.get("bits")): r for r in results}
+    by = {(r["model"], r["tool"], r["method"], r.get("bits"), r.get("calib_batch")): r for r in results}
     wl_v = next((r["versions"] for r in results if r["tool"] == "weightlab"), {})
     lc_v = next((r["versions"] for r in results if r["tool"] == "llm-compressor"), {})
     lo, hi = CC.loadavg_range(results)
-    lines = [f"Date: {C.today()}. Machine: {C.machine_line()}. Shared and busy: other jobs ran at the same time "
-             f"(1-minute load average {lo:.1f}-{hi:.1f} on 2 cores at the starts/ends of the runs), so wall times are "
-             "inflated and noisy; CPU seconds (user + system) are given next to them; compare tools within this run.",
+    lines = [f"Date: {C.today()}. Machine: {C.machine_line()}. " + C.load_sentence([lo, hi]) + " Compare tools within this run.",
              f"Versions: weightlab {C.package_version('weightlab')} in .venv (torch {wl_v.get('torch', 'n/a')}, "
              f"transformers {wl_v.get('transformers', 'n/a')}); llm-compressor {lc_v.get('llmcompressor', 'n/a')} in "
              f".venv-lc (torch {lc_v.get('torch', 'n/a')}, transformers {lc_v.get('transformers', 'n/a')}, "
@@ -375,20 +379,22 @@ def render(results: list[dict], data: dict, total_s: float, note: str) -> str:
         for r in rs:
             if r["method"] == "chain":
                 continue
-            o = by.get((mname, "llm-compressor" if r["tool"] == "weightlab" else "weightlab", r["method"], r.get("bits")))
+            o = None if r.get("calib_batch") else by.get(
+                (mname, "llm-compressor" if r["tool"] == "weightlab" else "weightlab", r["method"], r.get("bits"), None))
             rq, tr = _qnum(r), None
             if o is not None and r["tool"] == "weightlab":
                 tr = r["quant_s"] / o["quant_s"]
             label = {"dense": "fp32", "rtn": f"RTN {r['bits']}-bit", "gptq": f"GPTQ {r['bits']}-bit",
                      "pbllm": f"PB-LLM {int(SALIENT * 100)} % salient"}[r["method"]]
-            rows.append([label, r["tool"], f"**{_qfmt(rq, mname)}**", fmt(r.get("bits_per_weight"), 3),
+            tool = r["tool"] + (f" (calib batch {r['calib_batch']})" if r.get("calib_batch") else "")
+            rows.append([label, tool, f"**{_qfmt(rq, mname)}**", fmt(r.get("bits_per_weight"), 3),
                          f"{fmt(r.get('quant_s'))} ({fmt(r.get('quant_cpu_s'))})" if "quant_s" in r else "-",
                          fmt(r["wall_s"]), fmt(r["peak_rss_mib"], 0),
                          str(r.get("check", {}).get("max_levels_per_group", "-")),
                          C.fmt_ratio(tr)])
         lines += [C.md_table(["method", "tool", qname, "bits/weight", "quant s (CPU s)", "wall s", "peak RSS MiB",
                               "levels", "time ratio wl/lc"], rows), ""]
-        ch = by.get((mname, "weightlab", "chain", 4))
+        ch = by.get((mname, "weightlab", "chain", 4, None))
         if ch:
             ck = ch["check"]
             lines.append(f"Compensation chain: SparseGPT 2:4 ({fmt(ch['prune_s'])} s) -> RTN 4-bit ({fmt(ch['quant_s'], 2)} s, "
@@ -405,8 +411,15 @@ def render(results: list[dict], data: dict, total_s: float, note: str) -> str:
     lines.append("Targets and verdicts (weightlab vs llm-compressor GPTQ, same grid, same run): quality no worse "
                  f"(cosine >= lc - {COS_SLACK}; PPL <= lc x {PPL_SLACK}) and no slower (the quantize call, wall).")
     for r in results:
-        o = by.get((r["model"], "llm-compressor", r["method"], r.get("bits")))
+        o = by.get((r["model"], "llm-compressor", r["method"], r.get("bits"), None))
         if r["tool"] != "weightlab" or o is None:
+            continue
+        if r.get("calib_batch"):
+            main = by.get((r["model"], "weightlab", r["method"], r.get("bits"), None))
+            if main is not None:
+                lines.append(f"- spread of weightlab itself: {r['model']} GPTQ {r['bits']}-bit with calibration batches "
+                             f"of {r['calib_batch']} instead of 4 (same sequences, only the float32 summation order of "
+                             f"H changes): {_qfmt(_qnum(r), r['model'])} vs {_qfmt(_qnum(main), r['model'])}")
             continue
         a, b = _qnum(r), _qnum(o)
         ok_q = a >= b - COS_SLACK if r["model"] == "minilm" else a <= b * PPL_SLACK
@@ -427,12 +440,12 @@ def _method_verdicts(by: dict, mname: str) -> list[str]:
     out = []
     better = (lambda a, b: a > b) if mname == "minilm" else (lambda a, b: a < b)
     for bits in BITS:
-        g, r = by.get((mname, "weightlab", "gptq", bits)), by.get((mname, "weightlab", "rtn", bits))
+        g, r = by.get((mname, "weightlab", "gptq", bits, None)), by.get((mname, "weightlab", "rtn", bits, None))
         if g and r:
             a, b = _qnum(g), _qnum(r)
             out.append(f"- {mname} {bits}-bit: GPTQ {_qfmt(a, mname)} vs RTN {_qfmt(b, mname)}: GPTQ "
                        f"**{'better' if better(a, b) else 'NOT better'}**")
-    ch = by.get((mname, "weightlab", "chain", 4))
+    ch = by.get((mname, "weightlab", "chain", 4, None))
     if ch:
         for rank in RANKS:
             e, s = ch["stages"].get(f"eora{rank}"), ch["stages"].get(f"svd{rank}")
