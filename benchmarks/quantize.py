@@ -252,13 +252,16 @@ def plan(args) -> list[dict]:
                     {"model": m, "tool": "llm-compressor", "method": "gptq", "bits": bits}]
             runs += pair[::-1] if flip else pair
             flip = not flip
-        if args.noise and m == "minilm":  # GPTQ again with calibration batches of 1: the implementation's spread
-            runs += [{"model": m, "tool": "weightlab", "method": "gptq", "bits": b, "calib_batch": 1} for b in BITS]
+        if args.noise or args.noise_only:  # GPTQ again with calibration batches of 1: the implementation's own spread
+            runs += [{"model": m, "tool": "weightlab", "method": "gptq", "bits": b, "calib_batch": 1}
+                     for b in (BITS if m == "minilm" else BITS[1:])]
         if not quick_llm:
             runs.append({"model": m, "tool": "weightlab", "method": "pbllm", "bits": 1})
             runs.append({"model": m, "tool": "weightlab", "method": "chain", "bits": 4})
     if args.skip_lc:
         runs = [r for r in runs if r["tool"] != "llm-compressor"]
+    if args.noise_only:
+        runs = [r for r in runs if r.get("calib_batch")]
     for r in runs:
         r["tag"] = (f"{r['model']}_{'wl' if r['tool'] == 'weightlab' else 'lc'}_{r['method']}{r['bits'] or ''}"
                     + (f"_b{r['calib_batch']}" if r.get("calib_batch") else ""))
@@ -271,28 +274,39 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--only", help="comma-separated models: minilm, smollm2")
     ap.add_argument("--skip-lc", action="store_true", help="weightlab only")
     ap.add_argument("--noise", action="store_true",
-                    help="also run weightlab's MiniLM GPTQ with calibration batches of 1 (its numerical spread)")
+                    help="also run weightlab's GPTQ with calibration batches of 1 (its numerical spread; SmolLM2: 3-bit)")
+    ap.add_argument("--noise-only", action="store_true", help="only those --noise runs")
     ap.add_argument("--lc-python", help="python of the llm-compressor venv (default .venv-lc/bin/python)")
     ap.add_argument("--write", action="store_true", help="write RESULTS.md even for a partial run")
     ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
     ap.add_argument("--keep", help="keep the work folder (ids, per-run JSON) at this path")
-    ap.add_argument("--render-only", metavar="DIR", help="re-render the section from a kept work folder")
+    ap.add_argument("--render-only", metavar="DIR", nargs="+",
+                    help="re-render the section from kept work folder(s) (several: merged, the first wins)")
     CC.add_threads_arg(ap)
     args = ap.parse_args(argv)
-    if args.render_only:
-        work = Path(args.render_only)
-        results = [json.loads(p.read_text()) for p in work.glob("result_*.json")]
-        results = sorted((r for r in results if "wall_s" in r), key=lambda r: r.get("order", 0))
-        lines = (work / "total_s.txt").read_text().splitlines() if (work / "total_s.txt").exists() else ["0", ""]
-        body = render(results, json.loads((work / "data.json").read_text()), float(lines[0]),
-                      lines[1] if len(lines) > 1 else "")
+    if args.render_only:  # several folders: merged in order, the first one's result wins for a run
+        results, total, notes = [], 0.0, []
+        for work in map(Path, args.render_only):
+            rs = [json.loads(p.read_text()) for p in work.glob("result_*.json")]
+            rs = sorted((r for r in rs if "wall_s" in r), key=lambda r: r.get("order", 0))
+            results += [r for r in rs if r["tag"] not in {x["tag"] for x in results}]
+            lines = (work / "total_s.txt").read_text().splitlines() if (work / "total_s.txt").exists() else ["0", ""]
+            total += float(lines[0])
+            notes += [lines[1]] if len(lines) > 1 and lines[1].strip() else []
+        note = "; ".join(notes)
+        if len(args.render_only) > 1:
+            note = f"{len(args.render_only)} invocations merged" + (f": {note}" if note else "")
+        data = {}
+        for work in reversed(args.render_only):
+            data.update(json.loads((Path(work) / "data.json").read_text()))
+        body = render(results, data, total, note)
         print(body)
         if not args.no_write and not SMOKE:
             C.write_section(SECTION, body)
         return 0
     runs = plan(args)
     lc_py = CC.lc_python(args.lc_python) if any(r["tool"] == "llm-compressor" for r in runs) else None
-    partial = bool(args.quick or args.only or args.skip_lc)
+    partial = bool(args.quick or args.only or args.skip_lc or args.noise_only)
     write = not args.no_write and (args.write or not partial) and not SMOKE
     t_all = time.perf_counter()
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="wl-quant-bench-"))
