@@ -608,9 +608,8 @@ def explain(results: list[dict], by: dict, work: Path, bound: dict) -> list[str]
                    "on batches of 4; SparseGPT's solve is float64 in weightlab and float32 in llm-compressor. "
                    "llm-compressor itself was not profiled, so which of these accounts for the gap is not measured here. "
                    "'prune/eval' divides each prune call by the same child's evaluation (identical work in both "
-                   "tools, run right after it), a rough correction for the load on the machine. "
-                   "The machine was busy: wall times are inflated by other jobs; CPU seconds less so, though spinning "
-                   "OpenMP threads inflate them too under contention.")
+                   "tools, run right after it), a rough correction for the load on the machine; CPU seconds are the "
+                   "check least sensitive to other jobs.")
     return out
 
 
