@@ -69,19 +69,16 @@ def materialize(model) -> dict:
     transformers memory-maps safetensors weights; writing into them in place (pruning) then counts
     the file pages *and* their copy-on-write copies, about one model more than the tool holds.
     Both tools' models are materialized the same way before the timed phase."""
-    import ctypes
     import gc
 
     import torch
+    from weightlab.engine.memory import release_freed_memory
 
     with torch.no_grad():
         for t in list(model.parameters()) + list(model.buffers()):
             t.data = t.data.clone()
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+    release_freed_memory()
     return status_mib()
 
 
