@@ -28,3 +28,20 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n}"
+
+
+def device_option(default: str = "auto"):
+    """The shared ``--device`` option (one policy for every computing command)."""
+    import typer
+
+    from ..engine.device import DEVICE_HELP
+
+    return typer.Option(default, "--device", help=DEVICE_HELP)
+
+
+def dtype_option():
+    import typer
+
+    from ..engine.device import DTYPE_HELP
+
+    return typer.Option("auto", "--dtype", help=DTYPE_HELP)
