@@ -11,6 +11,7 @@ lora_alpha = r so the scaling is 1).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -21,8 +22,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..engine.calibration import layerwise, set_weight_matrix, weight_matrix
-from ..errors import ConfigError
+from ..engine.calibration import each_block, layerwise, set_weight_matrix, weight_matrix, weight_view
+from ..errors import ConfigError, WeightlabError
 from ..registry import MethodConfig, Regime, register
 from ..tensor.eora import eora, svd_lowrank, weighted_error
 from .prune import target_layers, to_batches
@@ -50,15 +51,21 @@ class CompensateReport:
         return out
 
 
-def compensate(compressed: nn.Module, original: nn.Module, method: str = "eora", rank: int = 16, *,
+def compensate(compressed: nn.Module, original, method: str = "eora", rank: int = 16, *,
                merge: bool = True, calib=None, tokenizer=None, nsamples: int = 32, seqlen: int = 512, seed: int = 0,
-               sampling: str = "random", show_progress: bool | None = None, layer_filter=None) -> CompensateReport:
+               sampling: str = "random", show_progress: bool | None = None, layer_filter=None,
+               device: str | torch.device | None = None, after_block=None, dist=None, shards: int = 1,
+               offload_activations: bool = False) -> CompensateReport:
     """Add rank-``rank`` corrections to ``compressed`` (changed in place when merge=True).
 
-    ``original`` only provides the reference weights (same layer names). With merge=False the
-    compressed model is left unchanged and the adapters are in ``report.adapters``.
+    ``original`` only provides the reference weights (same layer names): a module, an
+    ``OnloadedModel`` or a ``Checkpoint`` (read one layer at a time). ``compressed`` may be an
+    ``OnloadedModel`` (sequential onloading; ``after_block`` receives each finished block). With
+    merge=False the compressed model is left unchanged and the adapters are in ``report.adapters``.
     """
     t0 = time.perf_counter()
+    onload = compressed if hasattr(compressed, "load_block") else None
+    compressed = onload.model if onload is not None else compressed
     if method not in ("eora", "svd"):
         raise ConfigError(f"compensation method must be 'eora' or 'svd', got {method!r}")
     if rank < 1:
@@ -66,12 +73,12 @@ def compensate(compressed: nn.Module, original: nn.Module, method: str = "eora",
     layers = target_layers(compressed)
     if layer_filter is not None:
         layers = {n: m for n, m in layers.items() if layer_filter(n)}
-    ref = dict(original.named_modules())
-    missing = [n for n in layers if n not in ref]
+    ref_shape, ref_weight = _reference(original)
+    missing = [n for n in layers if ref_shape(n) is None]
     if missing:
         raise ConfigError(f"the original model has no layer {missing[0]} (different architecture?)")
     for n, m in layers.items():
-        if weight_matrix(m).shape != weight_matrix(ref[n]).shape:
+        if tuple(weight_view(m).shape) != ref_shape(n):
             raise ConfigError(f"layer {n}: shapes differ between the compressed and the original model")
     report = CompensateReport(method, rank, merge)
     kept: dict[str, torch.Tensor] = {}
@@ -79,7 +86,8 @@ def compensate(compressed: nn.Module, original: nn.Module, method: str = "eora",
     def do_layers(names_mods, stats):
         for n, m in names_mods.items():
             Wc = weight_matrix(m)
-            dW = weight_matrix(ref[n]) - Wc
+            W0 = ref_weight(n).to(Wc.device)
+            dW = W0 - Wc
             r = min(rank, *dW.shape)
             row = {"name": n, "shape": list(dW.shape), "rank": r}
             if stats is not None:
@@ -89,24 +97,70 @@ def compensate(compressed: nn.Module, original: nn.Module, method: str = "eora",
                 row["err_after"] = weighted_error(dW - B @ A, C)
             else:
                 B, A = svd_lowrank(dW, r)
-            row["rel_weight_error_before"] = float(dW.norm() / weight_matrix(ref[n]).norm().clamp_min(1e-30))
-            row["rel_weight_error_after"] = float((dW - B @ A).norm() / weight_matrix(ref[n]).norm().clamp_min(1e-30))
+            row["rel_weight_error_before"] = float(dW.norm() / W0.norm().clamp_min(1e-30))
+            row["rel_weight_error_after"] = float((dW - B @ A).norm() / W0.norm().clamp_min(1e-30))
             report.layers.append(row)
-            report.adapters[n] = (B, A)
+            report.adapters[n] = (B.cpu(), A.cpu())
             if not merge:
                 kept[n] = Wc
             set_weight_matrix(m, Wc + B @ A)  # later blocks see compensated outputs
 
+    def restore(names):  # merge=False: the compressed weights go back before the block is written
+        for n in names:
+            if n in kept:
+                set_weight_matrix(layers[n], kept.pop(n))
+
+    def finished(i, name, block):
+        restore([n for n in list(kept) if n.startswith(f"{name}.") or not name])
+        if after_block is not None:
+            after_block(i, name, block)
+
     if method == "svd":
-        do_layers(layers, None)
+        if onload is not None or device is not None:
+            each_block(compressed, lambda i, name, ls: do_layers(ls, None), layer_filter=lambda n: n in layers,
+                       device=device, onload=onload, after_block=finished, show_progress=show_progress)
+        else:
+            do_layers(layers, None)
     else:
         batches = to_batches(calib, tokenizer, nsamples, seqlen, seed, sampling)
         layerwise(compressed, batches, lambda i, name, ls, stats: do_layers(ls, stats), hessian=True,
-                  layer_filter=lambda n: n in layers, show_progress=show_progress)
-    for n, w in kept.items():
-        set_weight_matrix(layers[n], w)
+                  layer_filter=lambda n: n in layers, show_progress=show_progress, device=device, onload=onload,
+                  after_block=finished, dist=dist, shards=shards, offload_activations=offload_activations)
+    restore(list(kept))
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _reference(original):
+    """(shape(name) -> tuple | None, weight(name) -> float32 (out, in) CPU tensor) for a module or a checkpoint."""
+    if isinstance(original, nn.Module):
+        mods = dict(original.named_modules())
+        return ((lambda n: tuple(weight_view(mods[n]).shape) if n in mods else None),
+                (lambda n: weight_matrix(mods[n]).cpu()))
+    key = original.checkpoint_name if hasattr(original, "checkpoint_name") else (lambda k: k)
+    ck = original.ck if hasattr(original, "ck") else original
+
+    def name_of(n):
+        try:
+            k = key(f"{n}.weight")
+        except WeightlabError:
+            return None
+        return k if k in ck else None
+
+    def shape(n):
+        k = name_of(n)
+        if k is None:
+            return None
+        s = ck.info(k).shape
+        return (s[0], math.prod(s[1:]))
+
+    def weight(n):
+        k = name_of(n)
+        w = ck.get(k).to(torch.float32, copy=True)
+        ck.release(k)
+        return w.reshape(w.shape[0], -1)
+
+    return shape, weight
 
 
 def peft_state_dict(adapters: dict, dtype=torch.float32) -> dict[str, torch.Tensor]:

@@ -45,7 +45,7 @@ def salient_mask(scores: torch.Tensor, rho: float) -> torch.Tensor:
     if not 0 <= rho <= 1:
         raise ValueError(f"salient fraction must be in [0, 1], got {rho}")
     k = int(round(rho * scores.numel()))
-    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     if k:
         mask[torch.sort(scores.reshape(-1), descending=True, stable=True).indices[:k]] = True
     return mask.reshape(scores.shape)
@@ -60,7 +60,7 @@ def pbllm_ptq(W: torch.Tensor, H: torch.Tensor | None, rho: float = 0.1, high_bi
             raise ValueError("PB-LLM with GPTQ or the hessian score needs H")
         U, W64, _ = inverse_hessian_factor(H, W, percdamp)
     else:
-        U, W64 = torch.eye(cols, dtype=torch.float64), W.double()
+        U, W64 = torch.eye(cols, dtype=torch.float64, device=W.device), W.double()
     d = torch.diag(U)
     sc = W64.abs() if score == "magnitude" else W64 ** 2 / d.view(1, -1) ** 2
     sal = salient_mask(sc, rho)
@@ -69,8 +69,8 @@ def pbllm_ptq(W: torch.Tensor, H: torch.Tensor | None, rho: float = 0.1, high_bi
     mu = Wb.mean(1).to(dt).double()
     alpha = (Wb - mu[:, None]).abs().mean(1).to(dt).double()
     s8, z8 = find_params(W64, high_bit, False, scale_dtype)
-    codes8 = torch.zeros(rows, cols, dtype=torch.float64)
-    sign = torch.zeros(rows, cols, dtype=torch.bool)
+    codes8 = torch.zeros(rows, cols, dtype=torch.float64, device=W.device)
+    sign = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
 
     def column(j, W1, i):
         w = W1[:, i]
@@ -115,7 +115,7 @@ def pbllm(ctx: QuantContext):
 def qat_salient_mask(W: torch.Tensor, rho: float) -> torch.Tensor:
     """The rho/2 lowest and rho/2 highest signed values of the whole tensor."""
     k = int(round(rho / 2 * W.numel()))
-    mask = torch.zeros(W.numel(), dtype=torch.bool)
+    mask = torch.zeros(W.numel(), dtype=torch.bool, device=W.device)
     if k:
         order = torch.argsort(W.reshape(-1), stable=True)
         mask[order[:k]] = True

@@ -16,8 +16,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..engine.calibration import (find_blocks, layerwise, prunable_layers, set_weight_matrix, weight_matrix,
-                                  weight_view)
+from ..engine.calibration import (each_block, find_blocks, layerwise, prunable_layers, set_weight_matrix,
+                                  weight_matrix, weight_view)
 from ..engine.progress import progress
 from ..errors import ConfigError
 from ..registry import MethodConfig, Regime, get_method, register
@@ -78,9 +78,18 @@ def to_batches(calib, tokenizer=None, nsamples: int = 32, seqlen: int = 512, see
 def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pattern: str | None = None,
           allocation: str = "uniform", calib=None, tokenizer=None, nsamples: int = 32, seqlen: int = 512,
           seed: int = 0, sampling: str = "random", show_progress: bool | None = None,
-          **method_params) -> PruneReport:
-    """Prune ``model`` in place and return the per-layer report."""
+          device: str | torch.device | None = None, after_block=None, dist=None, shards: int = 1,
+          offload_activations: bool = False, **method_params) -> PruneReport:
+    """Prune ``model`` in place and return the per-layer report.
+
+    ``model`` is an nn.Module (whole-model path: blocks computed on ``device`` one at a time) or an
+    ``OnloadedModel`` (sequential onloading: blocks read from the checkpoint, handed to
+    ``after_block(i, name, block)`` when finished, then freed). ``dist`` / ``shards``: see
+    engine.calibration.layerwise.
+    """
     t0 = time.perf_counter()
+    onload = model if hasattr(model, "load_block") else None
+    model = onload.model if onload is not None else model
     spec = get_method("compress", method)
     if spec.kind != "prune":
         raise ConfigError(f"compress/{spec.name} is not a pruning rule; rules: "
@@ -104,9 +113,16 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pat
         if nm is not None and weight_view(m).shape[1] % nm[1]:
             raise ConfigError(f"layer {n} has {weight_view(m).shape[1]} inputs, not a multiple of {nm[1]}")
     needs = set(spec.extra.get("needs", ()))
+    if onload is not None and ("gradients" in needs or "prepare" in spec.extra or allocation == "rd"):
+        why = "the RD allocation" if allocation == "rd" else f"{spec.name}'s whole-model gradient pass"
+        raise ConfigError(f"{why} needs the whole model in memory; run it without sequential onloading "
+                          "(--whole-model)")
     batches = to_batches(calib, tokenizer, nsamples, seqlen, seed, sampling) if (needs or allocation == "rd") else []
 
-    weights = {n: weight_view(m) for n, m in layers.items()}  # views: a copy of every weight would double memory
+    if onload is not None and nm is None and allocation != "uniform":  # read straight from the checkpoint
+        weights = {n: onload.weight_view(f"{n}.weight").reshape(weight_view(m).shape) for n, m in layers.items()}
+    else:
+        weights = {n: weight_view(m) for n, m in layers.items()}  # views: a copy of every weight would double memory
     kwargs = {"distortion": _distortion_fn(model, layers, batches[:2])} if allocation == "rd" else {}
     per_layer = {n: sparsity for n in layers} if nm else alloc.fn(weights, sparsity, **kwargs)
     del weights
@@ -130,11 +146,17 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pat
             report.layers.append({"name": n, "shape": list(w.shape), "target": per_layer[n], "numel": w.numel(),
                                   "zeros": zeros, "sparsity": zeros / w.numel()})
 
-    if not needs & {"norms", "hessian"}:  # no activation statistics: walk the layers directly
-        prune_layers(dict(progress(list(layers.items()), f"prune/{spec.name}", enabled=show_progress)), None)
+    if not needs & {"norms", "hessian"}:  # no activation statistics: walk the layers (or blocks) directly
+        if onload is not None or device is not None:
+            each_block(model, lambda i, name, ls: prune_layers(ls, None), layer_filter=lambda n: n in layers,
+                       device=device, onload=onload, after_block=after_block, show_progress=show_progress)
+        else:
+            prune_layers(dict(progress(list(layers.items()), f"prune/{spec.name}", enabled=show_progress)), None)
     else:
         layerwise(model, batches, lambda i, name, ls, stats: prune_layers(ls, stats),
-                  hessian="hessian" in needs, layer_filter=lambda n: n in layers, show_progress=show_progress)
+                  hessian="hessian" in needs, layer_filter=lambda n: n in layers, show_progress=show_progress,
+                  device=device, onload=onload, after_block=after_block, dist=dist, shards=shards,
+                  offload_activations=offload_activations)
     report.seconds = time.perf_counter() - t0
     return report
 

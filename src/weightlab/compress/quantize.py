@@ -20,7 +20,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..engine.calibration import LayerStats, layerwise, set_weight_matrix, weight_matrix
+from ..engine.calibration import LayerStats, each_block, layerwise, set_weight_matrix, weight_matrix
 from ..engine.progress import progress
 from ..errors import ConfigError
 from ..registry import KINDS, MethodConfig, Regime, get_method, register
@@ -79,13 +79,21 @@ def quantizers() -> list:
 def quantize(model: nn.Module, method: str = "rtn", bits: int | None = None, group_size: int = 128, *,
              sym: bool = False, scale_dtype: str = "float16", calib=None, tokenizer=None, nsamples: int = 32,
              seqlen: int = 512, seed: int = 0, sampling: str = "random", show_progress: bool | None = None,
-             layer_filter=None, **method_params) -> QuantReport:
+             layer_filter=None, device: str | torch.device | None = None, after_block=None, dist=None,
+             shards: int = 1, offload_activations: bool = False, quantized_sink: dict | None = None,
+             **method_params) -> QuantReport:
     """Quantize ``model`` in place (weights := dequantized values); return the report with integer layers.
 
     ``group_size <= 0`` means one group per output row (per-channel); a partial last group is allowed.
     ``bits`` defaults to the method's own default (PB-LLM: the salient high-bit width is its own parameter).
+    ``model`` may be an ``OnloadedModel`` (sequential onloading); ``device``, ``after_block``, ``dist``,
+    ``shards`` and ``offload_activations`` are engine.calibration.layerwise's. ``quantized_sink``: a dict
+    that receives the integer layers instead of ``report.quantized`` (sequential writers consume and
+    drop them block by block, so the codes of the whole model are never held at once).
     """
     t0 = time.perf_counter()
+    onload = model if hasattr(model, "load_block") else None
+    model = onload.model if onload is not None else model
     spec = get_method("compress", method)
     if not spec.extra.get("quantizer"):
         raise ConfigError(f"compress/{spec.name} is not a quantizer; quantizers: "
@@ -115,20 +123,35 @@ def quantize(model: nn.Module, method: str = "rtn", bits: int | None = None, gro
             set_weight_matrix(m, w_hat)
             _, meta = pack_layer(q)
             sq = float((w.double() ** 2).sum())
-            report.quantized[n] = q
+            (report.quantized if quantized_sink is None else quantized_sink)[n] = _to_cpu(q)
             report.layouts[n] = layout_of(m)
             report.layers.append({"name": n, "shape": list(w.shape), "numel": w.numel(),
                                   "bits_per_weight": round(meta["bits_per_weight"], 4), "sq_norm": sq,
                                   "rel_error": float(((w - w_hat).double() ** 2).sum() / max(sq, 1e-30)) ** 0.5})
 
     if "hessian" not in needs:
-        do_layers(dict(progress(list(layers.items()), f"quantize/{spec.name}", enabled=show_progress)), None)
+        if onload is not None or device is not None:
+            each_block(model, lambda i, name, ls: do_layers(ls, None), layer_filter=lambda n: n in layers,
+                       device=device, onload=onload, after_block=after_block, show_progress=show_progress)
+        else:
+            do_layers(dict(progress(list(layers.items()), f"quantize/{spec.name}", enabled=show_progress)), None)
     else:
         batches = to_batches(calib, tokenizer, nsamples, seqlen, seed, sampling)
         layerwise(model, batches, lambda i, name, ls, stats: do_layers(ls, stats), hessian=True,
-                  layer_filter=lambda n: n in layers, show_progress=show_progress)
+                  layer_filter=lambda n: n in layers, show_progress=show_progress, device=device, onload=onload,
+                  after_block=after_block, dist=dist, shards=shards, offload_activations=offload_activations)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _to_cpu(q):
+    """The integer layer with its tensors on the CPU (codes of earlier blocks must not pile up on a device)."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(q):
+        return q
+    return dataclasses.replace(q, **{f.name: getattr(q, f.name).cpu() for f in dataclasses.fields(q)
+                                     if isinstance(getattr(q, f.name), torch.Tensor)})
 
 
 def dequantized_state_dict(model: nn.Module, ck) -> dict:

@@ -58,3 +58,74 @@ def embedding_similarity(model, reference, tokenizer, sentences: list[str], batc
         cos.append((embed(model, b) * embed(reference, b)).sum(-1))
     c = torch.cat(cos)
     return {"cosine_mean": float(c.mean()), "cosine_min": float(c.min()), "sentences": len(sentences)}
+
+
+class _Replay(torch.nn.Module):
+    """Stands in for a block in the final pass: the first returns the cached last hidden state, the rest pass it on."""
+
+    def __init__(self, outputs: list | None, as_tuple: bool):
+        super().__init__()
+        self.outputs, self.as_tuple, self.i = outputs, as_tuple, 0
+
+    def forward(self, hidden_states=None, *args, **kwargs):
+        if self.outputs is not None:
+            hidden_states = self.outputs[self.i].to(hidden_states.device)
+            self.i += 1
+        return (hidden_states,) if self.as_tuple else hidden_states
+
+
+@torch.no_grad()
+def streamed_perplexity(path, tokenizer, text: str, *, seqlen: int = 512, max_tokens: int = 16384,
+                        batch_size: int = 4, device="cpu", dtype=torch.float32,
+                        show_progress: bool | None = None) -> dict:
+    """``perplexity`` of a checkpoint that is never loaded whole: windows pass block by block.
+
+    The same windows and scoring as ``perplexity``; the blocks are onloaded one at a time
+    (engine/onload.py), and the model's own tail (final norm, head, any logit scaling) runs on the
+    cached last hidden states, so no architecture's output maths is re-implemented here.
+    """
+    from .calibration import _Stop, _block_output, _with_hidden, capture_inputs, to_device
+    from .onload import OnloadedModel
+
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][:max_tokens]
+    n_windows = ids.numel() // seqlen
+    if n_windows == 0:
+        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    windows = ids[: n_windows * seqlen].view(n_windows, seqlen)
+    t0 = time.perf_counter()
+    om = OnloadedModel(path, "causal-lm", device=device, dtype=dtype)
+    batches = [{"input_ids": b, "use_cache": False} for b in windows.split(batch_size)]
+    cap = capture_inputs(om.model, om.blocks[0], batches)
+    inputs = list(zip(cap.args, cap.kwargs))
+    del cap
+    dev = torch.device(device)
+    as_tuple = False
+    for i in progress(range(len(om.blocks)), "perplexity (blocks)", enabled=show_progress):
+        blk = om.load_block(i)
+        for j, (a, k) in enumerate(inputs):
+            out = blk(*to_device(a, dev), **to_device(k, dev))
+            as_tuple = isinstance(out, (tuple, list))
+            inputs[j] = _with_hidden(a, k, _block_output(out))
+        om.free_block(i)
+    last = [(a[0] if a else k["hidden_states"]) for a, k in inputs]
+    del inputs
+    parent = om.model.get_submodule(om.blocks_name.rpartition(".")[0]) if "." in om.blocks_name else om.model
+    attr = om.blocks_name.rpartition(".")[2]
+    first = _Replay([], as_tuple)
+    setattr(parent, attr, torch.nn.ModuleList([first] + [_Replay(None, as_tuple) for _ in range(len(om.blocks) - 1)]))
+    om.load_head(dev)
+    om.model.to(dev)  # no block weights are left: only the embeddings, the final norm and the head move
+    nll, count = 0.0, 0
+    try:
+        for j, b in enumerate(batches):
+            first.outputs, first.i = [last[j]], 0
+            batch = b["input_ids"].to(dev)
+            logits = om.model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+            targets = batch[:, 1:]
+            nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                                     reduction="sum").item()
+            count += targets.numel()
+    finally:
+        om.close()
+    return {"perplexity": math.exp(nll / count), "tokens": count, "windows": n_windows, "seqlen": seqlen,
+            "seconds": round(time.perf_counter() - t0, 2)}

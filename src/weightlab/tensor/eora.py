@@ -30,7 +30,7 @@ def _whiten(C: torch.Tensor):
     C = (C + C.T) / 2
     lam, Q = torch.linalg.eigh(C)
     pos = lam[lam > 0]
-    floor = pos.min() if pos.numel() else torch.tensor(1.0, dtype=lam.dtype)
+    floor = pos.min() if pos.numel() else torch.tensor(1.0, dtype=lam.dtype, device=lam.device)
     lam = torch.where(lam > 0, lam, floor)
     return Q * lam.sqrt(), (Q / lam.sqrt()).T  # Q', Q'^-1
 

@@ -27,7 +27,7 @@ def obs_quantize(W: torch.Tensor, U: torch.Tensor, column: Callable, blocksize: 
     W = W.clone()
     rows, cols = W.shape
     Q = torch.zeros_like(W)
-    loss = torch.zeros((), dtype=W.dtype)
+    loss = torch.zeros((), dtype=W.dtype, device=W.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1 = W[:, i1:i2].clone()
@@ -56,13 +56,13 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = -1, 
     check_bits(bits)
     rows, cols = W.shape
     W64, Hd = damped_hessian(H, W, percdamp)
-    perm = torch.argsort(torch.diag(Hd), descending=True, stable=True) if act_order else torch.arange(cols)
+    perm = torch.argsort(torch.diag(Hd), descending=True, stable=True) if act_order else torch.arange(cols, device=W.device)
     # one factorization, of the matrix in processing order
     U = upper_inverse_factor(Hd[perm][:, perm] if act_order else Hd)
     G = num_groups(cols, group_size)
-    scales = torch.zeros(rows, G, dtype=torch.float64)
-    zeros = torch.zeros(rows, G, dtype=torch.float64)
-    g_idx = group_index(cols, group_size)  # group of each ORIGINAL column
+    scales = torch.zeros(rows, G, dtype=torch.float64, device=W.device)
+    zeros = torch.zeros(rows, G, dtype=torch.float64, device=W.device)
+    g_idx = group_index(cols, group_size, W.device)  # group of each ORIGINAL column
     if group_size > 0:
         blocksize = group_size * max(1, blocksize // group_size)
         if static_groups:
@@ -70,13 +70,13 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = -1, 
                 sl = slice(g * group_size, min((g + 1) * group_size, cols))
                 scales[:, g], zeros[:, g] = find_params(W64[:, sl], bits, sym, scale_dtype)
         elif act_order:
-            g_idx = torch.empty(cols, dtype=torch.long)
-            g_idx[perm] = torch.arange(cols) // group_size
+            g_idx = torch.empty(cols, dtype=torch.long, device=W.device)
+            g_idx[perm] = torch.arange(cols, device=W.device) // group_size
     else:
         scales[:, 0], zeros[:, 0] = find_params(W64, bits, sym, scale_dtype)
     if act_order:
         W64 = W64[:, perm]
-    codes_p = torch.zeros(rows, cols, dtype=torch.float64)  # in processing order
+    codes_p = torch.zeros(rows, cols, dtype=torch.float64, device=W.device)  # in processing order
     dynamic = group_size > 0 and not static_groups
     group_of = g_idx[perm].tolist()  # plain ints: tensor indexing per column costs more than the column's maths
 

@@ -43,7 +43,7 @@ def sparsegpt(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: tuple[int, 
     U, W, _ = inverse_hessian_factor(H, W, percdamp)
     rows, cols = W.shape
     mask = torch.ones_like(W, dtype=torch.bool)
-    loss = torch.zeros((), dtype=torch.float64)
+    loss = torch.zeros((), dtype=torch.float64, device=W.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1

@@ -30,7 +30,7 @@ def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 def layer_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune exactly floor(sparsity * numel) lowest scores of the whole matrix."""
     k = int(sparsity * scores.numel())
-    mask = torch.ones(scores.numel(), dtype=torch.bool)
+    mask = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
     if k > 0:
         mask[torch.sort(scores.reshape(-1), stable=True).indices[:k]] = False
     return mask.view(scores.shape)

@@ -32,11 +32,11 @@ def num_groups(cols: int, group_size: int) -> int:
     return 1 if group_size <= 0 else -(-cols // group_size)
 
 
-def group_index(cols: int, group_size: int) -> torch.Tensor:
+def group_index(cols: int, group_size: int, device=None) -> torch.Tensor:
     """Group of every input column (the trailing group may be partial)."""
     if group_size <= 0:
-        return torch.zeros(cols, dtype=torch.long)
-    return torch.arange(cols) // group_size
+        return torch.zeros(cols, dtype=torch.long, device=device)
+    return torch.arange(cols, device=device) // group_size
 
 
 def _store(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
@@ -101,7 +101,7 @@ class AffineQuant:
 
     @property
     def trivial_g_idx(self) -> bool:
-        return torch.equal(self.g_idx.long(), group_index(self.codes.shape[1], self.group_size))
+        return torch.equal(self.g_idx.long(), group_index(self.codes.shape[1], self.group_size, self.g_idx.device))
 
 
 def rtn(W: torch.Tensor, bits: int = 4, group_size: int = -1, sym: bool = False,
@@ -110,11 +110,11 @@ def rtn(W: torch.Tensor, bits: int = 4, group_size: int = -1, sym: bool = False,
     check_bits(bits)
     W = W.double()  # the same arithmetic as GPTQ's loop, so GPTQ with H = I is bit-identical
     rows, cols = W.shape
-    g_idx = group_index(cols, group_size)
+    g_idx = group_index(cols, group_size, W.device)
     G = num_groups(cols, group_size)
-    scales = torch.empty(rows, G, dtype=torch.float64)
-    zeros = torch.empty(rows, G, dtype=torch.float64)
-    codes = torch.empty(rows, cols, dtype=torch.float64)
+    scales = torch.empty(rows, G, dtype=torch.float64, device=W.device)
+    zeros = torch.empty(rows, G, dtype=torch.float64, device=W.device)
+    codes = torch.empty(rows, cols, dtype=torch.float64, device=W.device)
     for g in range(G):
         sl = slice(0, cols) if group_size <= 0 else slice(g * group_size, min((g + 1) * group_size, cols))
         s, z = find_params(W[:, sl], bits, sym, scale_dtype)
