@@ -11,6 +11,7 @@ from ..io.atomic import check_not_input
 from ..recipe.models import resolve_model
 from . import app
 from ._common import console
+from ._compress import dev_dt, placement_options, run_sequential_cli, wants_sequential
 
 
 def _kind(config: dict) -> str:
@@ -27,6 +28,9 @@ def _sentences(text: str, n: int = 200) -> list[str]:
     return out[:n]
 
 
+_DEV, _DT, _SEQ, _OFF, _MAXMEM = placement_options()
+
+
 @app.command()
 def prune(path: str = typer.Argument(..., help="model folder (HF causal LM or encoder, or a zoo classifier folder)"),
           method: str = typer.Option("wanda", "--method", "-m", help="magnitude, wanda, sparsegpt, gblm, dpruner"),
@@ -41,6 +45,8 @@ def prune(path: str = typer.Argument(..., help="model folder (HF causal LM or en
           eval_tokens: int = typer.Option(16384, "--eval-tokens"),
           no_eval: bool = typer.Option(False, "--no-eval", help="skip the before/after evaluation"),
           param: list[str] = typer.Option(None, "--param", "-p", help="rule parameter KEY=VALUE"),
+          device: str = _DEV, dtype: str = _DT, sequential: bool = _SEQ, offload_activations: bool = _OFF,
+          max_memory: str = _MAXMEM,
           out: str = typer.Option(..., "--out", "-o"), force: bool = typer.Option(False, "--force")) -> None:
     """Prune a model and print its quality before and after (perplexity, similarity or accuracy)."""
     import yaml
@@ -50,6 +56,7 @@ def prune(path: str = typer.Argument(..., help="model folder (HF causal LM or en
     from ..engine.streaming import write_source
     from ..io.provenance import Provenance
     from ..io.reader import open_checkpoint
+    from ..registry import get_method
 
     src = resolve_model(path)
     check_not_input(Path(out), [src])
@@ -63,7 +70,22 @@ def prune(path: str = typer.Argument(..., help="model folder (HF causal LM or en
         params[k] = yaml.safe_load(v)
     ck = open_checkpoint(src)
     kind = _kind(ck.config or {})
-    model, tok, evaluate = _load(kind, src, ck, eval_data, eval_tokens, no_eval)
+    spec = get_method("compress", method)
+    needs = set(spec.extra.get("needs", ()))
+    whole_only = "gradients" in needs or "prepare" in spec.extra or allocation == "rd"
+    dev, dt = dev_dt(ck, device, dtype)
+    if wants_sequential(sequential, kind, whole_only):
+        if kind == "zoo-mlp":
+            raise ConfigError("--sequential needs a Hugging Face model with a block list; zoo MLPs run whole")
+        rep = run_sequential_cli("prune", src, ck, kind, out, force, (device, dtype, offload_activations, max_memory),
+                                 dict(method=method, sparsity=sparsity, pattern=pattern, allocation=allocation,
+                                      calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, sampling=sampling,
+                                      **params),
+                                 (eval_data, eval_tokens, no_eval), "prune-report.json", hessian="hessian" in needs)
+        if rep is not None:
+            _done(rep, pattern, out)
+        return
+    model, tok, evaluate = _load(kind, src, ck, eval_data, eval_tokens, no_eval, dtype=dt)
     before = evaluate(model) if evaluate else None
     if before:
         console.print(f"before: {before}")
@@ -73,24 +95,29 @@ def prune(path: str = typer.Argument(..., help="model folder (HF causal LM or en
 
         calib_arg = load_dataset((ck.config or {}).get("dataset", "digits")).x_train[: nsamples * 16]
     rep = do_prune(model, method, sparsity, pattern=pattern, allocation=allocation, calib=calib_arg, tokenizer=tok,
-                   nsamples=nsamples, seqlen=seqlen, seed=seed, sampling=sampling, **params)
+                   nsamples=nsamples, seqlen=seqlen, seed=seed, sampling=sampling, device=dev,
+                   offload_activations=offload_activations, **params)
     after = evaluate(model) if evaluate else None
     if after:
         console.print(f"after:  {after}")
     sd = model.state_dict()
     # tensors the loaded model does not hold (non-persistent buffers such as position_ids) are unchanged
     pruned = {n: sd[n].to(ck.info(n).dtype) if n in sd else ck.get(n) for n in ck.names()}
-    result = {**rep.as_dict(), "before": before, "after": after}
+    result = {**rep.as_dict(), "before": before, "after": after, "device": str(dev), "sequential": False}
     prov = Provenance(method=f"compress/prune/{rep.method}", params={k: v for k, v in result.items() if k != "layers"},
                       inputs=[str(src)])
     write_source(StateDictSource(pruned, ck.config, ck.path), out, provenance=prov, inputs=[src], force=force,
                  extra_files={"prune-report.json": json.dumps(result, indent=1)})
+    _done(rep, pattern, out)
+
+
+def _done(rep, pattern, out) -> None:
     console.print(f"[green]pruned[/] {len(rep.layers)} layers to {rep.sparsity:.2%} ({rep.method}, "
                   f"{rep.allocation}{', ' + pattern if pattern else ''}) in {rep.seconds:.1f} s -> {out}")
     console.print(rep.note)
 
 
-def _load(kind, src, ck, eval_data, eval_tokens, no_eval):
+def _load(kind, src, ck, eval_data, eval_tokens, no_eval, dtype=None):
     from ..engine.calib_data import load_text
 
     if kind == "zoo-mlp":
@@ -107,7 +134,7 @@ def _load(kind, src, ck, eval_data, eval_tokens, no_eval):
         from ..engine.evaluate import perplexity
         from ..io.hf import load_causal_lm
 
-        model, tok = load_causal_lm(src)
+        model, tok = load_causal_lm(src, **({'dtype': dtype} if dtype else {}))
         text = None if no_eval else load_text(eval_data, "heldout")
 
         def ev(m):
@@ -118,7 +145,7 @@ def _load(kind, src, ck, eval_data, eval_tokens, no_eval):
     from ..engine.evaluate import embedding_similarity
     from ..io.hf import load_encoder
 
-    model, tok = load_encoder(src)
+    model, tok = load_encoder(src, **({'dtype': dtype} if dtype else {}))
     dense = copy.deepcopy(model)
     sentences = _sentences(load_text(eval_data, "heldout")) if not no_eval else []
     return model, tok, None if no_eval else (lambda m: embedding_similarity(m, dense, tok, sentences))

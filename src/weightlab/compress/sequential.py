@@ -35,7 +35,8 @@ class Placement:
     max_shard_size: str = "5GB"
 
 
-def _model_dtype(ck) -> torch.dtype | None:
+def checkpoint_dtype(ck) -> torch.dtype | None:
+    """The checkpoint's floating dtype (what forward dtype 'auto' keeps on accelerators)."""
     for n in ck.names():
         dt = ck.info(n).dtype
         if dt.is_floating_point:
@@ -50,7 +51,7 @@ def open_onloaded(path, task: str, placement: Placement):
 
     configure_allocator()
     with open_checkpoint(path) as ck:
-        model_dtype = _model_dtype(ck)
+        model_dtype = checkpoint_dtype(ck)
     dev, dt = device_policy(placement.device, placement.dtype, model_dtype)
     dist = current_dist(placement.distributed)
     return OnloadedModel(path, task, device=dev, dtype=dt), dev, dt, dist

@@ -42,3 +42,13 @@ def load_encoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32, lo
         raise CheckpointError(f"transformers cannot load this folder as an encoder: {str(e).splitlines()[0]}",
                               path) from None
     return model.eval(), tok
+
+
+def load_tokenizer(path: str | os.PathLike, local_files_only: bool = True):
+    """The tokenizer of an HF folder (for calibration and evaluation text without loading the model)."""
+    tf = _transformers()
+    try:
+        return tf.AutoTokenizer.from_pretrained(str(path), local_files_only=local_files_only)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"transformers cannot load this folder's tokenizer: {str(e).splitlines()[0]}",
+                              path) from None

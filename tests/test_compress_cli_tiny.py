@@ -1,0 +1,79 @@
+"""prune / quantize / compensate from the command line on a tiny Llama: sequential by default, the same
+result as --whole-model, placement errors before any work."""
+import json
+
+import pytest
+import torch
+
+from weightlab.cli import main
+from weightlab.io.reader import open_checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from weightlab.engine.calib_data import load_text
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator([load_text("wiki", "calib")[:200_000]],
+                            trainers.BpeTrainer(vocab_size=256, special_tokens=["<unk>", "<s>"]))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="<s>")
+    cfg = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   tie_word_embeddings=True)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny") / "llama"
+    transformers.LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    fast.save_pretrained(path)
+    return str(path)
+
+
+COMMON = ["--nsamples", "4", "--seqlen", "64", "--eval-tokens", "1024", "--device", "cpu"]
+
+
+def _same(a, b):
+    with open_checkpoint(a) as x, open_checkpoint(b) as y:
+        assert set(x.names()) == set(y.names())
+        for n in x.names():
+            assert torch.equal(x.get(n), y.get(n)), n
+
+
+def test_prune_sequential_default_equals_whole_model(tiny, tmp_path, one_thread):
+    assert main(["prune", tiny, "-m", "sparsegpt", "--pattern", "2:4", *COMMON, "-o", str(tmp_path / "seq")]) == 0
+    assert main(["prune", tiny, "-m", "sparsegpt", "--pattern", "2:4", *COMMON, "--whole-model",
+                 "-o", str(tmp_path / "whole")]) == 0
+    _same(tmp_path / "seq", tmp_path / "whole")
+    a = json.loads((tmp_path / "seq" / "prune-report.json").read_text())
+    b = json.loads((tmp_path / "whole" / "prune-report.json").read_text())
+    assert a["sequential"] and not b["sequential"]
+    # the streamed evaluation scores the same windows as the whole-model one
+    assert a["before"]["tokens"] == b["before"]["tokens"]
+    assert a["before"]["perplexity"] == pytest.approx(b["before"]["perplexity"], rel=1e-5)
+    assert a["after"]["perplexity"] == pytest.approx(b["after"]["perplexity"], rel=1e-5)
+    assert a["memory_estimate"]["host_bytes"] > 0
+
+
+def test_quantize_then_compensate_sequential(tiny, tmp_path, one_thread):
+    q = tmp_path / "q"
+    assert main(["quantize", tiny, "-m", "gptq", "-b", "3", "-g", "32", *COMMON, "-o", str(q)]) == 0
+    rep = json.loads((q / "quantize-report.json").read_text())
+    assert rep["sequential"] and rep["after"]["perplexity"] > 0
+    assert main(["compensate", str(q), "--original", tiny, "-r", "4", *COMMON, "-o", str(tmp_path / "c")]) == 0
+    comp = json.loads((tmp_path / "c" / "compensate-report.json").read_text())
+    assert comp["input_weighted_error_ratio"] < 1
+
+
+def test_placement_errors_before_any_work(tiny, tmp_path, capsys):
+    if not torch.cuda.is_available():
+        assert main(["prune", tiny, "--device", "cuda", "-o", str(tmp_path / "x")]) == 1
+        assert "no CUDA device" in capsys.readouterr().err
+    assert main(["quantize", tiny, "--max-memory", "50KB", "--device", "cpu", "-o", str(tmp_path / "x")]) == 1
+    assert "more than --max-memory" in capsys.readouterr().err
+    assert main(["prune", tiny, "-m", "gblm", "--sequential", "--device", "cpu", "-o", str(tmp_path / "x")]) == 1
+    assert "whole model" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
