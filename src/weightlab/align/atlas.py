@@ -14,6 +14,7 @@ Buffers (BatchNorm statistics) are taken from theta_0 and not composed.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -65,9 +66,10 @@ class Composition(nn.Module):
         self.buffers_ = {n: b for n, b in model.named_buffers()}
         blocks = len(self.names) if blockwise else 1
         self.blockwise, self.partitions = blockwise, partitions
-        self.coef = nn.Parameter(torch.zeros(len(tasks), blocks, partitions))
-        g = torch.Generator().manual_seed(seed)
-        self.part = {n: torch.randint(0, partitions, self.base[n].shape, generator=g) for n in self.names}
+        dev = self.base[self.names[0]].device if self.names else torch.device("cpu")
+        self.coef = nn.Parameter(torch.zeros(len(tasks), blocks, partitions, device=dev))
+        g = torch.Generator().manual_seed(seed)  # CPU draws: the same partitions on every device
+        self.part = {n: torch.randint(0, partitions, self.base[n].shape, generator=g).to(dev) for n in self.names}
         self._base32 = {n: v.float() for n, v in self.base.items()}
         self._taus32 = {n: v.float() for n, v in self.taus.items()}
 
@@ -113,19 +115,28 @@ def _entropy(logits: torch.Tensor) -> torch.Tensor:
           paper="Knowledge Composition using Task Vectors with Learned Anisotropic Scaling (Zhang et al., 2024)",
           summary="learn one coefficient per task vector and tensor (from zero) on a small labelled or unlabelled set")
 def atlas(base: nn.Module, finetunes: list, train, cfg: AtlasConfig | None = None,
-          loss_fn: Callable | None = None, show_progress: bool | None = None, **params) -> AtlasResult:
+          loss_fn: Callable | None = None, show_progress: bool | None = None, device=None, **params) -> AtlasResult:
     """Fit aTLAS coefficients.
 
     ``finetunes``: modules or state dicts sharing ``base``'s architecture. ``train``: an
     object with ``batches(batch_size, generator)`` yielding batches and, for the supervised
     objective, ``loss(model, batch)`` (engine.evaluators.ClassificationEvaluator has both),
     plus ``len()`` or ``y`` for the epoch length. ``loss_fn(model, batch)`` replaces the
-    objective (e.g. matching a teacher's outputs).
+    objective (e.g. matching a teacher's outputs). ``device``: where the coefficients train (None: the
+    CPU; MPS has no float64 for the stored task vectors); batches are moved there, results come back
+    on the CPU, and ``base`` itself is not moved (a copy is).
     """
+    from ..engine.placement import float64_device, on_device
+
     cfg = cfg or AtlasConfig(**params)
+    dev = float64_device(device)
     t0 = time.perf_counter()
     tasks = [f.state_dict() if isinstance(f, nn.Module) else f for f in finetunes]
-    comp = Composition(base, base.state_dict(), tasks, cfg.blockwise, cfg.partitions, cfg.seed)
+    model = base
+    if on_device(dev):
+        model = copy.deepcopy(base).to(dev)
+        tasks = [{k: v.to(dev) for k, v in sd.items()} for sd in tasks]
+    comp = Composition(model, model.state_dict(), tasks, cfg.blockwise, cfg.partitions, cfg.seed)
     if loss_fn is None:
         if cfg.objective == "supervised":
             loss_fn = train.loss
@@ -136,8 +147,10 @@ def atlas(base: nn.Module, finetunes: list, train, cfg: AtlasConfig | None = Non
     opt = torch.optim.AdamW([comp.coef], lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     batches = train.batches(cfg.batch_size, gen)
-    was = base.training
-    base.eval()  # BatchNorm keeps theta_0's statistics while the coefficients train
+    if on_device(dev):
+        batches = (_to(b, dev) for b in batches)
+    was = model.training
+    model.eval()  # BatchNorm keeps theta_0's statistics while the coefficients train
     losses = []
     try:
         for _ in progress(range(steps), "aTLAS", enabled=show_progress):
@@ -147,6 +160,16 @@ def atlas(base: nn.Module, finetunes: list, train, cfg: AtlasConfig | None = Non
             opt.step()
             losses.append(float(loss.detach()))
     finally:
-        base.train(was)
-    return AtlasResult(comp.merged_state_dict(), comp.coef.detach().clone(), comp.names if cfg.blockwise else ["*"],
+        model.train(was)
+    sd = {k: v.cpu() for k, v in comp.merged_state_dict().items()}
+    return AtlasResult(sd, comp.coef.detach().cpu().clone(), comp.names if cfg.blockwise else ["*"],
                        losses, time.perf_counter() - t0)
+
+
+def _to(batch, dev):
+    """A batch (tensor, or tuple/list of them) on ``dev``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(dev)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to(b, dev) for b in batch)
+    return batch

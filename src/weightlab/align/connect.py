@@ -44,9 +44,10 @@ def reset_batchnorm(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 2
         m.reset_running_stats()
         m.momentum = None  # cumulative average, so the order of batches does not matter
     model.train()
+    dev = next(model.parameters()).device
     try:
         for xb in x.split(batch_size):
-            model(xb)
+            model(xb.to(dev))
     finally:
         for m, mom in zip(bns, saved):
             m.momentum = mom
@@ -78,12 +79,20 @@ class Path:
 
 
 def linear_path(model_a: torch.nn.Module, model_b: torch.nn.Module, evaluator, points: int = 25,
-                bn_data: torch.Tensor | None = None) -> Path:
-    """Evaluate ``points`` evenly spaced models from A (l=0) to B (l=1)."""
+                bn_data: torch.Tensor | None = None, device=None) -> Path:
+    """Evaluate ``points`` evenly spaced models from A (l=0) to B (l=1).
+
+    ``device``: where the interpolated models are evaluated (None: where A is); the float64
+    interpolation happens there too, A and B themselves are not moved.
+    """
+    from ..engine.placement import float64_device, model_device
+
     if points < 2:
         raise ValueError("a path needs at least 2 points")
-    sa, sb = model_a.state_dict(), model_b.state_dict()
-    work = copy.deepcopy(model_a)
+    dev = float64_device(device) if device is not None else model_device(model_a)
+    sa = {k: v.to(dev) for k, v in model_a.state_dict().items()}
+    sb = {k: v.to(dev) for k, v in model_b.state_dict().items()}
+    work = copy.deepcopy(model_a).to(dev)
     lambdas = [i / (points - 1) for i in range(points)]
     metrics = []
     for lam in lambdas:
@@ -129,8 +138,12 @@ class Connectivity:
                 "Matching (Ito et al., 2024)",
           summary="loss/accuracy along the linear path before and after alignment, barriers, spectral alignment")
 def connectivity(model_a, model_b, evaluator, spec="auto", cfg: ConnectivityConfig | None = None,
-                 bn_data: torch.Tensor | None = None, **params) -> Connectivity:
-    """Paths A->B and (with align) A->pi(B), plus the singular-vector analysis of pi."""
+                 bn_data: torch.Tensor | None = None, device=None, **params) -> Connectivity:
+    """Paths A->B and (with align) A->pi(B), plus the singular-vector analysis of pi.
+
+    ``device``: where the path is evaluated and the matching costs are built (None: where A is);
+    the assignment solves and the singular-vector analysis run on the CPU.
+    """
     from .analysis import alignment_analysis
     from .matching import WeightMatchingConfig, weight_matching
 
@@ -142,10 +155,10 @@ def connectivity(model_a, model_b, evaluator, spec="auto", cfg: ConnectivityConf
                           f"{list(sb[odd[0]].shape) if odd[0] in sb else 'is missing'} in B: a linear path needs "
                           f"one architecture (a PLeaS merge wider than one model has no path to its parents)")
     t0 = time.perf_counter()
-    before = linear_path(model_a, model_b, evaluator, cfg.points, bn_data)
+    before = linear_path(model_a, model_b, evaluator, cfg.points, bn_data, device)
     after = perms = analysis = None
     if cfg.align:
-        aligned, perms = weight_matching(model_a, model_b, spec, WeightMatchingConfig(seed=cfg.seed))
-        after = linear_path(model_a, aligned, evaluator, cfg.points, bn_data)
+        aligned, perms = weight_matching(model_a, model_b, spec, WeightMatchingConfig(seed=cfg.seed), device=device)
+        after = linear_path(model_a, aligned, evaluator, cfg.points, bn_data, device)
         analysis = alignment_analysis(model_a.state_dict(), model_b.state_dict(), aligned.state_dict())
     return Connectivity(before, after, perms, analysis, time.perf_counter() - t0)

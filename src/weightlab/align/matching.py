@@ -4,6 +4,9 @@ Find permutations of B's hidden units that maximise sum_w <W_A, pi(W_B)>, i.e. b
 close as possible to A in weight space. Coordinate descent: start from the identity, visit
 the permutations in random order, and solve each one exactly as a linear assignment with
 every other permutation held fixed; stop after a full sweep that improves nothing.
+
+Devices: the float64 cost matrices (the O(n^2 d) part) are built on ``device``; the assignment
+itself is scipy's ``linear_sum_assignment`` and always runs on the CPU (one n x n copy per solve).
 """
 from __future__ import annotations
 
@@ -48,8 +51,16 @@ def _objective(spec: PermutationSpec, perms, a: StateDict, b: StateDict, names) 
 
 
 def match_state_dicts(spec: PermutationSpec, a: StateDict, b: StateDict, cfg: WeightMatchingConfig | None = None,
-                      skip: set[str] = frozenset(), init: dict[str, torch.Tensor] | None = None) -> MatchResult:
-    """Permutations of ``b`` into ``a``'s basis; tensors in ``skip`` do not count in the cost."""
+                      skip: set[str] = frozenset(), init: dict[str, torch.Tensor] | None = None,
+                      device=None) -> MatchResult:
+    """Permutations of ``b`` into ``a``'s basis; tensors in ``skip`` do not count in the cost.
+
+    ``device``: where the float64 costs are built (None: the CPU; MPS has no float64). The
+    permutations come back as CPU index tensors.
+    """
+    from ..engine.placement import float64_device
+
+    dev = float64_device(device)
     cfg = cfg or WeightMatchingConfig()
     spec.validate(a)
     for k in spec.axes():
@@ -60,10 +71,10 @@ def match_state_dicts(spec: PermutationSpec, a: StateDict, b: StateDict, cfg: We
     t0 = time.perf_counter()
     axes = spec.axes()
     used = [k for k in axes if k not in skip and a[k].is_floating_point()]
-    perms = {p: (init[p].clone() if init and p in init else torch.arange(n)) for p, n in spec.sizes.items()}
-    start = _objective(spec, perms, a, b, used)
-    fa = {k: a[k].double() for k in used}
-    fb = {k: b[k].double() for k in used}
+    perms = {p: (init[p].clone().cpu() if init and p in init else torch.arange(n)) for p, n in spec.sizes.items()}
+    fa = {k: a[k].to(dev).double() for k in used}
+    fb = {k: b[k].to(dev).double() for k in used}
+    start = _objective(spec, perms, fa, fb, used)
     rng = np.random.default_rng(cfg.seed)
     names = list(spec.groups)
     history, sweeps = [], 0
@@ -72,20 +83,20 @@ def match_state_dicts(spec: PermutationSpec, a: StateDict, b: StateDict, cfg: We
         for i in rng.permutation(len(names)):
             p = names[i]
             n = spec.sizes[p]
-            cost = torch.zeros(n, n, dtype=torch.float64)
+            cost = torch.zeros(n, n, dtype=torch.float64, device=dev)
             for t, ax in spec.groups[p]:
                 if t not in fa:
                     continue
                 wb = permute_tensor(axes, perms, t, fb[t], except_axis=ax)
                 cost += units_view(fa[t], ax, n) @ units_view(wb, ax, n).T
-            c = cost.numpy()
+            c = cost.cpu().numpy()  # scipy's assignment runs on the CPU
             _, col = linear_sum_assignment(c, maximize=True)
             old = c[np.arange(n), perms[p].numpy()].sum()
             new = c[np.arange(n), col].sum()
             if new > old + 1e-12 * max(1.0, abs(old)):
                 perms[p] = torch.as_tensor(col, dtype=torch.long)
                 improved = True
-        history.append(_objective(spec, perms, a, b, used))
+        history.append(_objective(spec, perms, fa, fb, used))
         if not improved:
             break
     return MatchResult(perms, spec, sweeps, history[-1] if history else start, start,
@@ -96,7 +107,8 @@ def match_state_dicts(spec: PermutationSpec, a: StateDict, b: StateDict, cfg: We
           paper="Git Re-Basin: Merging Models modulo Permutation Symmetries (Ainsworth et al., 2023)",
           summary="permute B's hidden units into A's basis by coordinate descent over linear assignments")
 def weight_matching(model_a: torch.nn.Module, model_b: torch.nn.Module, spec="auto",
-                    cfg: WeightMatchingConfig | None = None, example=None, **params) -> tuple[torch.nn.Module, dict]:
+                    cfg: WeightMatchingConfig | None = None, example=None, device=None,
+                    **params) -> tuple[torch.nn.Module, dict]:
     """Return (B permuted into A's basis as a new module, {perm name: index tensor}).
 
     ``spec``: "auto" (derived from A's structure, or the hand spec for HF Llama/BERT), a
@@ -112,16 +124,17 @@ def weight_matching(model_a: torch.nn.Module, model_b: torch.nn.Module, spec="au
                           f"weight matching needs one architecture")
     s = resolve_spec(model_a, spec, example)
     buffers = set() if cfg.include_buffers else {k for k, _ in model_a.named_buffers()}
-    res = match_state_dicts(s, model_a.state_dict(), model_b.state_dict(), cfg, skip=buffers)
+    res = match_state_dicts(s, model_a.state_dict(), model_b.state_dict(), cfg, skip=buffers, device=device)
     return permuted_copy(model_b, s, res.perms), res.perms
 
 
-def match(model_a, model_b, spec="auto", cfg: WeightMatchingConfig | None = None, example=None) -> MatchResult:
+def match(model_a, model_b, spec="auto", cfg: WeightMatchingConfig | None = None, example=None,
+          device=None) -> MatchResult:
     """Like weight_matching but returns the full MatchResult (objective, sweeps, time)."""
     cfg = cfg or WeightMatchingConfig()
     s = resolve_spec(model_a, spec, example)
     buffers = set() if cfg.include_buffers else {k for k, _ in model_a.named_buffers()}
-    return match_state_dicts(s, model_a.state_dict(), model_b.state_dict(), cfg, skip=buffers)
+    return match_state_dicts(s, model_a.state_dict(), model_b.state_dict(), cfg, skip=buffers, device=device)
 
 
 def permuted_copy(model: torch.nn.Module, spec: PermutationSpec, perms: dict[str, torch.Tensor]) -> torch.nn.Module:

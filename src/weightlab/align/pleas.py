@@ -138,10 +138,11 @@ def _record(model: nn.Module, layers: list[str], x: torch.Tensor, batch_size: in
                 store[n]["X"].append(i.reshape(-1, i.shape[-1]))
                 store[n]["Y"].append(out.reshape(-1, out.shape[-1]))
         hooks.append(mods[n].register_forward_hook(hook))
+    dev = next(model.parameters()).device
     try:
         model.eval()
         for xb in x.split(batch_size):
-            model(xb)
+            model(xb.to(dev))
     finally:
         for h in hooks:
             h.remove()
@@ -155,7 +156,7 @@ def _activation_cost(ra: torch.Tensor, rb: torch.Tensor, n: int) -> torch.Tensor
 
 def _solve(X: torch.Tensor, Y: torch.Tensor, ridge: float) -> torch.Tensor:
     """argmin_W ||X W^T - Y||^2 + eps ||W||^2, X with a ones column appended."""
-    Xb = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], 1)
+    Xb = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype, device=X.device)], 1)
     G = Xb.T @ Xb
     eps = ridge * float(G.diagonal().mean())
     G.diagonal().add_(max(eps, 1e-12))
@@ -166,11 +167,19 @@ def _solve(X: torch.Tensor, Y: torch.Tensor, ridge: float) -> torch.Tensor:
           paper="PLeaS -- Merging Models with Permutations and Least Squares (Nasery et al., 2025)",
           summary="partial permutation merge to a chosen width, then a least-squares refit of every layer")
 def pleas(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor, cfg: PleasConfig | None = None,
-          **params) -> PleasResult:
-    """Merge A and B into one model of width n(1 + r) per hidden layer, fitted on inputs ``x``."""
+          device=None, **params) -> PleasResult:
+    """Merge A and B into one model of width n(1 + r) per hidden layer, fitted on inputs ``x``.
+
+    ``device``: where the forwards, the float64 activation costs and the least-squares refits run
+    (None: the CPU; MPS has no float64). The assignments are scipy's and run on the CPU; the merged
+    model comes back on the CPU. A and B are not moved (their folded copies are).
+    """
+    from ..engine.placement import float64_device
+
     cfg = cfg or PleasConfig(**params)
+    dev = float64_device(device)
     t0 = time.perf_counter()
-    fa, fb = fold_batchnorm(model_a), fold_batchnorm(model_b)
+    fa, fb = fold_batchnorm(model_a).to(dev), fold_batchnorm(model_b).to(dev)
     order, reads, writes, spec = _chain(fa)
     ra, rb = _record(fa, order, x, cfg.batch_size), _record(fb, order, x, cfg.batch_size)
     notes = []
@@ -180,10 +189,10 @@ def pleas(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor, cfg: PleasCon
     if cfg.matching == "weight":
         from .matching import match_state_dicts
 
-        perms = match_state_dicts(spec, fa.state_dict(), fb.state_dict()).perms
+        perms = match_state_dicts(spec, fa.state_dict(), fb.state_dict(), device=dev).perms
     else:
-        for p, c in costs.items():
-            perms[p] = torch.as_tensor(linear_sum_assignment(c.numpy(), maximize=True)[1], dtype=torch.long)
+        for p, c in costs.items():  # scipy: on the CPU
+            perms[p] = torch.as_tensor(linear_sum_assignment(c.cpu().numpy(), maximize=True)[1], dtype=torch.long)
     # merged unit order per group: [merged A units, A-only units, B-only units (as B indices)]
     plan = {}
     for p, n in spec.sizes.items():
@@ -191,14 +200,14 @@ def pleas(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor, cfg: PleasCon
         if not 0 <= r <= 1:
             raise ConfigError(f"ratio for group '{p}' must be in [0, 1], got {r}")
         perm = perms[p]
-        score = costs[p][torch.arange(n), perm]
+        score = costs[p].cpu()[torch.arange(n), perm]
         sep = int(round(r * n))
         worst = torch.argsort(score)[:sep]  # lowest matching scores stay unmerged
         only = torch.zeros(n, dtype=torch.bool)
         only[worst] = True
         m_idx = torch.nonzero(~only).flatten()
         u_idx = torch.nonzero(only).flatten()
-        plan[p] = (m_idx, u_idx, perm)
+        plan[p] = (m_idx.to(dev), u_idx.to(dev), perm.to(dev))  # they index device activations below
     merged = copy.deepcopy(fa)
     mods = dict(merged.named_modules())
     errors = {}
@@ -209,22 +218,22 @@ def pleas(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor, cfg: PleasCon
         if name in reads:
             m, u, perm = plan[reads[name]]
             q = XA.shape[1] // spec.sizes[reads[name]]
-            cols = lambda idx: (idx[:, None] * q + torch.arange(q)).flatten()  # noqa: E731
+            cols = lambda idx: (idx[:, None] * q + torch.arange(q, device=dev)).flatten()  # noqa: E731
             X = torch.cat([(XA[:, cols(m)] + XB[:, cols(perm[m])]) / 2, XA[:, cols(u)], XB[:, cols(perm[u])]], 1)
             nm, nu = len(m) * q, len(u) * q
-            a_cols = torch.arange(nm + nu)
-            b_cols = torch.cat([torch.arange(nm), torch.arange(nm + nu, nm + 2 * nu)])
+            a_cols = torch.arange(nm + nu, device=dev)
+            b_cols = torch.cat([torch.arange(nm, device=dev), torch.arange(nm + nu, nm + 2 * nu, device=dev)])
         else:
             X = XA  # the model input is the same for both
-            a_cols = b_cols = torch.arange(X.shape[1])
+            a_cols = b_cols = torch.arange(X.shape[1], device=dev)
         if name in writes:
             m, u, perm = plan[writes[name]]
-            blocks = [((YA[:, m] + YB[:, perm[m]]) / 2, torch.arange(X.shape[1])),
+            blocks = [((YA[:, m] + YB[:, perm[m]]) / 2, torch.arange(X.shape[1], device=dev)),
                       (YA[:, u], a_cols), (YB[:, perm[u]], b_cols)]
         else:
-            blocks = [((YA + YB) / 2, torch.arange(X.shape[1]))]
+            blocks = [((YA + YB) / 2, torch.arange(X.shape[1], device=dev))]
         n_out = sum(y.shape[1] for y, _ in blocks)
-        W = torch.zeros(n_out, X.shape[1] + 1, dtype=torch.float64)
+        W = torch.zeros(n_out, X.shape[1] + 1, dtype=torch.float64, device=dev)
         row, err, tot = 0, 0.0, 0.0
         for Y, allowed in blocks:
             if Y.shape[1] == 0:
@@ -238,14 +247,14 @@ def pleas(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor, cfg: PleasCon
             row += Y.shape[1]
         errors[name] = err / max(tot, 1e-300)
         n_in = X.shape[1] if isinstance(layer, nn.Linear) else X.shape[1] // (layer.kernel_size[0] * layer.kernel_size[1])
-        new = _like(layer, n_in, n_out)
+        new = _like(layer, n_in, n_out).to(dev)
         with torch.no_grad():
             new.weight.copy_(W[:, :-1].reshape(new.weight.shape))
             new.bias.copy_(W[:, -1])
         _set_module(merged, name, new)
     widths = {p: len(m) + 2 * len(u) for p, (m, u, _) in plan.items()}
     params = sum(t.numel() for t in merged.parameters())
-    return PleasResult(merged.eval(), widths, perms, errors, params, time.perf_counter() - t0, notes)
+    return PleasResult(merged.cpu().eval(), widths, perms, errors, params, time.perf_counter() - t0, notes)
 
 
 def ratio_for_budget(model: nn.Module, budget: float) -> float:

@@ -8,7 +8,7 @@ import typer
 
 from ..errors import ConfigError, OutputExistsError
 from . import app
-from ._common import console
+from ._common import console, device_option
 
 adapter_app = typer.Typer(help="Adapter folders: export to PEFT, sum orthogonal concept adapters.", no_args_is_help=True)
 app.add_typer(adapter_app, name="adapter")
@@ -33,10 +33,12 @@ def tune(path: str = typer.Argument(..., help="causal-LM folder (HF) or zoo:NAME
          save_every: int = typer.Option(None, "--save-every", help="checkpoint every N steps (default steps/4)"),
          no_merged: bool = typer.Option(False, "--no-merged", help="skip the merged-model export"),
          out: str = typer.Option(..., "--out", "-o"), force: bool = typer.Option(False, "--force"),
-         no_resume: bool = typer.Option(False, "--no-resume", help="ignore OUT/checkpoint")) -> None:
+         no_resume: bool = typer.Option(False, "--no-resume", help="ignore OUT/checkpoint"),
+         device: str = device_option()) -> None:
     """Fine-tune a causal LM with an adapter; held-out loss during training, checkpoint/resume, merged export.
 
-    Multi-GPU: accelerate launch -m weightlab tune ... (each process trains on its slice of the batch).
+    Multi-GPU: accelerate launch -m weightlab tune ... (each process trains on its slice of the batch
+    on its local rank's GPU; --device cpu makes them CPU processes). Weights train in fp32.
     """
     import yaml
 
@@ -45,6 +47,9 @@ def tune(path: str = typer.Argument(..., help="causal-LM folder (HF) or zoo:NAME
     from ..io.hf import load_causal_lm
     from ..recipe.models import resolve_model
 
+    from ..engine.device import resolve_device
+
+    resolve_device(device)  # an unavailable device is one error line before any work
     src = resolve_model(path)
     check_not_input(Path(out), [src])
     o = Path(out)
@@ -69,12 +74,6 @@ def tune(path: str = typer.Argument(..., help="causal-LM folder (HF) or zoo:NAME
         tg = targets[3:] if targets.startswith("re:") else ("all-linear" if targets == "all-linear"
                                                              else [t.strip() for t in targets.split(",")])
     model, tok = load_causal_lm(src)
-    import torch
-
-    from ..engine.training import launched_distributed
-
-    if torch.cuda.is_available() and not launched_distributed():  # under accelerate each process picks its GPU
-        model = model.cuda()
 
     def on_eval(step, loss):
         console.print(f"step {step:>5}: held-out loss {loss:.4f}")
@@ -82,7 +81,7 @@ def tune(path: str = typer.Argument(..., help="causal-LM folder (HF) or zoo:NAME
     res = run_tune(model, tok, adapter, data, rank=rank, targets=tg, steps=steps, lr=lr, batch_size=batch_size,
                    seqlen=seqlen, eval_every=eval_every, out=o, resume=not no_resume, seed=seed,
                    merged=not no_merged, on_eval=on_eval, method_config=params, save_every=save_every,
-                   loss_weighting=reweight, loss_weighting_config=rw_params)
+                   loss_weighting=reweight, loss_weighting_config=rw_params, device=device)
     if res.get("process_index", 0):
         return
     rw = f", {res['loss_weighting']['name']} loss weighting" if reweight else ""

@@ -16,19 +16,36 @@ def _spec(spec: str):
     return "auto" if spec == "auto" else spec
 
 
+_DEVICE_HELP = ("where the float64 costs, forwards and fits run: auto (first accelerator, else cpu; mps has no "
+                "float64, so auto means cpu there), cpu, cuda, cuda:N. The assignment solver (scipy) always "
+                "runs on the CPU")
+
+
+def _device_opt():
+    return typer.Option("auto", "--device", help=_DEVICE_HELP)
+
+
+def _check_device(device: str) -> None:
+    """Resolve before loading anything: an unavailable device is one error line before any work."""
+    from ..engine.placement import float64_device
+
+    float64_device(device)
+
+
 @app.command()
 def align(a: str = typer.Argument(..., help=f"reference model A: {_REF_HELP}"),
           b: str = typer.Argument(..., help="model B, same architecture; it is permuted into A's basis"),
           spec: str = typer.Option("auto", "--spec", help="auto, or a JSON/YAML permutation spec file"),
           seed: int = typer.Option(0, "--seed", help="order in which permutations are visited"),
           out: str = typer.Option(..., "--out", "-o", help="folder to create (B permuted; loads like B)"),
-          force: bool = typer.Option(False, "--force")) -> None:
+          force: bool = typer.Option(False, "--force"), device: str = _device_opt()) -> None:
     """Weight matching: write B with its hidden units permuted to line up with A's (same function as B)."""
     from ..align import WeightMatchingConfig, match_state_dicts, permuted_copy, resolve_spec
     from ..align.models import load_model, save_aligned
     from ..errors import ConfigError, OutputExistsError
     from ..io.provenance import Provenance
 
+    _check_device(device)
     if Path(out).exists() and not force:
         raise OutputExistsError(f"output '{out}' already exists; pass --force to replace it")
     la, lb = load_model(a), load_model(b)
@@ -37,7 +54,7 @@ def align(a: str = typer.Argument(..., help=f"reference model A: {_REF_HELP}"),
     s = resolve_spec(la.model, _spec(spec))
     buffers = {k for k, _ in la.model.named_buffers()}
     res = match_state_dicts(s, la.model.state_dict(), lb.model.state_dict(), WeightMatchingConfig(seed=seed),
-                            skip=buffers)
+                            skip=buffers, device=device)
     aligned = permuted_copy(lb.model, s, res.perms)
     report = {"sweeps": res.sweeps, "objective_start": res.objective_start, "objective": res.objective,
               "seconds": round(res.seconds, 3), "groups": {p: n for p, n in s.sizes.items()}, "notes": s.notes}
@@ -64,7 +81,8 @@ def connect(a: str = typer.Argument(..., help=f"model A: {_REF_HELP}"),
             report: str = typer.Option(None, "--report", help="write a self-contained HTML report here"),
             plot: str = typer.Option(None, "--plot", help="write the loss/accuracy plot (PNG) here"),
             max_tokens: int = typer.Option(4096, "--max-tokens", help="causal LMs: tokens of text evaluated"),
-            json_out: bool = typer.Option(False, "--json", help="print the result as JSON")) -> None:
+            json_out: bool = typer.Option(False, "--json", help="print the result as JSON"),
+            device: str = _device_opt()) -> None:
     """Linear mode connectivity: loss and accuracy along A -> B before and after weight matching, the barrier
     (reference: max L - (L(A)+L(B))/2; linear: height above the chord) and the singular-vector analysis."""
     from ..align import ConnectivityConfig, connectivity
@@ -73,6 +91,7 @@ def connect(a: str = typer.Argument(..., help=f"model A: {_REF_HELP}"),
     from ..engine.evaluators import CausalLMEvaluator, ClassificationEvaluator
     from ..errors import ConfigError
 
+    _check_device(device)
     la, lb = load_model(a), load_model(b)
     bn_data = None
     if la.kind == "classifier":
@@ -90,7 +109,7 @@ def connect(a: str = typer.Argument(..., help=f"model A: {_REF_HELP}"),
         raise ConfigError("connect needs a loss: it works on zoo classifiers and causal LMs; "
                           "for an encoder use weightlab align and your own evaluation")
     res = connectivity(la.model, lb.model, evaluator, _spec(spec),
-                       ConnectivityConfig(points=points, align=not no_align), bn_data=bn_data)
+                       ConnectivityConfig(points=points, align=not no_align), bn_data=bn_data, device=device)
     summary = res.summary()
     if plot:
         from ..zoo._cache import atomic_file
@@ -179,7 +198,8 @@ def pleas_cmd(a: str = typer.Argument(..., help=f"model A: {_CLS_HELP}"),
               matching: str = typer.Option("activation", "--matching", help="activation or weight"),
               out: str = typer.Option(..., "--out", "-o", help="folder to create (the merged model; loads like A)"),
               force: bool = typer.Option(False, "--force"),
-              json_out: bool = typer.Option(False, "--json", help="print the report as JSON")) -> None:
+              json_out: bool = typer.Option(False, "--json", help="print the report as JSON"),
+              device: str = _device_opt()) -> None:
     """PLeaS: match A's and B's units, merge each layer to n(1 + ratio) units, refit every layer by least squares."""
     import dataclasses
 
@@ -191,12 +211,13 @@ def pleas_cmd(a: str = typer.Argument(..., help=f"model A: {_CLS_HELP}"),
 
     if ratio is not None and budget is not None:
         raise ConfigError("give --ratio or --budget, not both")
+    _check_device(device)
     _refuse_existing(out, force)
     la, lb = _classifiers([a, b], "pleas")
     x, _ = _inputs(data or la.dataset, la, samples)
     r = ratio_for_budget(la.model, budget) if budget is not None else (ratio or 0.0)
     cfg = get_method("merge", "pleas").make_config({"ratio": r, "matching": matching})
-    res = pleas(la.model, lb.model, x, cfg)
+    res = pleas(la.model, lb.model, x, cfg, device=device)
     one = sum(p.numel() for p in la.model.parameters())
     report = {"ratio": r, "widths": res.widths, "params": res.params, "params_one_model": one,
               "size": round(res.params / one, 4), "layer_error": res.layer_error, "seconds": round(res.seconds, 3),
@@ -233,7 +254,8 @@ def atlas_cmd(base: str = typer.Argument(..., help=f"pre-trained model theta_0: 
               out: str = typer.Option(..., "--out", "-o",
                                       help="folder to create (the composed model; loads like BASE)"),
               force: bool = typer.Option(False, "--force"),
-              json_out: bool = typer.Option(False, "--json", help="print the report as JSON")) -> None:
+              json_out: bool = typer.Option(False, "--json", help="print the report as JSON"),
+              device: str = _device_opt()) -> None:
     """aTLAS: theta_0 + sum of learned per-tensor coefficients x task vectors, fitted from zero on a small set."""
     import copy
 
@@ -243,6 +265,7 @@ def atlas_cmd(base: str = typer.Argument(..., help=f"pre-trained model theta_0: 
     from ..io.provenance import Provenance
     from ..registry import get_method
 
+    _check_device(device)
     _refuse_existing(out, force)
     loaded = _classifiers([base, *finetunes], "atlas")
     lb, fts = loaded[0], loaded[1:]
@@ -250,7 +273,7 @@ def atlas_cmd(base: str = typer.Argument(..., help=f"pre-trained model theta_0: 
     cfg = get_method("merge", "atlas").make_config({"objective": objective, "partitions": partitions,
                                                     "blockwise": not per_model, "lr": lr, "epochs": epochs,
                                                     "steps": steps, "seed": seed})
-    res = atlas(lb.model, [f.model for f in fts], ClassificationEvaluator(x, y), cfg)
+    res = atlas(lb.model, [f.model for f in fts], ClassificationEvaluator(x, y), cfg, device=device)
     composed = copy.deepcopy(lb.model)
     composed.load_state_dict(res.state_dict)
     report = {"coefficients_learned": res.coefficients.numel(), "seconds": round(res.seconds, 3),

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from ..errors import ConfigError, OutputExistsError
 from . import app
-from ._common import console, print_json
+from ._common import console, device_option, print_json
 
 _TRAINED = ("el2n", "grand", "forgetting")
 
@@ -59,12 +59,16 @@ def score_data(
                                                                   "prints the AUROC for finding them"),
     force: bool = typer.Option(False, "--force", help="replace existing output files"),
     json_out: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+    device: str = device_option(),
 ) -> None:
     """Score every training sample (higher = harder / more likely mislabeled) and write a table.
 
     \b
     weightlab score-data --method el2n --dataset digits -o scores.csv --plot scores.png
     weightlab score-data -m forgetting -d my.csv -o scores.json --runs 3 --keep 0.7 --policy easy
+
+    --device: where the scoring models train (el2n, grand, forgetting) or the float64 k-means runs
+    (prototype; on MPS, which has no float64, auto uses the CPU). Scores are written from the CPU.
     """
     from ..data import SCORE_METHODS, inject_label_noise, load_scoring_data, score_dataset
     from ..data.table import FORMATS, POLICIES, _pyplot
@@ -80,6 +84,9 @@ def score_data(
         raise ConfigError(f"unknown output format '{out.suffix}' for {out}; use .csv, .json or .parquet")
     if policy not in POLICIES:
         raise ConfigError(f"unknown --policy {policy!r}; valid: {', '.join(POLICIES)}")
+    from ..engine.device import resolve_device
+
+    resolve_device(device)  # an unavailable device is one error line before any work
     params = _params(param)
     for flag, key, value in (("--runs", "runs", runs), ("--epochs", "epochs", epochs), ("--seed", "seed", seed)):
         if value is None:
@@ -108,7 +115,7 @@ def score_data(
     if label_noise is not None:
         y, noisy = inject_label_noise(data.y, label_noise, data.num_classes, seed=params.get("seed", 0))
         data = data.with_labels(y)
-    table = score_dataset(method, data, **params)
+    table = score_dataset(method, data, device=device, **params)
     if noisy is not None:
         table.extra["noisy"] = noisy
     kept = None

@@ -8,7 +8,7 @@ from rich.table import Table as RichTable
 
 from ..errors import ConfigError
 from . import app
-from ._common import console, err_console
+from ._common import console, device_option, err_console
 
 
 def _f(v, d=3) -> str:
@@ -42,24 +42,37 @@ def inspect_command(
     neurons: str | None = typer.Option(None, "--neurons", metavar="WORD|all",
                                        help="causal LMs: add feature neurons to the report: those decoding to WORD, "
                                             "or with 'all' the most confident neuron of every layer"),
+    device: str = device_option(),
 ) -> None:
     """Per weight matrix: norms, ranks, power-law alpha of the eigenvalue spectrum (WeightWatcher's method),
-    KS distance, MP spikes and warnings; conv filter quality; with --base, what changed."""
-    from ..inspect.analysis import analyze
+    KS distance, MP spikes and warnings; conv filter quality; with --base, what changed.
+
+    \b
+    --device: Gram matrices and eigenvalues are computed there in float64 (cpu: numpy; mps has no
+    float64, so auto falls back to the CPU there). Under torchrun (WORLD_SIZE > 1) the weight
+    matrices are split over the processes, balanced by cost; rank 0 prints and writes the outputs,
+    which equal a one-process run.
+    """
+    from ..inspect.analysis import _device, analyze
 
     if report is not None and Path(report).is_dir():
         raise ConfigError(f"--report '{report}' is a folder; give a file name such as report.html")
+    dev = _device(device, None)  # an unavailable device is one error line before any work
+    if (heads or neurons) and not report:
+        raise ConfigError("--heads/--neurons add sections to the HTML report: give --report FILE.html too")
     options = {"threads": threads, "include": include, "exclude": exclude}
-    res = analyze(path, base=base, k=k, eps=eps, **{kk: v for kk, v in options.items() if v is not None})
+    with _process_group() as rank:
+        res = analyze(path, base=base, k=k, eps=eps, device=dev,
+                      **{kk: v for kk, v in options.items() if v is not None})
+    if rank != 0:
+        return  # every rank holds the same result; one writes it
     if json_out == "-":
         print(res.to_json(indent=1))
     elif json_out:
         res.to_json(json_out)
         err_console.print(f"wrote {json_out}")
-    if (heads or neurons) and not report:
-        raise ConfigError("--heads/--neurons add sections to the HTML report: give --report FILE.html too")
     if report and (heads or neurons):
-        _attach_internals(res, path, heads, neurons)
+        _attach_internals(res, path, heads, neurons, device)
     if report:
         res.write_html(report, plot_layers=plot or None)
         err_console.print(f"wrote {report}")
@@ -118,7 +131,29 @@ def inspect_command(
                                   + (" ..." if len(d[key]) > 6 else ""))
 
 
-def _attach_internals(res, path: str, heads: str | None, neurons: str | None) -> None:
+def _process_group():
+    """Under torchrun (WORLD_SIZE > 1) join the process group for the run (gloo: only Python objects are
+    exchanged, whatever the compute device) and yield this rank; otherwise yield 0."""
+    import contextlib
+    import os
+
+    @contextlib.contextmanager
+    def cm():
+        import torch.distributed as dist
+
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+            yield dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            return
+        dist.init_process_group("gloo")
+        try:
+            yield dist.get_rank()
+        finally:
+            dist.destroy_process_group()
+
+    return cm()
+
+
+def _attach_internals(res, path: str, heads: str | None, neurons: str | None, device: str = "cpu") -> None:
     """Load the model once as a causal LM and put the heads map / neuron table into the report."""
     from ..inspect.heads import analyze_heads
     from ..inspect.internals_html import attach
@@ -131,10 +166,10 @@ def _attach_internals(res, path: str, heads: str | None, neurons: str | None) ->
     if heads:
         cfg = get_method("inspect", "heads").make_config(
             {"domains": [d.strip() for d in heads.split(",") if d.strip()]})
-        attach(res, heads=analyze_heads(model, tok, cfg))
+        attach(res, heads=analyze_heads(model, tok, cfg, device=device))
     if neurons:
         ids = None if neurons == "all" else token_variants(tok, neurons)
-        nmap = decode_neurons(model, NeuronsConfig(), token_ids=ids)
+        nmap = decode_neurons(model, NeuronsConfig(), token_ids=ids, device=device)
         if ids:
             rows = nmap.rows(tok, best_first=True, limit=20)
         else:

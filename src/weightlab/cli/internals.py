@@ -8,7 +8,7 @@ import typer
 from typer.core import TyperGroup
 
 from . import app
-from ._common import console
+from ._common import console, device_option, dtype_option
 
 
 class _ShowByDefault(TyperGroup):
@@ -26,11 +26,23 @@ neurons_app = typer.Typer(cls=_ShowByDefault, no_args_is_help=True,
 app.add_typer(neurons_app, name="neurons")
 
 
-def _load(path: str):
+def _policy(device: str, dtype: str):
+    """(device, forward dtype) from the shared policy, resolved before any loading: a missing CUDA is one line."""
+    from ..engine.device import device_policy
+
+    return device_policy(device, dtype)
+
+
+def _load(path: str, policy=None):
+    """The causal LM in the policy's forward dtype, on its device (CPU fp32 without a policy)."""
     from ..io.hf import load_causal_lm
     from ..recipe.models import resolve_model
 
-    return load_causal_lm(resolve_model(path))
+    if policy is None:
+        return load_causal_lm(resolve_model(path))
+    dev, dt = policy
+    model, tok = load_causal_lm(resolve_model(path), dtype=dt)
+    return model.to(dev), tok
 
 
 def _write(path: str, text: str) -> None:
@@ -55,13 +67,14 @@ def show(path: str = typer.Argument(..., help="causal LM folder or zoo:smollm2")
          top_k: int = typer.Option(5, "--top-k"), limit: int = typer.Option(20, "--limit", help="neurons printed"),
          negative: bool = typer.Option(False, "--negative", help="decode -v: what a firing neuron suppresses"),
          json_out: str = typer.Option(None, "--json", help="write [{layer, neuron, top_tokens, score}] here"),
-         report: str = typer.Option(None, "--report", help="write the printed neurons as an HTML table here")) -> None:
+         report: str = typer.Option(None, "--report", help="write the printed neurons as an HTML table here"),
+         device: str = device_option(), dtype: str = dtype_option()) -> None:
     """Decode every MLP neuron through the final norm and LM head; with --token, best matches first."""
     from ..inspect.internals_html import render_neurons
     from ..inspect.neurons import NeuronsConfig, decode_neurons, token_variants
 
     cfg = NeuronsConfig(vector=vector, top_k=top_k, layers=layer or None, negative=negative)
-    model, tok = _load(path)
+    model, tok = _load(path, _policy(device, dtype))
     ids = token_variants(tok, token) if token else None
     nmap = decode_neurons(model, cfg, token_ids=ids)
     n_layers = len(nmap.top_ids)
@@ -87,12 +100,14 @@ def clamp(path: str = typer.Argument(..., help="causal LM folder or zoo:smollm2"
           prompt: str = typer.Option(..., "--prompt", "-p"),
           max_new_tokens: int = typer.Option(20, "--max-new-tokens"),
           watch: list[str] = typer.Option(None, "--watch", "-w", help="also show this word's probability (repeatable)"),
-          json_out: str = typer.Option(None, "--json", help="write the comparison here")) -> None:
+          json_out: str = typer.Option(None, "--json", help="write the comparison here"),
+          device: str = device_option(), dtype: str = dtype_option()) -> None:
     """Clamp neurons during generation; print next-token probabilities and greedy text with and without."""
     from ..inspect.neurons import clamp_neurons, parse_neuron, token_variants
 
     targets = [parse_neuron(s) for s in neuron]
-    model, tok = _load(path)
+    policy = _policy(device, dtype)
+    model, tok = _load(path, policy)
     extra = [i for w in watch or [] for i in token_variants(tok, w)]
     r = clamp_neurons(model, tok, targets, value, prompt, max_new_tokens=max_new_tokens, watch=extra)
     for k, a in r["activation_on_prompt"].items():
@@ -114,12 +129,14 @@ def compare(path_a: str = typer.Argument(..., help="first causal LM"),
             path_b: str = typer.Argument(..., help="second causal LM of the same architecture and vocabulary"),
             vector: str = typer.Option("up", "--vector", help="up (as the paper), down or gate"),
             layer: list[int] = typer.Option(None, "--layer", "-l"),
-            json_out: str = typer.Option(None, "--json")) -> None:
+            json_out: str = typer.Option(None, "--json"),
+            device: str = device_option(), dtype: str = dtype_option()) -> None:
     """Share of neurons whose top decoded token is the same in both models."""
     from ..inspect.neurons import NeuronsConfig, compare_neurons
 
-    a, _ = _load(path_a)
-    b, _ = _load(path_b)
+    policy = _policy(device, dtype)
+    a, _ = _load(path_a, policy)
+    b, _ = _load(path_b, policy)
     r = compare_neurons(a, b, NeuronsConfig(vector=vector, layers=layer or None))
     _say(f"{r['same_top_token']:.2%} of {r['neurons']:,} {vector} neurons keep their top token ({r['seconds']:.1f} s)")
     _say("per layer: " + " ".join(f"{k}:{v:.0%}" for k, v in r["per_layer"].items()))
@@ -138,7 +155,8 @@ def heads(path: str = typer.Argument(..., help="causal LM folder or zoo:smollm2"
           sink: float = typer.Option(0.5, "--sink-threshold"),
           dormant: float = typer.Option(0.01, "--dormant-threshold"),
           report: str = typer.Option(None, "--report", help="write an HTML map here"),
-          json_out: str = typer.Option(None, "--json", help="write every row here")) -> None:
+          json_out: str = typer.Option(None, "--json", help="write every row here"),
+          device: str = device_option(), dtype: str = dtype_option()) -> None:
     """Attention sinks, value drains, residual peaks and active/dormant heads per text domain."""
     from ..inspect.heads import HeadsConfig, analyze_heads
     from ..inspect.internals_html import render_heads
@@ -148,7 +166,7 @@ def heads(path: str = typer.Argument(..., help="causal LM folder or zoo:smollm2"
         domains=[d.strip() for d in domains.split(",") if d.strip()], windows=windows, seqlen=seqlen,
         dormant_test=test, tested="all" if all_heads else "sinks", sink_threshold=sink, dormant_threshold=dormant))
     assert isinstance(cfg, HeadsConfig)
-    model, tok = _load(path)
+    model, tok = _load(path, _policy(device, dtype))
     rep = analyze_heads(model, tok, cfg)
     for dom, info in rep.domains.items():
         _say(f"{dom}: loss {info['loss']:.3f} on {info['tokens']} tokens; {info['sinks']}/{info['heads']} heads are "

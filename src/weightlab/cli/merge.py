@@ -29,6 +29,9 @@ def merge(
     seed: int = typer.Option(None, "--seed", help="random seed (dare)"),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="merge even if inputs hold NaN/Inf"),
     force: bool = typer.Option(False, "--force", help="replace an existing output folder"),
+    device: str = typer.Option(None, "--device", help="where ties, tsv-m and r-tsvm compute (default cpu; "
+                                                      "auto, cuda, cuda:N); reading, writing and the other "
+                                                      "rules stay on the CPU"),
 ) -> None:
     """Merge models: a weightlab or mergekit YAML config, or the flag form for quick use.
 
@@ -70,6 +73,8 @@ def merge(
         target = out
     if seed is not None:
         job.seed = seed
+    if device is not None:  # the flag wins over a config file's device
+        job.device = device
     if allow_nonfinite:
         job.allow_nonfinite = True
     res = run_merge(job, Path(target), force=force)

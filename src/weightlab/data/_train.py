@@ -37,14 +37,21 @@ def default_model(data: ScoringData, seed: int, hidden=(64, 64)) -> nn.Module:
 
 
 def train_run(data: ScoringData, cfg: TrainedScoreConfig, run: int, epochs: int | None = None,
-              model_fn: ModelFn | None = None, on_batch: BatchHook | None = None) -> nn.Module:
+              model_fn: ModelFn | None = None, on_batch: BatchHook | None = None, device=None) -> nn.Module:
     """Build the model of run `run` and train it for `epochs` epochs; returns it in eval mode.
 
     `on_batch(ids, logits, labels)` sees every minibatch's logits from the training forward
-    pass (before the optimiser step), which is where forgetting events are counted.
+    pass (before the optimiser step), which is where forgetting events are counted; ids stay
+    on the CPU, logits and labels are on the training device.
+    `device`: None trains where `model_fn` put the model (the CPU by default); else it is moved there.
+    The batch order is drawn on the CPU from the run's seed, so it is the same on every device.
     """
+    from ..engine.placement import place
+
     seed = cfg.seed + run
     model = model_fn(data, seed) if model_fn is not None else default_model(data, seed, cfg.hidden)
+    dev = place(model, device)
+    x, y = data.x.to(dev), data.y.to(dev)  # once per run, not per batch
     epochs = cfg.epochs if epochs is None else epochs
     gen = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -58,10 +65,11 @@ def train_run(data: ScoringData, cfg: TrainedScoreConfig, run: int, epochs: int 
             order = torch.randperm(n, generator=gen)
             for start in range(0, n, cfg.batch_size):
                 idx = order[start:start + cfg.batch_size]
-                logits = model(data.x[idx])
+                ix = idx.to(dev)
+                logits = model(x[ix])
                 if on_batch is not None:
-                    on_batch(idx, logits.detach(), data.y[idx])
-                loss = F.cross_entropy(logits, data.y[idx])
+                    on_batch(idx, logits.detach(), y[ix])
+                loss = F.cross_entropy(logits, y[ix])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -72,9 +80,13 @@ def train_run(data: ScoringData, cfg: TrainedScoreConfig, run: int, epochs: int 
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    """Logits of every row of x, computed on the model's device, returned on the CPU."""
+    from ..engine.placement import model_device
+
+    dev = model_device(model)
     was = model.training
     model.eval()
     try:
-        return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+        return torch.cat([model(x[i:i + batch_size].to(dev)).cpu() for i in range(0, len(x), batch_size)])
     finally:
         model.train(was)

@@ -69,8 +69,10 @@ class ForgettingConfig(TrainedScoreConfig):
 @register("data", "forgetting", paper=PAPER, config=ForgettingConfig, regime=Regime.WHOLE_MODEL, kind="whole",
           role="score", summary="forgetting events (correct -> wrong) during training; never learned = inf")
 def forgetting(data, cfg: ForgettingConfig | None = None, *, model_fn: ModelFn | None = None,
-               show_progress: bool | None = None) -> ScoreTable:
-    """Forgetting score of every training sample: mean over `runs` of the events in one run (+inf if never learned)."""
+               show_progress: bool | None = None, device=None) -> ScoreTable:
+    """Forgetting score of every training sample: mean over `runs` of the events in one run (+inf if never learned).
+
+    `device`: where the runs train (None: the CPU); the event counts are kept on the CPU."""
     cfg = cfg or ForgettingConfig()
     d = as_scoring_data(data)
     t0 = time.perf_counter()
@@ -78,7 +80,7 @@ def forgetting(data, cfg: ForgettingConfig | None = None, *, model_fn: ModelFn |
     never = torch.zeros(len(d), dtype=torch.long)
     for run in progress(range(cfg.runs), "forgetting runs", enabled=show_progress):
         tr = ForgettingTracker(len(d))
-        train_run(d, cfg, run, model_fn=model_fn, on_batch=tr.update_from_logits)
+        train_run(d, cfg, run, model_fn=model_fn, on_batch=tr.update_from_logits, device=device)
         total += tr.scores()
         never += tr.never_learned.long()
     extra = {"never_learned_runs": never}

@@ -37,7 +37,12 @@ def grand_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, chunk_si
     parameters (requires_grad=False) are held fixed and not counted. `loss_fn(logits, y)`
     defaults to cross-entropy and must reduce to a scalar for one sample.
     """
+    from ..engine.placement import model_device
+
     loss_fn = loss_fn or F.cross_entropy
+    dev = model_device(model)
+    # MPS has no float64: square sums in float32 there (the norms are reported, not accumulated further)
+    acc = torch.float32 if dev.type == "mps" else torch.float64
     params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
     frozen = {k: v.detach() for k, v in model.named_parameters() if not v.requires_grad}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
@@ -53,9 +58,9 @@ def grand_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, chunk_si
     out = []
     try:
         for start in range(0, len(x), chunk_size):
-            g = per_sample(params, x[start:start + chunk_size], y[start:start + chunk_size])
-            sq = sum(t.detach().double().flatten(1).pow(2).sum(1) for t in g.values())
-            out.append(torch.sqrt(sq))
+            g = per_sample(params, x[start:start + chunk_size].to(dev), y[start:start + chunk_size].to(dev))
+            sq = sum(t.detach().to(acc).flatten(1).pow(2).sum(1) for t in g.values())
+            out.append(torch.sqrt(sq).cpu().double())
     finally:
         model.train(was)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
@@ -64,14 +69,16 @@ def grand_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, chunk_si
 @register("data", "grand", paper=PAPER, config=GrandConfig, regime=Regime.WHOLE_MODEL, kind="whole", role="score",
           summary="per-sample loss-gradient norm over all parameters (torch.func), mean over runs (high = hard)")
 def grand(data, cfg: GrandConfig | None = None, *, model_fn: ModelFn | None = None,
-          show_progress: bool | None = None) -> ScoreTable:
-    """GraNd of every training sample: train `runs` models for `epochs` epochs, average the gradient norms."""
+          show_progress: bool | None = None, device=None) -> ScoreTable:
+    """GraNd of every training sample: train `runs` models for `epochs` epochs, average the gradient norms.
+
+    `device`: where the runs train and the per-sample gradients are taken (None: the CPU)."""
     cfg = cfg or GrandConfig()
     d = as_scoring_data(data)
     t0 = time.perf_counter()
     total = torch.zeros(len(d), dtype=torch.float64)
     for run in progress(range(cfg.runs), "grand runs", enabled=show_progress):
-        model = train_run(d, cfg, run, model_fn=model_fn)
+        model = train_run(d, cfg, run, model_fn=model_fn, device=device)
         total += grand_scores(model, d.x, d.y, chunk_size=cfg.chunk_size)
     return ScoreTable("grand", total / cfg.runs, d.y, params=cfg.model_dump(), dataset=d.name,
                       label_names=d.label_names, seconds=time.perf_counter() - t0,

@@ -34,10 +34,13 @@ class PrototypeConfig(MethodConfig):
 @register("data", "prototype", paper=PAPER, config=PrototypeConfig, regime=Regime.WHOLE_MODEL, kind="whole",
           role="score", summary="cosine distance to the nearest k-means centroid of normalised embeddings (no labels)")
 def prototype(data, cfg: PrototypeConfig | None = None, *, embeddings: torch.Tensor | None = None,
-              show_progress: bool | None = None) -> ScoreTable:
+              show_progress: bool | None = None, device=None) -> ScoreTable:
     """Prototype scores. `data` is a dataset (name, CSV, zoo Dataset, ScoringData) or an (N, D) tensor
     of embeddings. Without `embeddings`, a dataset's own (standardised) features are embedded as they are.
+    `device`: where the float64 k-means runs (None: the CPU; MPS has no float64, so 'auto' means the CPU
+    there); the seeding draws stay on the CPU generator, so a seed picks the same starts everywhere.
     """
+    from ..engine.placement import float64_device
     cfg = cfg or PrototypeConfig()
     t0 = time.perf_counter()
     if isinstance(data, torch.Tensor):
@@ -55,7 +58,9 @@ def prototype(data, cfg: PrototypeConfig | None = None, *, embeddings: torch.Ten
     k = cfg.k or num_classes or 10
     if k > len(emb):
         raise ConfigError(f"k={k} clusters for only {len(emb)} samples")
-    scores, cluster = prototype_scores(emb, k, n_init=cfg.n_init, max_iter=cfg.max_iter, seed=cfg.seed)
+    dev = float64_device(device)
+    scores, cluster = prototype_scores(emb.to(dev), k, n_init=cfg.n_init, max_iter=cfg.max_iter, seed=cfg.seed)
+    scores, cluster = scores.cpu(), cluster.cpu()
     extra = {"cluster": cluster}
     if source:
         extra["source_id"] = source

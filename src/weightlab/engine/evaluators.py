@@ -18,6 +18,12 @@ from torch.nn import functional as F
 StateDict = dict[str, torch.Tensor]
 
 
+def _device_of(model) -> torch.device:
+    from .placement import model_device
+
+    return model_device(model)
+
+
 class ClassificationEvaluator:
     """Cross-entropy and accuracy of a classifier on (x, y)."""
 
@@ -35,7 +41,9 @@ class ClassificationEvaluator:
         model.eval()
         loss, correct = 0.0, 0
         try:
+            dev = _device_of(model)  # batches go to the model's device; the data stays on the CPU
             for xb, yb in zip(self.x.split(self.batch_size), self.y.split(self.batch_size)):
+                xb, yb = xb.to(dev), yb.to(dev)
                 logits = model(xb)
                 loss += float(F.cross_entropy(logits.float(), yb, reduction="sum"))
                 correct += int((logits.argmax(-1) == yb).sum())
@@ -53,7 +61,8 @@ class ClassificationEvaluator:
 
     def loss(self, model, batch) -> torch.Tensor:
         xb, yb = batch
-        return F.cross_entropy(model(xb), yb)
+        dev = _device_of(model)
+        return F.cross_entropy(model(xb.to(dev)), yb.to(dev))
 
     def scorer(self, model: torch.nn.Module) -> Callable[[StateDict], float]:
         work = copy.deepcopy(model)

@@ -153,8 +153,10 @@ def launched_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "ACCELERATE_MIXED_PRECISION" in os.environ
 
 
-def make_accelerator(accelerator=None):
-    """The Accelerator to use: the one given, a new one when launched by accelerate/torchrun (or True), else None."""
+def make_accelerator(accelerator=None, cpu: bool = False):
+    """The Accelerator to use: the one given, a new one when launched by accelerate/torchrun (or True), else None.
+
+    ``cpu``: processes compute on the CPU even where GPUs exist (``--device cpu``)."""
     if accelerator is False or (accelerator is None and not launched_distributed()):
         return None
     if accelerator is not None and accelerator is not True:
@@ -165,7 +167,7 @@ def make_accelerator(accelerator=None):
         raise MissingDependencyError("accelerate", "multi-process fine-tuning", "accelerate") from None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # torchrun on a machine without GPUs: accelerate treats the processes as one each unless told "cpu"
-    acc = Accelerator(cpu=True) if world > 1 and not torch.cuda.is_available() else Accelerator()
+    acc = Accelerator(cpu=True) if cpu or (world > 1 and not torch.cuda.is_available()) else Accelerator()
     if acc.num_processes != world:
         raise ConfigError(f"launched as {world} processes but accelerate sees {acc.num_processes}; "
                           "launch with 'accelerate launch --multi_gpu' or 'torchrun'")
@@ -179,23 +181,34 @@ def tune(model, tokenizer, method: str = "lora", data: str = "wiki", *, rank: in
          weight_decay: float = 0.0, merged: bool = True, progress: bool | None = None,
          on_eval: Callable[[int, float], None] | None = None, method_config: dict | None = None,
          train_data=None, heldout_data=None, loss_weighting: str | None = None,
-         loss_weighting_config: dict | None = None, accelerator=None) -> dict:
+         loss_weighting_config: dict | None = None, accelerator=None, device=None) -> dict:
     """Fine-tune ``model`` with adapter ``method``; returns {"history": [...], "heldout_before", "heldout_after", ...}.
 
     ``accelerator``: None = use accelerate only when launched by it (or torchrun); an
     ``accelerate.Accelerator`` to use that one; False to never use it.
+    ``device`` (the shared policy: auto, cpu, cuda, cuda:N, mps): one process trains there (None: where the
+    model is). Under accelerate/torchrun each process uses its local rank's accelerator; 'cpu' makes
+    them CPU processes and a numbered 'cuda:N' is refused (the launcher assigns the GPUs).
     """
     from .. import adapt
     from .progress import progress as pbar
     from .sample_loss import LossWeighting
 
+    from .device import resolve_device
+
+    dev = resolve_device(device) if device is not None else None  # before any work: one clear error
     torch.manual_seed(seed)
     random.seed(seed)
-    acc = make_accelerator(accelerator)
+    if dev is not None and dev.type == "cuda" and launched_distributed() and ":" in str(device):
+        raise ConfigError(f"--device {device}: under several processes each one uses its local rank's GPU; "
+                          "use --device auto, cuda or cpu")
+    acc = make_accelerator(accelerator, cpu=dev is not None and dev.type == "cpu")
     prank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
     is_main = prank == 0
     if acc is not None:
         model.to(acc.device)
+    elif dev is not None:
+        model.to(dev)
     device = next(model.parameters()).device
     tr, ho = (train_data, heldout_data) if train_data is not None else load_data(data, tokenizer, seqlen)
     out = Path(out) if out is not None else None

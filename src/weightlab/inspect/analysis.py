@@ -90,7 +90,7 @@ def _depth(name: str) -> int | None:
 
 
 def _spectral_row(it: _Item, w: np.ndarray, lam: np.ndarray, fro2: float,
-                  cfg: InspectConfig) -> tuple[dict, np.ndarray]:
+                  cfg: InspectConfig, device=None) -> tuple[dict, np.ndarray]:
     x_shape = (it.shape[0], int(np.prod(it.shape[1:])))
     row: dict[str, Any] = {"name": it.name, "kind": it.kind, "shape": list(it.shape), "dtype": dtype_name(it.dtype),
                            "N": it.n, "M": it.m, "rf": it.rf}
@@ -98,7 +98,7 @@ def _spectral_row(it: _Item, w: np.ndarray, lam: np.ndarray, fro2: float,
                 for k, v in S.rank_metrics(lam, x_shape, S.dtype_eps(it.dtype), fro2).items()})
     if it.kind == "conv2d":
         # a 1x1 kernel has one slice, the matrix itself: its eigenvalues are already in hand
-        esd = lam.copy() if it.rf == 1 else S.conv_slice_eigenvalues(w)[0]
+        esd = lam.copy() if it.rf == 1 else S.conv_slice_eigenvalues(w, device)[0]
         if cfg.conv2d_norm:
             esd *= 0.5
     else:
@@ -146,12 +146,13 @@ def _spectral_row(it: _Item, w: np.ndarray, lam: np.ndarray, fro2: float,
     return row, esd
 
 
-def _diff_row(it: _Item, x: np.ndarray, g: S.GramSVD, x0: np.ndarray, base_dtype, opts: DiffOptions) -> dict:
+def _diff_row(it: _Item, x: np.ndarray, g: S.GramSVD, x0: np.ndarray, base_dtype, opts: DiffOptions,
+              device=None) -> dict:
     m, n = x.shape
     row: dict[str, Any] = {"name": it.name, "kind": it.kind, "shape": list(it.shape), "depth": _depth(it.name)}
-    g0 = S.gram_svd(x0)
+    g0 = S.gram_svd(x0, device)
     base_norm = math.sqrt(max(g0.fro2, 0.0))
-    gd = S.gram_of_difference(x, x0)
+    gd = S.gram_of_difference(x, x0, device)
     fro2_d = float(np.trace(gd))
     row.update({"base_norm": base_norm, "delta_norm": math.sqrt(max(fro2_d, 0.0)),
                 "rel_change": math.sqrt(max(fro2_d, 0.0)) / base_norm if base_norm > 0 else None})
@@ -159,7 +160,7 @@ def _diff_row(it: _Item, x: np.ndarray, g: S.GramSVD, x0: np.ndarray, base_dtype
         row.update({"status": "unchanged", "intruders": 0})
         return row
     row["status"] = "changed"
-    lam_d = S.eigvalsh(gd)
+    lam_d = S.eigvalsh(gd, device)
     eps = max(S.dtype_eps(it.dtype), S.dtype_eps(base_dtype))
     # the change is exact (float64 difference of the stored values); what it cannot resolve is the
     # rounding noise of storing both matrices, at the scale of the weights (not of the change)
@@ -200,8 +201,8 @@ def _diff_row(it: _Item, x: np.ndarray, g: S.GramSVD, x0: np.ndarray, base_dtype
     return row
 
 
-def _work(it: _Item, src, base, cfg: InspectConfig, opts: DiffOptions, base_names: set | None):
-    """Everything about one weight matrix: (row, diff row or None, ESD)."""
+def _work(it: _Item, src, base, cfg: InspectConfig, opts: DiffOptions, base_names: set | None, device=None):
+    """Everything about one weight matrix: (row, diff row or None, ESD); Gram/eigen work on ``device``."""
     t = src.get(it.name)
     w = S.to_numpy(t)
     if not np.isfinite(w).all():
@@ -215,10 +216,10 @@ def _work(it: _Item, src, base, cfg: InspectConfig, opts: DiffOptions, base_name
     x = w.reshape(it.shape[0], -1)
     drow = None
     if base is not None and base_names is not None and it.name in base_names:
-        g = S.gram_svd(x)
+        g = S.gram_svd(x, device)
         lam = np.ascontiguousarray((g.s ** 2)[::-1])
         fro2 = g.fro2
-        row, esd = _spectral_row(it, w, lam, fro2, cfg)
+        row, esd = _spectral_row(it, w, lam, fro2, cfg, device)
         binfo = base.info(it.name)
         if tuple(binfo.shape) != it.shape:
             drow = {"name": it.name, "kind": it.kind, "shape": list(it.shape), "status": "shape mismatch",
@@ -228,11 +229,11 @@ def _work(it: _Item, src, base, cfg: InspectConfig, opts: DiffOptions, base_name
             if not np.isfinite(w0).all():
                 drow = {"name": it.name, "kind": it.kind, "shape": list(it.shape), "status": "non-finite in base"}
             else:
-                drow = _diff_row(it, x, g, w0.reshape(x.shape), binfo.dtype, opts)
+                drow = _diff_row(it, x, g, w0.reshape(x.shape), binfo.dtype, opts, device)
             _release(base, it.name)
     else:
-        lam, fro2 = S.matrix_eigenvalues(x)
-        row, esd = _spectral_row(it, w, lam, fro2, cfg)
+        lam, fro2 = S.matrix_eigenvalues(x, device)
+        row, esd = _spectral_row(it, w, lam, fro2, cfg, device)
         if base is not None:
             drow = {"name": it.name, "kind": it.kind, "shape": list(it.shape), "status": "only in model"}
     _release(src, it.name)
@@ -278,13 +279,62 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+# ----------------------------------------------------------------------------- several processes
+
+def _world(distributed: bool | None) -> tuple[int, int]:
+    """(rank, world size) to split the layers over: torch.distributed's when it is initialised with more than
+    one process and ``distributed`` is not False; (0, 1) otherwise."""
+    if distributed is False:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        if distributed:
+            raise ConfigError("distributed inspect needs an initialised torch.distributed process group "
+                              "(launch with torchrun; the CLI initialises it from WORLD_SIZE/RANK)")
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def share(costs: list[float], world: int) -> list[int]:
+    """Owner rank of each job: longest job first to the least-loaded rank (greedy LPT bin packing).
+
+    Every rank computes the same assignment from the same plan (ties go to the lowest rank), so
+    no coordination is needed before the work starts.
+    """
+    load = [0.0] * world
+    owner = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owner[i] = r
+        load[r] += costs[i]
+    return owner
+
+
+def _gather(payload):
+    """Every rank's payload, in rank order. A rank that failed sends its error instead of results, so the
+    others raise too rather than wait forever in the next collective."""
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, payload)
+    return out
+
+
 # ----------------------------------------------------------------------------- the pass
 
 def run(source, cfg: InspectConfig, base=None, opts: DiffOptions | None = None, *, show_progress: bool | None = None,
-        keep_spectra: bool = True) -> InspectResult:
-    """Analyse every weight matrix of ``source`` (and compare with ``base`` if given)."""
+        keep_spectra: bool = True, device=None, distributed: bool | None = None) -> InspectResult:
+    """Analyse every weight matrix of ``source`` (and compare with ``base`` if given).
+
+    ``device``: where Gram matrices and eigendecompositions run (float64; None = the CPU numpy path).
+    ``distributed``: None splits the layers over the ranks of an initialised torch.distributed group
+    (balanced by cost), True requires one, False never splits. Each rank analyses its share, the rows
+    are all-gathered, and every rank returns the same result, equal to a one-process run.
+    """
     t0 = time.perf_counter()
     opts = opts or DiffOptions()
+    rank, world = _world(distributed)
     items, skipped, others = plan(source, cfg)
     by_name = {it.name: it for it in items}
     todo = [it for it in items if it.tied_to is None or it.tied_to not in by_name]
@@ -295,28 +345,55 @@ def run(source, cfg: InspectConfig, base=None, opts: DiffOptions | None = None, 
     order = sorted(todo, key=lambda it: -it.cost)
     other_common = [n for n in others if base_names is not None and n in base_names
                     and base.info(n).dtype.is_floating_point]
+    mine, other_mine = order, other_common
+    if world > 1:
+        owner = share([it.cost for it in order] + [float(math.prod(base.info(n).shape)) for n in other_common], world)
+        mine = [it for it, r in zip(order, owner) if r == rank]
+        other_mine = [n for n, r in zip(other_common, owner[len(order):]) if r == rank]
+        if show_progress is None and rank != 0:
+            show_progress = False  # one progress bar (rank 0's share), not one per process
     # One BLAS thread per worker, always: our threads already use the cores, and multi-threaded
     # OpenBLAS on a busy machine spin-waits (10x slower). threadpool_limits applies at once and
     # is undone when the with block exits.
     limiter = _blas_one_thread()
     if limiter is None and cfg.threads is None:
         threads = 1  # without threadpoolctl, several threads of multi-threaded BLAS would oversubscribe the cores
-    with limiter if limiter is not None else nullcontext():
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="weightlab-inspect") as ex:
-            futs = {ex.submit(_work, it, source, base, cfg, opts, base_names): it.name for it in order}
-            futs.update({ex.submit(_simple_diff, n, source, base): "\0" + n for n in other_common})
-            desc = "inspect" if base is None else "inspect + diff"
-            try:
-                for f in progress(as_completed(futs), desc, total=len(futs), enabled=show_progress):
-                    key = futs[f]
-                    if key.startswith("\0"):
-                        simple[key[1:]] = f.result()
-                    else:
-                        results[key] = f.result()
-            except BaseException:
-                for f in futs:
-                    f.cancel()
-                raise
+    error = None
+    try:
+        with limiter if limiter is not None else nullcontext():
+            with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="weightlab-inspect") as ex:
+                futs = {ex.submit(_work, it, source, base, cfg, opts, base_names, device): it.name for it in mine}
+                futs.update({ex.submit(_simple_diff, n, source, base): "\0" + n for n in other_mine})
+                desc = "inspect" if base is None else "inspect + diff"
+                try:
+                    for f in progress(as_completed(futs), desc, total=len(futs), enabled=show_progress):
+                        key = futs[f]
+                        if key.startswith("\0"):
+                            simple[key[1:]] = f.result()
+                        else:
+                            results[key] = f.result()
+                except BaseException:
+                    for f in futs:
+                        f.cancel()
+                    raise
+    except Exception as e:
+        if world == 1:
+            raise
+        error = e
+    if world > 1:
+        parts = _gather({"error": f"{type(error).__name__}: {error}" if error is not None else None,
+                         "results": {} if error is not None else results,
+                         "simple": {} if error is not None else simple})
+        if error is not None:
+            raise error
+        failed = [(r, p["error"]) for r, p in enumerate(parts) if p["error"]]
+        if failed:
+            from ..errors import WeightlabError
+
+            raise WeightlabError(f"inspect failed on rank {failed[0][0]}: {failed[0][1]}")
+        for p in parts:
+            results.update(p["results"])
+            simple.update(p["simple"])
     rows, drows, spectra = [], [], {}
     for it in items:
         if it.name in results:
@@ -335,6 +412,10 @@ def run(source, cfg: InspectConfig, base=None, opts: DiffOptions | None = None, 
     path = root_path(source)
     summary["model"] = str(path) if path else type(source).__name__
     summary["threads"] = threads
+    if device is not None:
+        summary["device"] = str(device)
+    if world > 1:
+        summary["processes"] = world
     if base is not None:
         bpath = root_path(base)
         names = set(source.names())
@@ -344,8 +425,26 @@ def run(source, cfg: InspectConfig, base=None, opts: DiffOptions | None = None, 
     return InspectResult(rows, drows, summary, spectra)
 
 
+def _device(spec, distributed: bool | None):
+    """The compute device (None = numpy on the CPU). Under torchrun each rank takes the GPU of its LOCAL_RANK
+    when the device is 'auto' or an unnumbered 'cuda'."""
+    from ..engine.placement import float64_device, on_device
+
+    if spec is None:
+        return None
+    dev = float64_device(spec)
+    if not on_device(dev):
+        return None
+    if dev.type == "cuda" and distributed is not False and "LOCAL_RANK" in os.environ \
+            and str(spec).strip().lower() in ("auto", "cuda"):
+        import torch
+
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+    return dev
+
+
 def analyze(model_or_path, base=None, *, k: int = 10, eps: float = 0.5, show_progress: bool | None = None,
-            **options) -> InspectResult:
+            device=None, distributed: bool | None = None, **options) -> InspectResult:
     """Inspect a model's weights; with ``base``, also what changed relative to it.
 
     ``model_or_path`` and ``base``: a checkpoint file or folder, ``"zoo:smollm2"``, a tensor
@@ -354,6 +453,11 @@ def analyze(model_or_path, base=None, *, k: int = 10, eps: float = 0.5, show_pro
     sparsity_eps, include, exclude, threads). Returns an InspectResult: a list of per-layer
     rows with ``.diff``, ``.summary``, ``.spectra``, ``.to_pandas()``, ``.to_json()`` and
     ``.write_html(path)``.
+
+    ``device``: where the float64 Gram matrices and eigendecompositions run: None or "cpu" (numpy,
+    the reference), "auto", "cuda", "cuda:N" ("mps" has no float64: an error; "auto" then uses the
+    CPU). ``distributed``: see ``run`` (None = split the layers over an initialised
+    torch.distributed group).
     """
     from pydantic import ValidationError
 
@@ -372,7 +476,8 @@ def analyze(model_or_path, base=None, *, k: int = 10, eps: float = 0.5, show_pro
         b = as_source(base, "base") if base is not None else None
         if b is not None and isinstance(base, (str, os.PathLike)):
             opened.append(b)
-        return run(src, cfg, b, opts, show_progress=show_progress)
+        return run(src, cfg, b, opts, show_progress=show_progress, device=_device(device, distributed),
+                   distributed=distributed)
     finally:
         for s in opened:
             close = getattr(s, "close", None)

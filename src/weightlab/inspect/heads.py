@@ -286,16 +286,25 @@ def classify(sink_mass: float, rel_dloss: float | None, cfg: HeadsConfig) -> str
                   "residual-norm peaks, and the dormant test (attention moved to the first token, loss change); "
                   "heads classified active or dormant per domain")
 def analyze_heads(model, tokenizer, cfg: HeadsConfig = HeadsConfig(), texts: dict[str, str] | None = None,
-                  show_progress: bool | None = None) -> HeadsReport:
-    """texts maps domain name -> text and overrides cfg.domains."""
+                  show_progress: bool | None = None, device=None) -> HeadsReport:
+    """texts maps domain name -> text and overrides cfg.domains.
+
+    ``device``: None runs where the model is; otherwise the model is moved there (in place) first
+    ('auto', 'cpu', 'cuda', 'cuda:N', 'mps'). Rows come back as plain Python numbers.
+    """
+    from ..engine.placement import place
+
+    dev = place(model, device)
     layers, _, _ = model_parts(model)
     H = _geometry(model, layers)[0]
     texts = texts if texts is not None else {d: domain_text(d) for d in cfg.domains}
     head_rows, layer_rows, domains = [], [], {}
     for dom, text in texts.items():
         t0 = time.perf_counter()
-        ids = domain_windows(tokenizer, text, cfg.windows, cfg.seqlen, cfg.bos)
+        ids = domain_windows(tokenizer, text, cfg.windows, cfg.seqlen, cfg.bos).to(dev)
         stats, saved, base = _base_pass(model, ids, linear=cfg.dormant_test != "none")
+        # one transfer per statistic instead of a device sync per head when the rows are built
+        stats = [{k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in r.items()} for r in stats]
         todo = [] if cfg.dormant_test != "exact" else [
             (li, h) for li in range(len(layers)) for h in range(H)
             if cfg.tested == "all" or float(stats[li]["sink_mass"][h]) >= cfg.sink_threshold]

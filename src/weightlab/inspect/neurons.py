@@ -89,7 +89,8 @@ def decode_vectors(vectors: torch.Tensor, norm, head, top_k: int, token_ids: lis
         probs.append((top - lse).exp())
         if token_ids:
             hits.append((logits[:, token_ids] - lse).exp().sum(-1))
-    return torch.cat(ids), torch.cat(probs), (torch.cat(hits) if token_ids else None)
+    # results leave the device: NeuronMap rows, JSON and comparisons are CPU-side
+    return torch.cat(ids).cpu(), torch.cat(probs).cpu(), (torch.cat(hits).cpu() if token_ids else None)
 
 
 @dataclass
@@ -129,7 +130,11 @@ class NeuronMap:
           summary="every MLP neuron's down column (or up/gate row) decoded through the final norm and LM head into "
                   "its top tokens, one batched matmul per layer; search by token, clamp, compare two models")
 def decode_neurons(model, cfg: NeuronsConfig = NeuronsConfig(), token_ids: list[int] | None = None,
-                   show_progress: bool | None = None) -> NeuronMap:
+                   show_progress: bool | None = None, device=None) -> NeuronMap:
+    """``device``: None decodes where the model is; otherwise the model is moved there (in place) first."""
+    from ..engine.placement import place
+
+    place(model, device)
     layers, norm, head = model_parts(model)
     ids_of, probs_of, scores, secs = {}, {}, {}, {}
     t0 = time.perf_counter()
@@ -160,9 +165,10 @@ def token_variants(tokenizer, word: str) -> list[int]:
 
 
 def find_neurons(model, tokenizer, word: str, cfg: NeuronsConfig = NeuronsConfig(), limit: int = 20,
-                 show_progress: bool | None = None) -> list[dict]:
+                 show_progress: bool | None = None, device=None) -> list[dict]:
     """Neurons that decode to word, best first; score = probability of the word's single-token spellings."""
-    nmap = decode_neurons(model, cfg, token_ids=token_variants(tokenizer, word), show_progress=show_progress)
+    nmap = decode_neurons(model, cfg, token_ids=token_variants(tokenizer, word), show_progress=show_progress,
+                          device=device)
     return nmap.rows(tokenizer, best_first=True, limit=limit)
 
 
@@ -235,14 +241,18 @@ def _generate(model, tokenizer, ids, max_new_tokens):
 
 def clamp_neurons(model, tokenizer, neurons: list[tuple[int, int]], value: float, prompt: str,
                   max_new_tokens: int = 20, top: int = 5, vector: str = "down",
-                  watch: list[int] | None = None) -> dict:
+                  watch: list[int] | None = None, device=None) -> dict:
     """Next-token probabilities and greedy text with and without the neurons clamped to value.
 
     Watched tokens are the given ids followed by the clamped neurons' own decoded top tokens,
     so the expected effect (their probability rises for positive values) can be read off directly.
+    ``device``: None runs where the model is; otherwise the model is moved there (in place) first.
     """
+    from ..engine.placement import place
+
+    dev = place(model, device)
     layers, norm, head = model_parts(model)
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(dev)
     if ids.shape[1] == 0:
         raise ConfigError("the prompt is empty")
     watch = list(dict.fromkeys(watch or []))
@@ -275,7 +285,8 @@ def clamp_neurons(model, tokenizer, neurons: list[tuple[int, int]], value: float
     }
 
 
-def compare_neurons(model_a, model_b, cfg: NeuronsConfig = NeuronsConfig(), show_progress: bool | None = None) -> dict:
+def compare_neurons(model_a, model_b, cfg: NeuronsConfig = NeuronsConfig(), show_progress: bool | None = None,
+                    device=None) -> dict:
     """Share of neurons whose top-1 decoded token is the same in both models, overall and per layer.
 
     Either side may be a NeuronMap decoded before (e.g. one base against several variants)."""
@@ -284,7 +295,7 @@ def compare_neurons(model_a, model_b, cfg: NeuronsConfig = NeuronsConfig(), show
         raise ConfigError(f"the models' LM heads differ in shape ({tuple(heads[0])} vs {tuple(heads[1])}); "
                           "neurons can only be compared over the same vocabulary")
     one = cfg.model_copy(update={"top_k": 1})
-    a, b = (m if isinstance(m, NeuronMap) else decode_neurons(m, one, show_progress=show_progress)
+    a, b = (m if isinstance(m, NeuronMap) else decode_neurons(m, one, show_progress=show_progress, device=device)
             for m in (model_a, model_b))
     if a.vector != b.vector:
         raise ConfigError(f"cannot compare {a.vector} vectors with {b.vector} vectors")

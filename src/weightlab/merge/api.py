@@ -12,11 +12,12 @@ from .mergekit import from_mergekit, is_mergekit
 def merge(method: str, models: list, base=None, *, out: str | os.PathLike | None = None,
           weights: list[float] | None = None, densities: list[float | None] | None = None,
           dtype: str | None = None, seed: int = 0, force: bool = False, allow_nonfinite: bool = False,
-          show_progress: bool | None = None, **params):
+          show_progress: bool | None = None, device: str = "cpu", **params):
     """Merge ``models`` (paths, Checkpoints or state dicts) with a registered merge method.
 
     Returns the merged state dict, or the output folder when ``out`` is given.
     ``params`` are the method's parameters (e.g. density=0.2, lambda_=1.0 or **{"lambda": 1.0}).
+    ``device``: where ties, tsv-m and r-tsvm compute ('cpu', 'auto', 'cuda', 'cuda:N'); I/O stays on the CPU.
     """
     refs = []
     for i, m in enumerate(models):
@@ -29,7 +30,7 @@ def merge(method: str, models: list, base=None, *, out: str | os.PathLike | None
     if "lambda_" in params:
         params["lambda"] = params.pop("lambda_")
     job = MergeJob(method=method, models=refs, base=None, params=params, dtype=dtype, seed=seed,
-                   allow_nonfinite=allow_nonfinite)
+                   allow_nonfinite=allow_nonfinite, device=device)
     res = run_merge(job, out, force=force, show_progress=show_progress, models=models, base=base)
     return res.output if out is not None else res.state_dict
 

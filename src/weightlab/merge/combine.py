@@ -19,7 +19,8 @@ def elect_sign(stacked: torch.Tensor, zero_sign: ZeroSign = "majority") -> torch
         return torch.where(total >= 0, 1.0, -1.0).to(stacked.dtype)
     gamma = torch.sign(total)
     majority = torch.sign(gamma.sum())
-    return torch.where(gamma == 0, majority if majority != 0 else torch.ones((), dtype=gamma.dtype), gamma)
+    one = torch.ones((), dtype=gamma.dtype, device=gamma.device)
+    return torch.where(gamma == 0, majority if majority != 0 else one, gamma)
 
 
 def disjoint_merge(deltas: list[torch.Tensor], weights: list[float], zero_sign: ZeroSign = "majority",
@@ -30,7 +31,7 @@ def disjoint_merge(deltas: list[torch.Tensor], weights: list[float], zero_sign: 
     normalize, the disjoint sum otherwise). Zero entries never agree, so a coordinate where
     every trimmed entry is zero merges to 0.
     """
-    w = torch.tensor(weights, dtype=deltas[0].dtype).view(-1, *([1] * deltas[0].dim()))
+    w = torch.tensor(weights, dtype=deltas[0].dtype, device=deltas[0].device).view(-1, *([1] * deltas[0].dim()))
     stacked = torch.stack(deltas) * w
     gamma = elect_sign(stacked, zero_sign)
     agree = torch.sign(stacked) == gamma

@@ -4,6 +4,11 @@ Never builds a model: for each tensor name it reads that tensor from every input
 to the compute dtype, applies the method's per-tensor rule and hands the result to the
 atomic sharded writer. ``threads`` workers read and merge the next tensors concurrently;
 results are written in plan order. Peak memory is a few tensors per input. Integer buffers are copied from the base, never averaged.
+
+Devices: rules registered ``device_capable`` (TIES, TSV-M, R-TSVM: sorting/selection and SVDs)
+compute on ``job.device`` when it is an accelerator; each tensor travels there in its stored dtype,
+is widened on the device, and the merged tensor comes back to the CPU for the writer. Reading,
+writing, the TIES global-threshold pass and every other rule stay on the CPU (they are I/O bound).
 """
 from __future__ import annotations
 
@@ -76,6 +81,7 @@ def run_merge(job: MergeJob, out: str | os.PathLike | None = None, *, force: boo
               show_progress: bool | None = None, models=None, base=None) -> MergeResult:
     """Run a merge. ``models``/``base`` may override the job's paths with opened sources or state dicts."""
     spec = get_method("merge", job.method)
+    device = _device(spec, job.device)  # before opening anything: an unavailable device is one clear error
     if "job_runner" in spec.extra:  # whole-model merges with their own loop (greedy soup)
         return spec.extra["job_runner"](job, spec.make_config(job.params), out, force, show_progress)
     if spec.kind != "merge":
@@ -105,7 +111,7 @@ def run_merge(job: MergeJob, out: str | os.PathLike | None = None, *, force: boo
     t0 = time.perf_counter()
     try:
         state = spec.extra["prepare"](inputs, cfg) if "prepare" in spec.extra else {}
-        result, bad = _stream(spec, cfg, job, inputs, state, writer, out_dtype, show_progress)
+        result, bad = _stream(spec, cfg, job, inputs, state, writer, out_dtype, show_progress, device)
         if bad:
             raise TensorValueError(f"NaN/Inf in {len(bad)} input tensor(s): {', '.join(bad[:8])}"
                                    + (" ..." if len(bad) > 8 else "")
@@ -117,7 +123,8 @@ def run_merge(job: MergeJob, out: str | os.PathLike | None = None, *, force: boo
             writer.abort()
         raise
     report = {"method": spec.name, "tensors": len(plan), "merged": sum(tp.merged for tp in plan),
-              "copied_from_base": sum(not tp.merged for tp in plan), "seconds": round(time.perf_counter() - t0, 3)}
+              "copied_from_base": sum(not tp.merged for tp in plan), "seconds": round(time.perf_counter() - t0, 3),
+              "device": str(device) if device is not None else "cpu"}
     return MergeResult(writer.out if writer else None, None if writer else result, report)
 
 
@@ -126,7 +133,37 @@ def _finite(t: torch.Tensor) -> bool:
     return not t.is_floating_point() or bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
-def _stream(spec, cfg, job, inputs: MergeInputs, state, writer, out_dtype, show_progress):
+def _device(spec, name: str | None) -> torch.device | None:
+    """The accelerator a device-capable rule computes on, or None for the CPU.
+
+    'auto' means the CPU for rules that are not device-capable; naming an accelerator for one of
+    them is an error rather than a silent CPU run. MPS has no float64 (the compute dtype of 32-bit
+    inputs), so 'auto' stays on the CPU there and an explicit 'mps' is refused.
+    """
+    from ..engine.device import resolve_device
+    from ..engine.placement import float64_device, on_device
+
+    name = (name or "cpu").strip().lower()
+    if name == "cpu":
+        return None
+    if not spec.extra.get("device_capable"):
+        if name == "auto":
+            return None
+        resolve_device(name)  # a missing device is reported as such first
+        capable = ", ".join(s.name for s in _device_capable_rules())
+        raise ConfigError(f"merge/{spec.name} runs on the CPU (it is bound by reading and writing); --device "
+                          f"applies to {capable}")
+    dev = float64_device(name)
+    return dev if on_device(dev) else None
+
+
+def _device_capable_rules():
+    from ..registry import REGISTRY
+
+    return [s for s in REGISTRY.list("merge") if s.extra.get("device_capable")]
+
+
+def _stream(spec, cfg, job, inputs: MergeInputs, state, writer, out_dtype, show_progress, device=None):
     plan = inputs.plan
     weights = [m.weight for m in job.models]
     densities = [m.density for m in job.models]
@@ -142,6 +179,9 @@ def _stream(spec, cfg, job, inputs: MergeInputs, state, writer, out_dtype, show_
             return (ref.get(tp.name) if writer is not None else ref.get(tp.name).clone()), []
         tensors = [m.get(src) for m, src in zip(inputs.models, tp.sources)]
         base_t = inputs.base.get(tp.name) if inputs.base is not None else None
+        if device is not None:  # in the stored dtype (fewer bytes over the bus); widened below on the device
+            tensors = [t.to(device) for t in tensors]
+            base_t = base_t.to(device) if base_t is not None else None
         if not job.allow_nonfinite:
             nonfinite = [f"{tp.name} ({_label(inputs, i)})" for i, t in enumerate(tensors) if not _finite(t)]
             if base_t is not None and not _finite(base_t):
@@ -155,7 +195,7 @@ def _stream(spec, cfg, job, inputs: MergeInputs, state, writer, out_dtype, show_
         if not raw:
             tensors = [t.to(cdtype) for t in tensors]
             base_t = base_t.to(cdtype) if base_t is not None else None
-        return spec.fn(tensors, base_t, ctx).to(dt), []
+        return spec.fn(tensors, base_t, ctx).to(dt).cpu(), []
 
     # Workers read *and* merge different tensors at once, each op single-threaded: on a few
     # cores this beats one tensor at a time with intra-op threads (bincount, selection and

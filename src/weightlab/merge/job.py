@@ -26,6 +26,9 @@ class MergeJob(BaseModel):
     seed: int = 0
     allow_nonfinite: bool = False
     max_shard_size: str = "5GB"
+    device: str = Field("cpu", description="where compute-heavy rules (ties, tsv-m, r-tsvm) compute: cpu, auto, "
+                                           "cuda, cuda:N; reading and writing stay on the CPU, results come back "
+                                           "to it. Other rules always run on the CPU")
     threads: int = Field(2, ge=0, description="worker threads that read and merge the next tensors concurrently (0: all in the calling thread)")
     source_format: str = "weightlab"
     scorer: dict | None = Field(None, description="greedy-soup: {type: accuracy|lm-loss, dataset, text, ...}")

@@ -64,14 +64,16 @@ def inputs_density(inputs, cfg, i: int) -> float:
 
 
 @register("merge", "ties", kind="merge", config=TiesConfig, regime=Regime.STREAMING, requires_base=True,
-          prepare=prepare_global, raw_inputs=True,
+          prepare=prepare_global, raw_inputs=True, device_capable=True,
           paper="TIES-Merging: Resolving Interference When Merging Models (Yadav et al., 2023)",
           summary="trim small task-vector entries, elect signs, average the agreeing entries")
 def ties(tensors, base, ctx):
     cfg: TiesConfig = ctx.cfg
     thr = ctx.state.get("thresholds")
     dtype = ctx.compute_dtype(tensors)
-    if dtype == torch.float32:  # fused, chunked path (16-bit inputs); same result as below
+    # fused, chunked path (16-bit inputs on the CPU); same result as the plain path below, which is
+    # also the one an accelerator takes (whole-tensor kernels beat the chunked CPU bookkeeping there)
+    if dtype == torch.float32 and base.device.type == "cpu":
         n = base.numel()
         if thr:
             sels = [Selector(t, None) for t in thr]

@@ -53,7 +53,7 @@ def _is_matrix(name: str, t: torch.Tensor, exclude: list[str], n_tasks: int) -> 
 
 
 @register("merge", "tsv-m", kind="merge", config=TsvConfig, regime=Regime.STREAMING, requires_base=True,
-          aliases=("tsvm", "tsv"),
+          aliases=("tsvm", "tsv"), device_capable=True,
           paper="Task Singular Vectors: Reducing Task Interference in Model Merging (Gargiulo et al., 2025)",
           summary="per-layer low-rank task updates with decorrelated (orthogonalized) singular vectors")
 def tsv_m(tensors, base, ctx):
@@ -70,6 +70,7 @@ class RTsvConfig(TsvConfig):
 
 
 @register("merge", "r-tsvm", kind="merge", config=RTsvConfig, regime=Regime.STREAMING, requires_base=True,
+          device_capable=True,
           paper="PROVISIONAL, weightlab's reading of R-TSVM/RESM (arXiv 2502.06876, 'Mix Data or Merge Models?'); "
                 "no reference code exists and parity with the paper is not claimed",
           summary="PROVISIONAL: TSV-M with kurtosis-based task weights and sparsity-adaptive rank per layer")

@@ -90,7 +90,8 @@ def _kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
         if total <= 0:  # fewer distinct points than k: repeat one
             idx = int(torch.randint(n, (1,), generator=gen))
         else:
-            idx = int(torch.multinomial(d2 / total, 1, generator=gen))
+            # the generator is a CPU one (same draws on every device), so the weights go to the CPU
+            idx = int(torch.multinomial((d2 / total).cpu(), 1, generator=gen))
         centers.append(x[idx])
         d2 = torch.minimum(d2, ((x - x[idx]) ** 2).sum(1))
     return torch.stack(centers)

@@ -17,6 +17,12 @@ WeightWatcher counterpart, so that numbers can be compared:
   as WeightWatcher's loop over every candidate.
 - Numerical rank and effective rank count singular values above the resolution of this route
   (about s_max * sqrt(max(m, n) * eps64)) and above the rounding noise of the storage dtype.
+
+Devices: the O(m n^2) steps (Gram matrices, their eigendecompositions) take ``device=``; on an
+accelerator they run there in float64 (``torch.linalg.eigvalsh``/``eigh`` support float64 on
+CUDA; MPS has none, see ``engine.placement.float64_device``), the input streamed over in blocks
+of its stored dtype, and only the eigenvalues/vectors come back. The CPU path (``device=None`` or
+cpu) is the numpy reference. The O(m n k) projections and the power-law fits stay on the CPU.
 """
 from __future__ import annotations
 
@@ -58,6 +64,48 @@ def _rows_per_chunk(cols: int) -> int:
     return max(1, _CHUNK // max(1, cols))
 
 
+def _accel(device) -> torch.device | None:
+    """The accelerator to compute on, or None for the numpy reference path."""
+    if device is None:
+        return None
+    dev = torch.device(device)
+    return None if dev.type == "cpu" else dev
+
+
+def _block_to(a: np.ndarray, dev: torch.device) -> torch.Tensor:
+    """One block of a (possibly read-only, memory-mapped) array as float64 on ``dev``.
+
+    The block travels in its stored dtype (half the bytes of float64 for fp32) and is widened
+    on the device; read-only blocks are copied first because torch cannot wrap them.
+    """
+    a = np.ascontiguousarray(a)
+    if not a.flags.writeable:
+        a = a.copy()
+    return torch.from_numpy(a).to(dev, non_blocking=False).to(torch.float64)
+
+
+def gram_on(x: np.ndarray, dev: torch.device, x0: np.ndarray | None = None) -> torch.Tensor:
+    """float64 Gram matrix of the smaller side of x (or of x - x0) accumulated on ``dev``, blockwise like ``gram``."""
+    m, n = x.shape
+    side = n if m >= n else m
+    g = torch.zeros((side, side), dtype=torch.float64, device=dev)
+    if m >= n:
+        step = _rows_per_chunk(n)
+        for r in range(0, m, step):
+            a = _block_to(x[r:r + step], dev)
+            if x0 is not None:
+                a -= _block_to(x0[r:r + step], dev)
+            g += a.T @ a
+        return g
+    step = _rows_per_chunk(m)
+    for c in range(0, n, step):
+        a = _block_to(x[:, c:c + step], dev)
+        if x0 is not None:
+            a -= _block_to(x0[:, c:c + step], dev)
+        g += a @ a.T
+    return g
+
+
 def gram(x: np.ndarray) -> np.ndarray:
     """float64 Gram matrix of the smaller side: x^T x if rows >= cols else x x^T.
 
@@ -86,8 +134,11 @@ def gram(x: np.ndarray) -> np.ndarray:
     return g
 
 
-def gram_of_difference(x: np.ndarray, x0: np.ndarray) -> np.ndarray:
+def gram_of_difference(x: np.ndarray, x0: np.ndarray, device=None) -> np.ndarray:
     """float64 Gram matrix (smaller side) of x - x0, the difference formed exactly in float64, blockwise."""
+    dev = _accel(device)
+    if dev is not None:
+        return gram_on(x, dev, x0).cpu().numpy()
     m, n = x.shape
     if m >= n:
         step = _rows_per_chunk(n)
@@ -120,25 +171,47 @@ def matmul64(a: np.ndarray, b: np.ndarray, transpose_a: bool = False) -> np.ndar
     return out
 
 
-def eigvalsh(g: np.ndarray) -> np.ndarray:
-    """Ascending eigenvalues of a symmetric matrix (or a stack), negatives from rounding clipped to 0."""
-    ev = np.linalg.eigvalsh(g)
+def eigvalsh(g, device=None) -> np.ndarray:
+    """Ascending eigenvalues of a symmetric matrix (or a stack), negatives from rounding clipped to 0.
+
+    ``g`` may be a numpy array or a float64 tensor (on any device); with an accelerator ``device``
+    the decomposition runs there in float64.
+    """
+    dev = _accel(device)
+    if isinstance(g, torch.Tensor) or dev is not None:
+        t = g if isinstance(g, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(g))
+        if dev is not None:
+            t = t.to(dev)
+        ev = torch.linalg.eigvalsh(t.to(torch.float64)).cpu().numpy()
+    else:
+        ev = np.linalg.eigvalsh(g)
     return np.maximum(ev, 0.0, out=ev)
 
 
-def matrix_eigenvalues(x: np.ndarray) -> tuple[np.ndarray, float]:
+def matrix_eigenvalues(x: np.ndarray, device=None) -> tuple[np.ndarray, float]:
     """Squared singular values of x (ascending, float64) and ||x||_F^2 (the Gram trace)."""
+    dev = _accel(device)
+    if dev is not None:
+        g = gram_on(x, dev)
+        return eigvalsh(g), float(torch.trace(g))
     g = gram(x)
     tr = float(np.trace(g))
     return eigvalsh(g), tr
 
 
-def conv_slice_eigenvalues(w: np.ndarray) -> tuple[np.ndarray, int, int]:
+def conv_slice_eigenvalues(w: np.ndarray, device=None) -> tuple[np.ndarray, int, int]:
     """WeightWatcher's pooled conv ESD: eigenvalues of every k_h x k_w slice W[:, :, i, j] (c_out x c_in).
 
     Returns (sorted eigenvalues of all slices together, N, M) with N >= M the slice dimensions.
     """
     co, ci, kh, kw = w.shape
+    dev = _accel(device)
+    if dev is not None:  # one batched float64 Gram + eigvalsh over all slices on the device
+        s = _block_to(np.transpose(w, (2, 3, 0, 1)), dev).reshape(kh * kw, co, ci)
+        g = s.transpose(1, 2) @ s if co >= ci else s @ s.transpose(1, 2)
+        ev = eigvalsh(g).reshape(-1)
+        ev.sort()
+        return ev, max(co, ci), min(co, ci)
     s = np.ascontiguousarray(np.transpose(w, (2, 3, 0, 1)), dtype=np.float64).reshape(kh * kw, co, ci)
     g = np.matmul(np.transpose(s, (0, 2, 1)), s) if co >= ci else np.matmul(s, np.transpose(s, (0, 2, 1)))
     ev = eigvalsh(g).reshape(-1)
@@ -254,11 +327,19 @@ class GramSVD:
     fro2: float
 
 
-def gram_svd(x: np.ndarray) -> GramSVD:
+def gram_svd(x: np.ndarray, device=None) -> GramSVD:
     m, n = x.shape
-    g = gram(x)
-    tr = float(np.trace(g))
-    lam, vecs = np.linalg.eigh(g)
+    dev = _accel(device)
+    if dev is not None:
+        gt = gram_on(x, dev)
+        tr = float(torch.trace(gt))
+        lam_t, vecs_t = torch.linalg.eigh(gt)
+        lam, vecs = lam_t.cpu().numpy(), vecs_t.cpu().numpy()
+        del gt, lam_t, vecs_t
+    else:
+        g = gram(x)
+        tr = float(np.trace(g))
+        lam, vecs = np.linalg.eigh(g)
     lam = np.maximum(lam[::-1], 0.0)
     return GramSVD(np.sqrt(lam), np.ascontiguousarray(vecs[:, ::-1]), m <= n, tr)
 
