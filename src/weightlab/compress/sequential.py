@@ -83,11 +83,18 @@ def run_sequential(verb: str, path: str | os.PathLike, out: str | os.PathLike, *
                                   inputs=[path] + ([original] if original else []),
                                   max_shard_size=placement.max_shard_size)
 
+    # integer codes of quantized layers reach the writer hook block by block and are dropped after it,
+    # so the codes of the whole model (one byte per weight) are never held at once
+    sink = {} if verb == "quantize" else None
+    if sink is not None:
+        kwargs["quantized_sink"] = sink
+
     def after_block(i, name, block):
+        codes = {n: sink.pop(n) for n in list(sink) if n.startswith(f"{name}.")} if sink is not None else {}
         if writer is not None:
             state = onload.block_state(i)
             if on_block_written is not None:
-                state = on_block_written(i, name, state)
+                state = on_block_written(i, name, state, codes)
             for n, t in state.items():
                 writer.add(n, t)
 

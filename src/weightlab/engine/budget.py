@@ -4,7 +4,7 @@ The terms follow shared/design/scale.md §1.7 (b = bytes of the forward dtype):
 W block weights, S statistics (d_in x d_in fp32 per Hessian layer, d_in otherwise), C the
 activation cache (samples x seqlen x hidden x b), F one block's forward on one batch, G the
 largest solver working set (fp64 weight copy, damped Hessian and its factors, as our solvers
-run in float64). Host peak on the CPU = resident + W + S + C + F + G; with an accelerator the
+run in float64: five i x i and three o x i float64 matrices, measured). Host peak on the CPU = resident + W + S + C + F + G; with an accelerator the
 device holds W + S + F + G (+ C unless activations are offloaded) and the host the resident
 modules, the staging copy of a block (+ C when offloaded). None of the terms grows with depth.
 """
@@ -53,7 +53,9 @@ def block_estimate(block: torch.nn.Module, *, hidden: int, dtype: torch.dtype, b
     S = sum((i * i * 4 if hessian else 0) + i * 4 for _, i in shapes)
     widest = max((max(o, i) for o, i in shapes), default=hidden)
     F = batch_tokens * (3 * widest + 4 * hidden) * b + batch_tokens * widest * 4
-    G = max((o * i * (4 + 8 + 8) + (2 * i * i * 8 if hessian else 0) for o, i in shapes), default=0)
+    # measured on our float64 solvers (GPTQ/SparseGPT, 512 x 1536): the damped H, its two Cholesky factors,
+    # the inverse and the permuted copy are i x i float64 each; W, Q and the codes are o x i float64
+    G = max((o * i * (4 + 3 * 8) + (5 * i * i * 8 if hessian else 0) for o, i in shapes), default=0)
     C = cache_tokens * hidden * b
     return {"weights": W, "statistics": S, "forward": F, "solver": G, "cache": C}
 

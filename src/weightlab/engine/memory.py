@@ -29,3 +29,22 @@ def release_freed_memory() -> None:
     fn = _trim()
     if fn is not None:
         fn(0)
+
+
+@functools.lru_cache(maxsize=1)
+def large_allocations_to_mmap(threshold: int = 1 << 20) -> bool:
+    """Serve allocations >= ``threshold`` bytes with their own mmap, returned to the OS when freed.
+
+    glibc raises its mmap threshold dynamically after large frees (up to 32 MiB), after which the
+    per-block tensors of sequential onloading (weights, Hessians, solver copies of a few MiB each)
+    come from the heap and fragment it: measured on a 40-layer synthetic Llama with GPTQ, the peak
+    RSS crept from 700 to 760 MiB over the blocks; with a fixed 1 MiB threshold it stays at 650.
+    Setting the threshold explicitly also turns the dynamic adjustment off. Process-wide; once.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False

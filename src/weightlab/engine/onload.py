@@ -20,6 +20,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError
 from ..io.reader import open_checkpoint
 from .calibration import find_blocks
+from .memory import large_allocations_to_mmap
 
 
 def _meta_names(module: nn.Module) -> list[str]:
@@ -41,6 +42,7 @@ class OnloadedModel:
             from ..errors import MissingDependencyError
 
             raise MissingDependencyError("accelerate", "sequential onloading", "'weightlab[hf]'") from None
+        large_allocations_to_mmap()
         self.path = Path(path)
         self.ck = open_checkpoint(path)
         self.device, self.dtype, self.resident_device = torch.device(device), dtype, torch.device(resident_device)
