@@ -41,9 +41,15 @@ def prune(path: str = typer.Argument(..., help="model folder (HF causal LM or en
           eval_tokens: int = typer.Option(16384, "--eval-tokens"),
           no_eval: bool = typer.Option(False, "--no-eval", help="skip the before/after evaluation"),
           param: list[str] = typer.Option(None, "--param", "-p", help="rule parameter KEY=VALUE"),
+          fmt: str = typer.Option("hf", "--format", "-f",
+                                  help="hf or compressed-tensors; both are written dense (zeros kept: vLLM and "
+                                       "compressed-tensors dropped their sparse formats) with the sparsity recorded "
+                                       "in the model card and metadata"),
           out: str = typer.Option(..., "--out", "-o"), force: bool = typer.Option(False, "--force")) -> None:
     """Prune a model and print its quality before and after (perplexity, similarity or accuracy)."""
     import yaml
+
+    from ..compress.deploy import check_format, prune_card
 
     from ..compress import prune as do_prune
     from ..engine.source import StateDictSource
@@ -51,6 +57,7 @@ def prune(path: str = typer.Argument(..., help="model folder (HF causal LM or en
     from ..io.provenance import Provenance
     from ..io.reader import open_checkpoint
 
+    check_format(fmt)
     src = resolve_model(path)
     check_not_input(Path(out), [src])
     if Path(out).exists() and not force:
@@ -80,9 +87,9 @@ def prune(path: str = typer.Argument(..., help="model folder (HF causal LM or en
     sd = model.state_dict()
     # tensors the loaded model does not hold (non-persistent buffers such as position_ids) are unchanged
     pruned = {n: sd[n].to(ck.info(n).dtype) if n in sd else ck.get(n) for n in ck.names()}
-    result = {**rep.as_dict(), "before": before, "after": after}
+    result = {**rep.as_dict(), "before": before, "after": after, "format": fmt}
     prov = Provenance(method=f"compress/prune/{rep.method}", params={k: v for k, v in result.items() if k != "layers"},
-                      inputs=[str(src)])
+                      inputs=[str(src)], card=prune_card(model, rep.layers, kind == "causal-lm"))
     write_source(StateDictSource(pruned, ck.config, ck.path), out, provenance=prov, inputs=[src], force=force,
                  extra_files={"prune-report.json": json.dumps(result, indent=1)})
     console.print(f"[green]pruned[/] {len(rep.layers)} layers to {rep.sparsity:.2%} ({rep.method}, "

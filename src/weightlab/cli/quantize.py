@@ -9,7 +9,7 @@ from ..errors import ConfigError, OutputExistsError
 from ..io.atomic import check_not_input
 from ..recipe.models import resolve_model
 from . import app
-from ._common import console
+from ._common import console, err_console
 from .prune import _kind, _load
 
 
@@ -26,6 +26,7 @@ def _params(items) -> dict:
 
 
 def _prepare(path, out, force, eval_data, eval_tokens, no_eval):
+    from ..io.deployed import is_compressed_tensors
     from ..io.reader import open_checkpoint
 
     src = resolve_model(path)
@@ -33,6 +34,9 @@ def _prepare(path, out, force, eval_data, eval_tokens, no_eval):
     if Path(out).exists() and not force:
         raise OutputExistsError(f"output '{out}' already exists; pass --force to replace it")
     ck = open_checkpoint(src)
+    if is_compressed_tensors(ck.config):
+        raise ConfigError(f"'{path}' is a compressed-tensors checkpoint (packed integer weights); quantize and "
+                          "compensate work on dense folders: quantize the original with --format hf")
     kind = _kind(ck.config or {})
     if kind == "zoo-mlp":
         raise ConfigError("quantize/compensate work on HF causal LMs and encoders")
@@ -45,45 +49,78 @@ def quantize(path: str = typer.Argument(..., help="model folder (HF causal LM or
              method: str = typer.Option("gptq", "--method", "-m", help="rtn, gptq, pbllm, statsq"),
              bits: int = typer.Option(None, "--bits", "-b", help="bits per weight (default: the method's)"),
              group_size: int = typer.Option(128, "--group-size", "-g", help="columns per group; -1 = per channel"),
-             sym: bool = typer.Option(False, "--sym", help="symmetric grid (RTN/GPTQ)"),
+             sym: bool = typer.Option(None, "--sym/--asym", help="symmetric grid (RTN/GPTQ); default: symmetric "
+                                      "for compressed-tensors (what vLLM serves), asymmetric for hf"),
              salient: float = typer.Option(None, "--salient", help="PB-LLM salient fraction (default 0.1)"),
              calib: str = typer.Option("wiki", "--calib"), nsamples: int = typer.Option(32, "--nsamples"),
              seqlen: int = typer.Option(512, "--seqlen"), seed: int = typer.Option(0, "--seed"),
              eval_data: str = typer.Option("wiki", "--eval"), eval_tokens: int = typer.Option(16384, "--eval-tokens"),
              no_eval: bool = typer.Option(False, "--no-eval"),
-             packed: str = typer.Option(None, "--packed", help="also write the packed integer format here"),
+             fmt: str = typer.Option("compressed-tensors", "--format", "-f",
+                                     help="compressed-tensors (packed 4/8-bit for transformers and vLLM) or hf "
+                                          "(dequantized weights, full size)"),
+             packed: str = typer.Option(None, "--packed", help="also write weightlab's private packed format here "
+                                        "(not loadable by transformers)"),
              param: list[str] = typer.Option(None, "--param", "-p", help="method parameter KEY=VALUE"),
              out: str = typer.Option(..., "--out", "-o"), force: bool = typer.Option(False, "--force")) -> None:
-    """Quantize a model; write its dequantized HF folder (and optionally the packed format)."""
+    """Quantize a model; write it as compressed-tensors (default) or as a dequantized HF folder."""
+    from ..compress import deploy
+    from ..compress.prune import target_layers
     from ..compress.quantize import dequantized_state_dict, quantize as do_quantize, save_quantized_packed
     from ..engine.source import StateDictSource
     from ..engine.streaming import write_source
     from ..io.provenance import Provenance
+    from ..registry import get_method
 
     params = _params(param)
     if salient is not None:
         params["salient"] = salient
+    ct = deploy.check_format(fmt) == "compressed-tensors"
+    if sym is None:
+        sym = ct
+    bits_eff = bits if bits is not None else get_method("compress", method).extra.get("default_bits", 4)
+    if ct:  # the cheap refusals first, before loading the model
+        deploy.check_request(method, bits_eff, group_size, params)
     src, ck, model, tok, evaluate = _prepare(path, out, force, eval_data, eval_tokens, no_eval)
     if packed:
         check_not_input(Path(packed), [src])
+    scale_dtype = "float16"
+    if ct:
+        layers = target_layers(model)
+        deploy.check_request(method, bits_eff, group_size, params, deploy.linear_in_features(layers))
+        # CT stores scales in the checkpoint's dtype; fit them in it exactly (bf16 models: bf16 scales)
+        scale_dtype = {"bfloat16": "bfloat16", "float16": "float16"}.get(
+            str(ck.info(f"{next(iter(layers))}.weight").dtype).removeprefix("torch."), "float16")
+        if not sym:
+            err_console.print(f"[bold yellow]warning:[/] {deploy.ASYM_WARNING}", highlight=False)
     before = evaluate(model) if evaluate else None
     if before:
         console.print(f"before: {before}")
-    rep = do_quantize(model, method, bits, group_size, sym=sym, calib=calib, tokenizer=tok, nsamples=nsamples,
-                      seqlen=seqlen, seed=seed, **params)
+    rep = do_quantize(model, method, bits, group_size, sym=sym, scale_dtype=scale_dtype, calib=calib, tokenizer=tok,
+                      nsamples=nsamples, seqlen=seqlen, seed=seed, **params)
     after = evaluate(model) if evaluate else None
     if after:
         console.print(f"after:  {after}")
-    result = {**rep.as_dict(), "params": params, "before": before, "after": after}
+    result = {**rep.as_dict(), "sym": sym, "scale_dtype": scale_dtype, "params": params, "before": before,
+              "after": after, "format": fmt}
     prov = Provenance(method=f"compress/quantize/{rep.method}",
                       params={k: v for k, v in result.items() if k != "layers"}, inputs=[str(src)])
-    write_source(StateDictSource(dequantized_state_dict(model, ck), ck.config, ck.path), out, provenance=prov,
-                 inputs=[src], force=force, extra_files={"quantize-report.json": json.dumps(result, indent=1)})
-    if packed:
-        save_quantized_packed(packed, rep, model, ck, provenance=prov, force=force)
+    if packed:  # before the compressed-tensors writer, which consumes the model
+        save_quantized_packed(packed, rep, model, ck, provenance=Provenance(prov.method, prov.params, prov.inputs),
+                              force=force)
+    report_file = {"quantize-report.json": json.dumps(result, indent=1)}
+    if ct:
+        summ = deploy.save_compressed_tensors(out, rep.quantized, model, ck, provenance=prov, force=force,
+                                              extra_files=report_file, inputs=[src])
+        bpw, what = summ["bits_per_weight"], f"compressed-tensors {summ['scheme']}"
+    else:
+        prov.card = deploy.hf_quant_card(rep, sym)
+        write_source(StateDictSource(dequantized_state_dict(model, ck), ck.config, ck.path), out, provenance=prov,
+                     inputs=[src], force=force, extra_files=report_file)
+        bpw, what = rep.bits_per_weight, "dequantized hf weights (full size; the bits are what packing would take)"
     console.print(f"[green]quantized[/] {len(rep.layers)} layers with {rep.method} ({rep.bits} bits, group "
-                  f"{rep.group_size}): {rep.bits_per_weight:.3f} bits/weight incl. scales in {rep.seconds:.1f} s -> {out}"
-                  + (f" (packed: {packed})" if packed else ""))
+                  f"{rep.group_size}, {'sym' if sym else 'asym'}): {bpw:.3f} bits/weight incl. scales in "
+                  f"{rep.seconds:.1f} s -> {out} ({what})" + (f" (packed: {packed})" if packed else ""))
 
 
 @app.command()
@@ -94,6 +131,9 @@ def compensate(path: str = typer.Argument(..., help="the compressed model folder
                calib: str = typer.Option("wiki", "--calib"), nsamples: int = typer.Option(32, "--nsamples"),
                seqlen: int = typer.Option(512, "--seqlen"), seed: int = typer.Option(0, "--seed"),
                adapter: bool = typer.Option(False, "--adapter", help="write a PEFT LoRA adapter instead of merging"),
+               fmt: str = typer.Option("hf", "--format", "-f",
+                                       help="hf (merged, dense) or compressed-tensors (only with --adapter: the "
+                                            "merged corrections leave the quantization grid)"),
                eval_data: str = typer.Option("wiki", "--eval"), eval_tokens: int = typer.Option(16384, "--eval-tokens"),
                no_eval: bool = typer.Option(False, "--no-eval"),
                out: str = typer.Option(..., "--out", "-o"), force: bool = typer.Option(False, "--force")) -> None:
@@ -107,6 +147,12 @@ def compensate(path: str = typer.Argument(..., help="the compressed model folder
     from ..io.provenance import Provenance
     from ..io.reader import open_checkpoint
 
+    from ..compress.deploy import check_format
+
+    if check_format(fmt) == "compressed-tensors" and not adapter:
+        raise ConfigError("merged EoRA/SVD corrections move the weights off the integer grid, so they cannot be "
+                          "stored as compressed-tensors; use --format hf (merged, dense) or --adapter (a LoRA "
+                          "adapter beside the quantized model)")
     src, ck, model, tok, evaluate = _prepare(path, out, force, eval_data, eval_tokens, no_eval)
     osrc = resolve_model(original)
     ock = open_checkpoint(osrc)
@@ -130,7 +176,7 @@ def compensate(path: str = typer.Argument(..., help="the compressed model folder
         else:
             after = evaluate(model)
         console.print(f"after:  {after}")
-    result = {**rep.as_dict(), "before": before, "after": after, "original": str(osrc)}
+    result = {**rep.as_dict(), "before": before, "after": after, "original": osrc.name}
     if adapter:
         save_peft_adapter(out, rep.adapters, base_model=str(src), rank=rank,
                           task_type="CAUSAL_LM" if _kind(ck.config or {}) == "causal-lm" else "FEATURE_EXTRACTION")
