@@ -140,3 +140,31 @@ def test_prune_cli_format_compressed_tensors_is_dense_with_sparsity_recorded(tin
     m = transformers.AutoModelForCausalLM.from_pretrained(out)
     w = m.model.layers[0].mlp.gate_proj.weight.detach()
     assert bool(((w.reshape(-1, 4) == 0).sum(-1) >= 2).all())
+
+
+def test_recipe_quantize_step_format_compressed_tensors(tiny, tmp_path):
+    from huggingface_hub import ModelCard
+
+    calib = _calib(tmp_path)
+    step = (f"  - {{family: compress, method: quantize, params: {{method: rtn, bits: 4, group_size: 64, "
+            f"format: compressed-tensors, calib: {calib}}}}}\n")
+    (tmp_path / "r.yaml").write_text(f"model: {tiny}\noutput: {tmp_path / 'out'}\nsteps:\n" + step)
+    wl.run_recipe(wl.load_recipe(tmp_path / "r.yaml"))
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["group_0"]["weights"]["symmetric"] is True and qc["format"] == "pack-quantized"
+    data = ModelCard.load(tmp_path / "out" / "README.md").data.to_dict()
+    assert "compressed-tensors" in data["tags"] and data["base_model_relation"] == "quantized"
+    m = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.isfinite(m(input_ids=torch.arange(8)[None]).logits).all()
+    # a compressed-tensors step must be last; compensate cannot be compressed-tensors
+    prune = "  - {family: compress, method: prune, params: {method: magnitude, sparsity: 0.5}}\n"
+    (tmp_path / "r2.yaml").write_text(f"model: {tiny}\noutput: {tmp_path / 'o2'}\nsteps:\n" + step + prune)
+    with pytest.raises(wl.ConfigError, match="must be the last step"):
+        wl.run_recipe(wl.load_recipe(tmp_path / "r2.yaml"))
+    comp = (f"  - {{family: compress, method: compensate, params: {{original: {tiny}, "
+            "format: compressed-tensors}}\n")
+    (tmp_path / "r3.yaml").write_text(f"model: {tiny}\noutput: {tmp_path / 'o3'}\nsteps:\n" + comp)
+    with pytest.raises(wl.ConfigError, match="off the integer grid"):
+        wl.run_recipe(wl.load_recipe(tmp_path / "r3.yaml"))
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()

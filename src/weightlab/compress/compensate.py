@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from ..engine.calibration import layerwise, set_weight_matrix, weight_matrix
@@ -170,6 +170,15 @@ class CompensateStepConfig(MethodConfig):
     seqlen: int = Field(512, gt=1)
     seed: int = 0
     sampling: Literal["random", "consecutive"] = "random"
+    format: str = Field("hf", description="hf only: merged corrections leave the integer grid")
+
+    @field_validator("format")
+    @classmethod
+    def _dense_only(cls, v: str) -> str:
+        if v != "hf":
+            raise ValueError("merged EoRA/SVD corrections move the weights off the integer grid, so the output "
+                             f"must be format hf (dense), not {v!r}")
+        return v
 
 
 @register("compress", "compensate", kind="transform", config=CompensateStepConfig, regime=Regime.LAYERWISE,

@@ -133,14 +133,28 @@ def save_compressed_tensors(out, quantized: dict, model: nn.Module, ck, *, prove
     ``ck`` is the source checkpoint: every tensor it holds is written (in its dtype), quantized
     Linear weights replaced by ``weight_packed`` / ``weight_scale`` / ``weight_shape`` (+ zero
     points when asymmetric). The model is consumed: its quantized Linears end up compressed.
-    Returns a summary (scheme, bits per weight, sparsity, warnings).
+    Returns a summary (scheme, bits per weight, sparsity, warnings); the model card says the same.
     """
+    from ..io.writer import CheckpointWriter
+
+    tensors, config, summary = to_compressed_tensors(quantized, model, ck)
+    if provenance is not None:
+        provenance.card = merge_card(provenance.card, ct_card(summary, config))
+    with CheckpointWriter(out, template=ck.path, provenance=provenance, force=force, inputs=inputs) as w:
+        for n, t in tensors.items():
+            w.add(n, t)
+        for fname, content in (extra_files or {}).items():
+            w.add_file(fname, content)
+        w.add_file("config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return summary
+
+
+def to_compressed_tensors(quantized: dict, model: nn.Module, ck) -> tuple[dict, dict, dict]:
+    """(tensors to write in ``ck``'s order, config.json with quantization_config, summary); see save_..."""
     ct = _ct()
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
-
-    from ..io.writer import CheckpointWriter
 
     mods = dict(model.named_modules())
     args = weight_args(quantized, {n: mods[n] for n in quantized})
@@ -202,25 +216,19 @@ def save_compressed_tensors(out, quantized: dict, model: nn.Module, ck, *, prove
                "compressed_tensors_version": ct.__version__, "quantized_layers": len(quantized),
                "quantized_weights": numel, "bits_per_weight": packed_bits / numel if numel else 0.0,
                **sparsity, "warnings": [] if args["symmetric"] else [ASYM_WARNING]}
-    if provenance is not None:
-        provenance.card = merge_card(provenance.card, ct_card(summary))
-    with CheckpointWriter(out, template=ck.path, provenance=provenance, force=force, inputs=inputs) as w:
-        for n in ck.names():
-            layer = n.removesuffix(".weight")
-            if n.endswith(".weight") and layer in quantized:
-                for s in suffixes:
-                    if f"{layer}.{s}" in stored:
-                        w.add(f"{layer}.{s}", stored[f"{layer}.{s}"])
-            else:
-                w.add(n, sd[n].to(ck.info(n).dtype) if n in sd else ck.get(n))
-        for fname, content in (extra_files or {}).items():
-            w.add_file(fname, content)
-        w.add_file("config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return summary
+    tensors = {}
+    for n in ck.names():
+        layer = n.removesuffix(".weight")
+        if n.endswith(".weight") and layer in quantized:
+            tensors.update({f"{layer}.{s}": stored[f"{layer}.{s}"] for s in suffixes if f"{layer}.{s}" in stored})
+        else:
+            tensors[n] = sd[n].to(ck.info(n).dtype) if n in sd else ck.get(n)
+    return tensors, config, summary
 
 
 USAGE_CT = ("Load with transformers (`pip install compressed-tensors`): "
-            "`AutoModelForCausalLM.from_pretrained(path)`; serve with vLLM: `vllm serve path`.")
+            "`AutoModelForCausalLM.from_pretrained(path)` (or the AutoModel class of the architecture); "
+            "serve with vLLM: `vllm serve path`.")
 USAGE_ASYM = ("Load with transformers: `AutoModelForCausalLM.from_pretrained(path, quantization_config="
               "CompressedTensorsConfig(dequantize=True))` (the default loader fails on asymmetric zero points).")
 
@@ -234,9 +242,11 @@ def sparsity_card(sparsity: float, pattern: str | None) -> dict:
                                       "sparsity_storage": "dense (zeros kept in the weights; sparsity_config {})"}}
 
 
-def ct_card(summary: dict) -> dict:
+def ct_card(summary: dict, config: dict | None = None) -> dict:
     a = summary["weights"]
-    card = {"base_model_relation": "quantized", "library_name": "transformers", "pipeline_tag": "text-generation",
+    causal = any(str(x).endswith("ForCausalLM") for x in (config or {}).get("architectures") or [])
+    card = {"base_model_relation": "quantized", "library_name": "transformers",
+            "pipeline_tag": "text-generation" if causal else None,
             "tags": ["compressed-tensors", summary["scheme"].lower().replace("_", "-"), f"int{a['num_bits']}"],
             "details": {"format": "compressed-tensors pack-quantized", "scheme": summary["scheme"],
                         "bits": a["num_bits"], "group_size": a.get("group_size", -1), "strategy": a["strategy"],
@@ -275,3 +285,30 @@ def prune_card(model: nn.Module, layers: list[dict], causal_lm: bool = True) -> 
     if causal_lm:
         card.update(library_name="transformers", pipeline_tag="text-generation")
     return card
+
+
+class CompressedTensorsSource:
+    """A recipe step's compressed-tensors output: the tensors, plus the config.json and model card the
+    recipe runner writes with them (``extra_files``, ``card``). Nothing can run on packed tensors, so
+    the step must be the recipe's last (recipe/runner.py checks)."""
+
+    def __init__(self, quantized: dict, model: nn.Module, source):
+        from ..engine.source import root_path
+
+        self.inner = source
+        self.path = root_path(source)
+        self.sd, self.config, self.summary = to_compressed_tensors(quantized, model, source)
+        self.extra_files = {"config.json": json.dumps(self.config, indent=2, sort_keys=True) + "\n"}
+        self.card = ct_card(self.summary, self.config)
+
+    def names(self) -> list[str]:
+        return list(self.sd)
+
+    def info(self, name: str):
+        from ..io.reader import TensorInfo
+
+        t = self.sd[name]
+        return TensorInfo(name, tuple(t.shape), t.dtype, "<memory>")
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.sd[name]
