@@ -145,19 +145,20 @@ def test_ct_float16_scales_into_bf16_checkpoint_are_refused(tmp_path):
     assert not (tmp_path / "ct").exists()
 
 
-def test_ct_asymmetric_is_written_with_a_warning_and_loads_with_dequantize(tmp_path):
+@pytest.mark.parametrize("bits,group", [(4, 64), (8, -1)])
+def test_ct_asymmetric_is_written_with_a_warning_and_loads_with_dequantize(tmp_path, bits, group):
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     prov = wl.Provenance(method="compress/quantize/rtn", inputs=[str(tmp_path / "src")])
-    fake, rep, out, summ = write_ct(tmp_path, 4, 64, sym=False, prov=prov)
-    assert summ["scheme"] == "W4A16_ASYM" and summ["warnings"] == [deploy.ASYM_WARNING]
+    fake, rep, out, summ = write_ct(tmp_path, bits, group, sym=False, prov=prov)
+    assert summ["scheme"] == f"W{bits}A16_ASYM" and summ["warnings"] == [deploy.ASYM_WARNING]
     assert "dequantize=True" in (out / "README.md").read_text()
     ck = wl.open_checkpoint(out)
     for name, q in rep.quantized.items():
         zp = ck.get(f"{name}.weight_zero_point")
         assert zp.dtype == torch.int32  # packed along the output dim
-        got = unpack_from_int32(zp, 4, torch.Size(q.zeros.shape), packed_dim=0)
-        assert torch.equal(got.long(), q.zeros.long() - 8)
+        got = unpack_from_int32(zp, bits, torch.Size(q.zeros.shape), packed_dim=0)
+        assert torch.equal(got.long(), q.zeros.long() - 2 ** (bits - 1))
     m = transformers.AutoModelForCausalLM.from_pretrained(
         out, dtype=torch.float32, quantization_config=transformers.CompressedTensorsConfig(dequantize=True))
     mods = dict(m.named_modules())
