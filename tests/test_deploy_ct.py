@@ -263,7 +263,8 @@ def test_model_card_round_trips_without_local_paths(tmp_path):
     _, meta = header(out / "model.safetensors")
     for blob in (text, json.dumps(meta), (out / "config.json").read_text()):
         assert str(tmp_path) not in blob and "/tmp" not in blob
-    assert json.loads(meta["weightlab.inputs"]) == ["src"] and "weightlab quantize src -o ct" in meta["weightlab.command"]
+    assert json.loads(meta["weightlab.inputs"]) == ["src"]
+    assert "weightlab quantize src -o ct" in meta["weightlab.command"]
     assert json.loads(meta["weightlab.details"])["scheme"] == "W4A16"
 
 

@@ -7,7 +7,7 @@ update_config), so the on-disk layout is whatever CT defines, not our reading of
 re-derives codes as round(w / s); we therefore put the exact grid values s*q into the weights
 first and check afterwards that the packed codes equal weightlab's codes (a silent mismatch
 would otherwise ship a different model). docs/design.md "Deployment formats" has the reasons
-behind every refusal below; /work/shared/design/deploy-formats.md the measurements.
+behind every refusal below (measured with compressed-tensors 0.20.1 and transformers 5.25).
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ FORMATS = ("compressed-tensors", "hf")
 CT_BITS = (4, 8)
 CT_GROUPS = (32, 64, 128)  # Marlin/Machete group sizes; <= 0 means one scale per output channel
 ASYM_WARNING = ("asymmetric pack-quantized checkpoints do not load with transformers' default loader "
-                "(weight_zero_point size mismatch) and vLLM's fused kernels may refuse them; load with "
-                "AutoModelForCausalLM.from_pretrained(path, quantization_config=CompressedTensorsConfig("
-                "dequantize=True)), or quantize with --sym")
+                "(weight_zero_point size mismatch); load with AutoModelForCausalLM.from_pretrained(path, "
+                "quantization_config=CompressedTensorsConfig(dequantize=True)), or quantize with --sym (what "
+                "vLLM's kernels take everywhere)")
 
 
 def _ct():
@@ -52,7 +52,10 @@ def check_format(fmt: str) -> str:
 def check_request(method: str, bits: int | None, group_size: int, params: dict | None = None,
                   in_features=()) -> None:
     """Refuse, before any work, a quantization that cannot be written as compressed-tensors."""
+    from ..registry import get_method
+
     params = params or {}
+    method = get_method("compress", method).name  # aliases and spelling as the registry resolves them
     if method not in ("rtn", "gptq"):
         raise ConfigError(f"{method} layers have no compressed-tensors layout (only the affine grids of rtn/gptq "
                           "do); use --format hf (dequantized weights)")
