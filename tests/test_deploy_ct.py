@@ -179,8 +179,8 @@ def test_ct_refusals(tmp_path):
         deploy.check_request("pbllm", None, 128)
     with pytest.raises(ConfigError, match="static_groups"):
         deploy.check_request("gptq", 4, 32, {"act_order": True})
-    with pytest.raises(ConfigError, match="multiple of group size 128"):
-        deploy.check_request("rtn", 4, 128, in_features={"model.layers.0.mlp.down_proj": 576})
+    with pytest.raises(ConfigError, match="multiple of group size 128.*--group-size 32 or 64 or -1"):
+        deploy.check_request("rtn", 4, 128, in_features={"q_proj": 576, "down_proj": 1536})
     deploy.check_request("gptq", 4, 32, {"act_order": True, "static_groups": True})
     from transformers.pytorch_utils import Conv1D
 

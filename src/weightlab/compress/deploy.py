@@ -70,11 +70,13 @@ def check_request(method: str, bits: int | None, group_size: int, params: dict |
         raise ConfigError("GPTQ act-order with groups permutes the group of each column (g_idx), which "
                           "compressed-tensors 0.20 cannot write; add --param static_groups=true (groups then stay "
                           "in column order) or use --format hf")
-    for name, cols in dict(in_features).items():
+    widths = dict(in_features)
+    for name, cols in widths.items():
         if group_size > 0 and cols % group_size:
+            fits = [g for g in CT_GROUPS if all(c % g == 0 for c in widths.values())]
             raise ConfigError(f"{name} has {cols} input columns, not a multiple of group size {group_size}; "
-                              "compressed-tensors needs whole groups (pick a group size that divides every "
-                              "layer's input width, or --format hf)")
+                              "compressed-tensors needs whole groups: use --group-size "
+                              + " or ".join(map(str, [*fits, -1])) + " (-1 = per channel), or --format hf")
 
 
 def linear_in_features(layers: dict) -> dict:
