@@ -124,6 +124,9 @@ def test_quantize_cli_hf_and_packed_then_compensate(tiny, tmp_path, capsys):
     assert main(["compensate", str(ct), "--original", str(tiny), "-m", "svd", "--no-eval",
                  "-o", str(tmp_path / "c2")]) == 1
     assert "compressed-tensors checkpoint" in " ".join(capsys.readouterr().err.split())
+    assert main(["prune", str(ct), "-m", "magnitude", "--no-eval", "-o", str(tmp_path / "p2")]) == 1
+    err = capsys.readouterr().err
+    assert "compressed-tensors checkpoint" in " ".join(err.split()) and "Traceback" not in err
 
 
 def test_prune_cli_format_compressed_tensors_is_dense_with_sparsity_recorded(tiny, tmp_path):

@@ -49,7 +49,7 @@ def prune(path: str = typer.Argument(..., help="model folder (HF causal LM or en
     """Prune a model and print its quality before and after (perplexity, similarity or accuracy)."""
     import yaml
 
-    from ..compress.deploy import check_format, prune_card
+    from ..compress.deploy import check_format, prune_card, refuse_compressed_input
 
     from ..compress import prune as do_prune
     from ..engine.source import StateDictSource
@@ -69,6 +69,7 @@ def prune(path: str = typer.Argument(..., help="model folder (HF causal LM or en
             raise ConfigError(f"--param expects KEY=VALUE, got {kv!r}")
         params[k] = yaml.safe_load(v)
     ck = open_checkpoint(src)
+    refuse_compressed_input(ck.config, path)
     kind = _kind(ck.config or {})
     model, tok, evaluate = _load(kind, src, ck, eval_data, eval_tokens, no_eval)
     before = evaluate(model) if evaluate else None

@@ -26,7 +26,7 @@ def _params(items) -> dict:
 
 
 def _prepare(path, out, force, eval_data, eval_tokens, no_eval):
-    from ..io.deployed import is_compressed_tensors
+    from ..compress.deploy import refuse_compressed_input
     from ..io.reader import open_checkpoint
 
     src = resolve_model(path)
@@ -34,9 +34,7 @@ def _prepare(path, out, force, eval_data, eval_tokens, no_eval):
     if Path(out).exists() and not force:
         raise OutputExistsError(f"output '{out}' already exists; pass --force to replace it")
     ck = open_checkpoint(src)
-    if is_compressed_tensors(ck.config):
-        raise ConfigError(f"'{path}' is a compressed-tensors checkpoint (packed integer weights); quantize and "
-                          "compensate work on dense folders: quantize the original with --format hf")
+    refuse_compressed_input(ck.config, path)
     kind = _kind(ck.config or {})
     if kind == "zoo-mlp":
         raise ConfigError("quantize/compensate work on HF causal LMs and encoders")

@@ -196,6 +196,9 @@ def prune_step(source, cfg: PruneStepConfig, show_progress: bool | None = None):
     path = root_path(source)
     if path is None:
         raise ConfigError("the prune step needs a model folder (a checkpoint with config.json)")
+    from .deploy import refuse_compressed_input
+
+    refuse_compressed_input(getattr(source, "config", None), path)
     model, tok = load_causal_lm(path)
     rep = prune(model, cfg.method, cfg.sparsity, pattern=cfg.pattern, allocation=cfg.allocation, calib=cfg.calib,
                 tokenizer=tok, nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed, sampling=cfg.sampling,
