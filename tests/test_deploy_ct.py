@@ -293,3 +293,17 @@ def test_packed_format_is_refused_by_transformers_and_still_loads_in_weightlab(t
     assert "weightlab-packed" in (tmp_path / "p" / "README.md").read_text()
     cfg = json.loads((tmp_path / "p" / "config.json").read_text())
     assert cfg["original_config"]["hidden_size"] == 64
+
+
+def test_ct_packing_matches_the_golden_words():
+    """The int32 layout vLLM reads (LSB first, 8 nibbles a word); a CT release that changes it fails here."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+
+    row = torch.tensor([[-8, -7, 0, 1, 2, 3, 4, 7] + [5] * 8], dtype=torch.int8)
+    words = pack_to_int32(row, 4)
+    assert [int(w) & 0xFFFFFFFF for w in words[0]] == [0xFCBA9810, 0xDDDDDDDD]
+    assert int(pack_to_int32(torch.tensor([[-128, 127, 0, 1]], dtype=torch.int8), 8)[0, 0]) & 0xFFFFFFFF == 0x8180FF00
+    zp = torch.arange(-8, 8, dtype=torch.int8)[:, None]  # zero points are packed along the output dim
+    assert [int(w) & 0xFFFFFFFF for w in pack_to_int32(zp, 4, packed_dim=0)[:, 0]] == [0x76543210, 0xFEDCBA98]
+    q = torch.randint(-8, 8, (5, 64), dtype=torch.int8)
+    assert torch.equal(unpack_from_int32(pack_to_int32(q, 4), 4, q.shape), q)
