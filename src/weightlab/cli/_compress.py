@@ -54,7 +54,7 @@ def dev_dt(ck, device, dtype):
 
 
 def run_sequential_cli(verb, src, ck, kind, out, force, placement_args, kw, eval_args, report_name, original=None,
-                       hessian=True):
+                       hessian=True, card: dict | None = None, extra: dict | None = None, **run_kw):
     """Run ``verb`` with sequential onloading; evaluate by streaming too; write the report (rank 0)."""
     from ..compress.sequential import Placement, run_sequential, write_report
     from ..io.hf import load_tokenizer
@@ -72,15 +72,17 @@ def run_sequential_cli(verb, src, ck, kind, out, force, placement_args, kw, eval
         console.print(f"before: {before}")
     prov = Provenance(method=f"compress/{verb}/{kw['method']}", params=kw,
                       inputs=[str(src)] + ([str(original)] if original else []))
+    if card:
+        prov.card = card
     rep, info = run_sequential(verb, src, out, task=kind, force=force, tokenizer=tok, provenance=prov,
                                placement=Placement(device=device, dtype=dtype, offload_activations=offload,
                                                    max_memory=max_memory),
-                               original=original, hessian=hessian, **kw)
+                               original=original, hessian=hessian, **run_kw, **kw)
     if not main:
         return None
     after = ev(out) if ev else None
     if after:
         console.print(f"after:  {after}")
-    result = {**rep.as_dict(), "params": kw, "before": before, "after": after, **info}
+    result = {**rep.as_dict(), "params": kw, "before": before, "after": after, **info, **(extra or {})}
     write_report(out, report_name, result)
     return rep

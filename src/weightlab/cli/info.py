@@ -6,6 +6,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from ..io.deployed import describe_line, quantization_of
 from ..io.dtypes import dtype_name
 from ..io.provenance import Provenance
 from ..io.reader import open_checkpoint
@@ -26,12 +27,19 @@ def describe(path: Path) -> dict:
             by_dtype[dtype_name(i.dtype)] += i.numel
         cfg = ck.config or {}
         prov = Provenance.from_metadata(ck.metadata)
+        # quantized folders: logical weights, not packed int32 words, count as parameters
+        quant = quantization_of(ck)
+        if quant and quant["format"] == "weightlab-packed":
+            cfg = cfg.get("original_config", cfg)  # its config.json is fenced off from transformers
         return {
             "path": str(ck.path),
-            "format": ck.format,
-            "architecture": ck.architecture,
+            "format": quant["format"] if quant else ck.format,
+            "container": ck.format,
+            "quantization": quant,
+            "architecture": cfg.get("architectures", [ck.architecture])[0] if cfg.get("architectures") else
+            ck.architecture,
             "num_tensors": len(infos),
-            "num_parameters": ck.num_parameters,
+            "num_parameters": quant["parameters"] if quant else ck.num_parameters,
             "size_bytes": sum(i.nbytes for i in infos),
             "dtypes": dict(by_dtype),
             "files": [str(f.name) for f in ck.files],
@@ -54,6 +62,8 @@ def info(path: str = typer.Argument(..., help="checkpoint file or folder, or zoo
     t = Table(show_header=False, box=None)
     t.add_row("path", d["path"])
     t.add_row("format", d["format"])
+    if d["quantization"]:
+        t.add_row("quantization", describe_line(d["quantization"]))
     t.add_row("architecture", str(d["architecture"] or "-"))
     t.add_row("tensors", str(d["num_tensors"]))
     t.add_row("parameters", f"{d['num_parameters']:,} ({human(d['num_parameters'])})")

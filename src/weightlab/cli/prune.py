@@ -45,11 +45,17 @@ def prune(path: str = typer.Argument(..., help="model folder (HF causal LM or en
           eval_tokens: int = typer.Option(16384, "--eval-tokens"),
           no_eval: bool = typer.Option(False, "--no-eval", help="skip the before/after evaluation"),
           param: list[str] = typer.Option(None, "--param", "-p", help="rule parameter KEY=VALUE"),
+          fmt: str = typer.Option("hf", "--format", "-f",
+                                  help="hf or compressed-tensors; both are written dense (zeros kept: vLLM and "
+                                       "compressed-tensors dropped their sparse formats) with the sparsity recorded "
+                                       "in the model card and metadata"),
           device: str = _DEV, dtype: str = _DT, sequential: bool = _SEQ, offload_activations: bool = _OFF,
           max_memory: str = _MAXMEM,
           out: str = typer.Option(..., "--out", "-o"), force: bool = typer.Option(False, "--force")) -> None:
     """Prune a model and print its quality before and after (perplexity, similarity or accuracy)."""
     import yaml
+
+    from ..compress.deploy import check_format, prune_card, refuse_compressed_input
 
     from ..compress import prune as do_prune
     from ..engine.source import StateDictSource
@@ -58,6 +64,7 @@ def prune(path: str = typer.Argument(..., help="model folder (HF causal LM or en
     from ..io.reader import open_checkpoint
     from ..registry import get_method
 
+    check_format(fmt)
     src = resolve_model(path)
     check_not_input(Path(out), [src])
     if Path(out).exists() and not force:
@@ -69,6 +76,7 @@ def prune(path: str = typer.Argument(..., help="model folder (HF causal LM or en
             raise ConfigError(f"--param expects KEY=VALUE, got {kv!r}")
         params[k] = yaml.safe_load(v)
     ck = open_checkpoint(src)
+    refuse_compressed_input(ck.config, path)
     kind = _kind(ck.config or {})
     spec = get_method("compress", method)
     needs = set(spec.extra.get("needs", ()))
@@ -81,7 +89,8 @@ def prune(path: str = typer.Argument(..., help="model folder (HF causal LM or en
                                  dict(method=method, sparsity=sparsity, pattern=pattern, allocation=allocation,
                                       calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, sampling=sampling,
                                       **params),
-                                 (eval_data, eval_tokens, no_eval), "prune-report.json", hessian="hessian" in needs)
+                                 (eval_data, eval_tokens, no_eval), "prune-report.json", hessian="hessian" in needs,
+                                 card=_seq_prune_card(sparsity, pattern, kind), extra={"format": fmt})
         if rep is not None:
             _done(rep, pattern, out)
         return
@@ -103,12 +112,24 @@ def prune(path: str = typer.Argument(..., help="model folder (HF causal LM or en
     sd = model.state_dict()
     # tensors the loaded model does not hold (non-persistent buffers such as position_ids) are unchanged
     pruned = {n: sd[n].to(ck.info(n).dtype) if n in sd else ck.get(n) for n in ck.names()}
-    result = {**rep.as_dict(), "before": before, "after": after, "device": str(dev), "sequential": False}
+    result = {**rep.as_dict(), "before": before, "after": after, "format": fmt, "device": str(dev),
+              "sequential": False}
     prov = Provenance(method=f"compress/prune/{rep.method}", params={k: v for k, v in result.items() if k != "layers"},
-                      inputs=[str(src)])
+                      inputs=[str(src)], card=prune_card(model, rep.layers, kind == "causal-lm"))
     write_source(StateDictSource(pruned, ck.config, ck.path), out, provenance=prov, inputs=[src], force=force,
                  extra_files={"prune-report.json": json.dumps(result, indent=1)})
     _done(rep, pattern, out)
+
+
+def _seq_prune_card(sparsity, pattern, kind) -> dict:
+    """The card of a sequential run is written with the shards, before the run ends: uniform rules prune
+    exactly the target share of every layer, so the target is the sparsity the model will have."""
+    from ..compress.deploy import sparsity_card
+
+    card = sparsity_card(0.5 if pattern == "2:4" else sparsity, pattern)
+    if kind == "causal-lm":
+        card.update(library_name="transformers", pipeline_tag="text-generation")
+    return card
 
 
 def _done(rep, pattern, out) -> None:

@@ -9,7 +9,7 @@ from ..errors import ConfigError, OutputExistsError
 from ..io.atomic import check_not_input
 from ..recipe.models import resolve_model
 from . import app
-from ._common import console
+from ._common import console, err_console
 from ._compress import dev_dt, placement_options, run_sequential_cli, wants_sequential
 from .prune import _kind, _load
 
@@ -29,6 +29,7 @@ def _params(items) -> dict:
 
 
 def _open(path, out, force):
+    from ..compress.deploy import refuse_compressed_input
     from ..io.reader import open_checkpoint
 
     src = resolve_model(path)
@@ -36,6 +37,7 @@ def _open(path, out, force):
     if Path(out).exists() and not force:
         raise OutputExistsError(f"output '{out}' already exists; pass --force to replace it")
     ck = open_checkpoint(src)
+    refuse_compressed_input(ck.config, path)
     kind = _kind(ck.config or {})
     if kind == "zoo-mlp":
         raise ConfigError("quantize/compensate work on HF causal LMs and encoders")
@@ -47,18 +49,25 @@ def quantize(path: str = typer.Argument(..., help="model folder (HF causal LM or
              method: str = typer.Option("gptq", "--method", "-m", help="rtn, gptq, pbllm, statsq"),
              bits: int = typer.Option(None, "--bits", "-b", help="bits per weight (default: the method's)"),
              group_size: int = typer.Option(128, "--group-size", "-g", help="columns per group; -1 = per channel"),
-             sym: bool = typer.Option(False, "--sym", help="symmetric grid (RTN/GPTQ)"),
+             sym: bool = typer.Option(None, "--sym/--asym", help="symmetric grid (RTN/GPTQ); default: symmetric "
+                                      "for compressed-tensors (what vLLM serves), asymmetric for hf"),
              salient: float = typer.Option(None, "--salient", help="PB-LLM salient fraction (default 0.1)"),
              calib: str = typer.Option("wiki", "--calib"), nsamples: int = typer.Option(32, "--nsamples"),
              seqlen: int = typer.Option(512, "--seqlen"), seed: int = typer.Option(0, "--seed"),
              eval_data: str = typer.Option("wiki", "--eval"), eval_tokens: int = typer.Option(16384, "--eval-tokens"),
              no_eval: bool = typer.Option(False, "--no-eval"),
-             packed: str = typer.Option(None, "--packed", help="also write the packed integer format here"),
+             fmt: str = typer.Option("compressed-tensors", "--format", "-f",
+                                     help="compressed-tensors (packed 4/8-bit for transformers and vLLM) or hf "
+                                          "(dequantized weights, full size)"),
+             packed: str = typer.Option(None, "--packed", help="also write weightlab's private packed format here "
+                                        "(not loadable by transformers)"),
              param: list[str] = typer.Option(None, "--param", "-p", help="method parameter KEY=VALUE"),
              device: str = _DEV, dtype: str = _DT, sequential: bool = _SEQ, offload_activations: bool = _OFF,
              max_memory: str = _MAXMEM,
              out: str = typer.Option(..., "--out", "-o"), force: bool = typer.Option(False, "--force")) -> None:
-    """Quantize a model; write its dequantized HF folder (and optionally the packed format)."""
+    """Quantize a model; write it as compressed-tensors (default) or as a dequantized HF folder."""
+    from ..compress import deploy
+    from ..compress.prune import target_layers
     from ..compress.quantize import dequantized_state_dict, quantize as do_quantize, save_quantized_packed
     from ..engine.source import StateDictSource
     from ..engine.streaming import write_source
@@ -68,46 +77,78 @@ def quantize(path: str = typer.Argument(..., help="model folder (HF causal LM or
     params = _params(param)
     if salient is not None:
         params["salient"] = salient
+    ct = deploy.check_format(fmt) == "compressed-tensors"
+    if sym is None:
+        sym = ct
+    bits_eff = bits if bits is not None else get_method("compress", method).extra.get("default_bits", 4)
+    if ct:  # the cheap refusals first, before loading the model
+        deploy.check_request(method, bits_eff, group_size, params)
     src, ck, kind = _open(path, out, force)
     spec = get_method("compress", method)
     cfg_needs = spec.extra.get("needs", ())
     hessian = "hessian" in set(cfg_needs(spec.make_config(params)) if callable(cfg_needs) else cfg_needs)
-    if wants_sequential(sequential, kind, whole_only=bool(packed)):
-        if packed:
-            raise ConfigError("--packed holds every layer's codes in memory; use it with --whole-model")
+    seq = wants_sequential(sequential, kind, whole_only=bool(packed))
+    if packed and seq:
+        raise ConfigError("--packed holds every layer's codes in memory; use it with --whole-model")
+    if packed:
+        check_not_input(Path(packed), [src])
+    scale_dtype = "float16"
+    if ct:
+        from ..engine.onload import OnloadedModel
+
+        skeleton = OnloadedModel(src, kind) if seq else None  # only shapes are read: the blocks stay on meta
+        layers = target_layers(skeleton.model if seq else _load(kind, src, ck, eval_data, eval_tokens, True)[0])
+        deploy.check_request(method, bits_eff, group_size, params, deploy.linear_in_features(layers))
+        del skeleton
+        # CT stores scales in the checkpoint's dtype; fit them in it exactly (bf16 models: bf16 scales)
+        scale_dtype = {"bfloat16": "bfloat16", "float16": "float16"}.get(
+            str(ck.info(f"{next(iter(layers))}.weight").dtype).removeprefix("torch."), "float16")
+        if not sym:
+            err_console.print(f"[bold yellow]warning:[/] {deploy.ASYM_WARNING}", highlight=False)
+    if seq:
+        from ..compress.deploy_sequential import sequential_writer
+
         rep = run_sequential_cli("quantize", src, ck, kind, out, force, (device, dtype, offload_activations, max_memory),
-                          dict(method=method, bits=bits, group_size=group_size, sym=sym, calib=calib,
-                               nsamples=nsamples, seqlen=seqlen, seed=seed, **params),
-                          (eval_data, eval_tokens, no_eval), "quantize-report.json", hessian=hessian)
+                                 dict(method=method, bits=bits, group_size=group_size, sym=sym,
+                                      scale_dtype=scale_dtype, calib=calib, nsamples=nsamples, seqlen=seqlen,
+                                      seed=seed, **params),
+                                 (eval_data, eval_tokens, no_eval), "quantize-report.json", hessian=hessian,
+                                 extra={"format": fmt}, **(sequential_writer(ck) if ct else {}))
         if rep is not None:
-            _quantized(rep, out, None)
+            console.print(f"[green]quantized[/] {len(rep.layers)} layers with {rep.method} ({rep.bits} bits, group "
+                          f"{rep.group_size}, {'sym' if sym else 'asym'}) in {rep.seconds:.1f} s -> {out} ({fmt})")
         return
     dev, dt = dev_dt(ck, device, dtype)
     model, tok, evaluate = _load(kind, src, ck, eval_data, eval_tokens, no_eval, dtype=dt)
-    if packed:
-        check_not_input(Path(packed), [src])
     before = evaluate(model) if evaluate else None
     if before:
         console.print(f"before: {before}")
-    rep = do_quantize(model, method, bits, group_size, sym=sym, calib=calib, tokenizer=tok, nsamples=nsamples,
-                      seqlen=seqlen, seed=seed, device=dev, offload_activations=offload_activations, **params)
+    rep = do_quantize(model, method, bits, group_size, sym=sym, scale_dtype=scale_dtype, calib=calib, tokenizer=tok,
+                      nsamples=nsamples, seqlen=seqlen, seed=seed, device=dev,
+                      offload_activations=offload_activations, **params)
     after = evaluate(model) if evaluate else None
     if after:
         console.print(f"after:  {after}")
-    result = {**rep.as_dict(), "params": params, "before": before, "after": after}
+    result = {**rep.as_dict(), "sym": sym, "scale_dtype": scale_dtype, "params": params, "before": before,
+              "after": after, "format": fmt}
     prov = Provenance(method=f"compress/quantize/{rep.method}",
                       params={k: v for k, v in result.items() if k != "layers"}, inputs=[str(src)])
-    write_source(StateDictSource(dequantized_state_dict(model, ck), ck.config, ck.path), out, provenance=prov,
-                 inputs=[src], force=force, extra_files={"quantize-report.json": json.dumps(result, indent=1)})
-    if packed:
-        save_quantized_packed(packed, rep, model, ck, provenance=prov, force=force)
-    _quantized(rep, out, packed)
-
-
-def _quantized(rep, out, packed) -> None:
+    if packed:  # before the compressed-tensors writer, which consumes the model
+        save_quantized_packed(packed, rep, model, ck, provenance=Provenance(prov.method, prov.params, prov.inputs),
+                              force=force)
+    report_file = {"quantize-report.json": json.dumps(result, indent=1)}
+    if ct:
+        summ = deploy.save_compressed_tensors(out, rep.quantized, model, ck, provenance=prov, force=force,
+                                              extra_files=report_file, inputs=[src])
+        bpw, what = summ["bits_per_weight"], f"compressed-tensors {summ['scheme']}"
+    else:
+        prov.card = deploy.hf_quant_card(rep, sym)
+        write_source(StateDictSource(dequantized_state_dict(model, ck), ck.config, ck.path), out, provenance=prov,
+                     inputs=[src], force=force, extra_files=report_file)
+        bpw, what = rep.bits_per_weight, "dequantized hf weights (full size; the bits are what packing would take)"
     console.print(f"[green]quantized[/] {len(rep.layers)} layers with {rep.method} ({rep.bits} bits, group "
-                  f"{rep.group_size}): {rep.bits_per_weight:.3f} bits/weight incl. scales in {rep.seconds:.1f} s -> {out}"
-                  + (f" (packed: {packed})" if packed else ""))
+                  f"{rep.group_size}, {'sym' if sym else 'asym'}): {bpw:.3f} bits/weight incl. scales in "
+                  f"{rep.seconds:.1f} s -> {out} ({what})" + (f" (packed: {packed})" if packed else ""))
 
 
 @app.command()
@@ -118,6 +159,9 @@ def compensate(path: str = typer.Argument(..., help="the compressed model folder
                calib: str = typer.Option("wiki", "--calib"), nsamples: int = typer.Option(32, "--nsamples"),
                seqlen: int = typer.Option(512, "--seqlen"), seed: int = typer.Option(0, "--seed"),
                adapter: bool = typer.Option(False, "--adapter", help="write a PEFT LoRA adapter instead of merging"),
+               fmt: str = typer.Option("hf", "--format", "-f",
+                                       help="hf (merged, dense) or compressed-tensors (only with --adapter: the "
+                                            "merged corrections leave the quantization grid)"),
                eval_data: str = typer.Option("wiki", "--eval"), eval_tokens: int = typer.Option(16384, "--eval-tokens"),
                no_eval: bool = typer.Option(False, "--no-eval"),
                device: str = _DEV, dtype: str = _DT, sequential: bool = _SEQ, offload_activations: bool = _OFF,
@@ -131,18 +175,21 @@ def compensate(path: str = typer.Argument(..., help="the compressed model folder
     from ..engine.source import StateDictSource
     from ..engine.streaming import write_source
     from ..io.provenance import Provenance
+    from ..compress.deploy import check_format
     from ..io.reader import open_checkpoint
 
+    if check_format(fmt) == "compressed-tensors" and not adapter:
+        raise ConfigError("merged EoRA/SVD corrections move the weights off the integer grid, so they cannot be "
+                          "stored as compressed-tensors; use --format hf (merged, dense) or --adapter (a LoRA "
+                          "adapter beside the quantized model)")
     src, ck, kind = _open(path, out, force)
     if wants_sequential(sequential, kind, whole_only=adapter):
-        if adapter:
-            raise ConfigError("--adapter keeps every layer's correction in memory; use it with --whole-model")
         osrc = resolve_model(original)
         check_not_input(Path(out), [osrc])
         rep = run_sequential_cli("compensate", src, ck, kind, out, force, (device, dtype, offload_activations, max_memory),
-                          dict(method=method, rank=rank, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed),
-                          (eval_data, eval_tokens, no_eval), "compensate-report.json", original=osrc,
-                          hessian=method == "eora")
+                                 dict(method=method, rank=rank, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed),
+                                 (eval_data, eval_tokens, no_eval), "compensate-report.json", original=osrc,
+                                 hessian=method == "eora", extra={"format": fmt, "original": osrc.name})
         if rep is not None:
             console.print(f"[green]compensated[/] {len(rep.layers)} layers with {method} rank {rank} in "
                           f"{rep.seconds:.1f} s -> {out}")
@@ -171,7 +218,7 @@ def compensate(path: str = typer.Argument(..., help="the compressed model folder
         else:
             after = evaluate(model)
         console.print(f"after:  {after}")
-    result = {**rep.as_dict(), "before": before, "after": after, "original": str(osrc)}
+    result = {**rep.as_dict(), "before": before, "after": after, "original": osrc.name}
     if adapter:
         save_peft_adapter(out, rep.adapters, base_model=str(src), rank=rank,
                           task_type="CAUSAL_LM" if _kind(ck.config or {}) == "causal-lm" else "FEATURE_EXTRACTION")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from ..engine.calibration import each_block, layerwise, set_weight_matrix, weight_matrix, weight_view
@@ -224,6 +224,15 @@ class CompensateStepConfig(MethodConfig):
     seqlen: int = Field(512, gt=1)
     seed: int = 0
     sampling: Literal["random", "consecutive"] = "random"
+    format: str = Field("hf", description="hf only: merged corrections leave the integer grid")
+
+    @field_validator("format")
+    @classmethod
+    def _dense_only(cls, v: str) -> str:
+        if v != "hf":
+            raise ValueError("merged EoRA/SVD corrections move the weights off the integer grid, so the output "
+                             f"must be format hf (dense), not {v!r}")
+        return v
 
 
 @register("compress", "compensate", kind="transform", config=CompensateStepConfig, regime=Regime.LAYERWISE,
@@ -238,6 +247,9 @@ def compensate_step(source, cfg: CompensateStepConfig, show_progress: bool | Non
     path = root_path(source)
     if path is None:
         raise ConfigError("the compensate step needs a model folder (a checkpoint with config.json)")
+    from .deploy import refuse_compressed_input
+
+    refuse_compressed_input(getattr(source, "config", None), path)
     model, tok = load_causal_lm(path)
     orig, _ = load_causal_lm(resolve_model(cfg.original))
     compensate(model, orig, cfg.method, cfg.rank, calib=cfg.calib, tokenizer=tok, nsamples=cfg.nsamples,

@@ -1,5 +1,9 @@
 """Quantized layers as stored integers, and the packed checkpoint format (docs/quantization-format.md).
 
+The packed format is weightlab's own (it also holds PB-LLM and StatsQ layers, which no served
+format does); nothing else reads it, and its config.json is fenced so transformers refuses it.
+For transformers/vLLM write compressed-tensors (compress/deploy.py).
+
 Three layer schemes, each with an exact ``dequantize()`` (float32, (out, in)):
 
 - ``affine`` (RTN, GPTQ): b-bit codes + per-(row, group) float16 scales + b-bit zero points
@@ -30,6 +34,7 @@ from ..tensor.quant import SCALE_DTYPES, AffineQuant
 FORMAT = "weightlab-quant"
 VERSION = 1
 META_FILE = "quantization.json"
+FENCE_MODEL_TYPE = "weightlab-packed"
 SUFFIXES = ("qweight", "scales", "qzeros", "g_idx", "salient", "sign", "mu", "alpha", "scale8", "zero8", "codes8", "s")
 
 
@@ -162,6 +167,12 @@ def save_packed(out: str | os.PathLike, quantized: dict, layouts: dict[str, dict
 
     layers = {}
     q_bits = q_numel = 0
+    if provenance is not None:
+        provenance.card = {**provenance.card, "warnings": [
+            *provenance.card.get("warnings", []),
+            "weightlab's private packed format: transformers refuses it (model_type weightlab-packed) and vLLM "
+            "cannot read it. Load it with weightlab.compress.packed.load_packed, or write compressed-tensors "
+            "(weightlab quantize --format compressed-tensors) to serve the model."]}
     with CheckpointWriter(out, template=template, provenance=provenance, force=force) as w:
         for name, q in quantized.items():
             t, meta = pack_layer(q)
@@ -177,9 +188,30 @@ def save_packed(out: str | os.PathLike, quantized: dict, layouts: dict[str, dict
         summary = {"format": FORMAT, "version": VERSION, "bits_per_weight": q_bits / q_numel if q_numel else None,
                    "quantized_weights": q_numel, **(info or {}), "layers": layers}
         w.add_file(META_FILE, json.dumps(summary, indent=1))
-        if config is not None and template is None:
-            w.add_file("config.json", json.dumps(config, indent=1))
+        if config is None and template is not None and (Path(template) / "config.json").is_file():
+            config = json.loads((Path(template) / "config.json").read_text())
+        w.add_file("config.json", json.dumps(fenced_config(config), indent=1))
     return summary
+
+
+def fenced_config(config: dict | None) -> dict:
+    """config.json of a packed folder, made so that transformers refuses it.
+
+    With the model's own config, AutoModel.from_pretrained found none of the packed weights and
+    silently returned a randomly initialised model. An unknown model_type makes it raise instead
+    (its message names `weightlab-packed`); the real config is kept under ``original_config``.
+    """
+    return {"model_type": FENCE_MODEL_TYPE, "architectures": ["WeightlabPackedFormatUseWeightlabToLoad"],
+            "weightlab_packed": {"format": FORMAT, "version": VERSION, "load_with": "weightlab.compress.packed."
+                                 "load_packed(path) (dequantized state dict)",
+                                 "for_transformers_and_vllm": "weightlab quantize --format compressed-tensors"},
+            "original_config": config or {}}
+
+
+def original_config(path) -> dict:
+    """The model config of a packed folder (or of any folder, unfenced)."""
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    return cfg.get("original_config", cfg) if cfg.get("model_type") == FENCE_MODEL_TYPE else cfg
 
 
 def is_packed(path: str | os.PathLike) -> bool:

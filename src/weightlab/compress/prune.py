@@ -204,6 +204,8 @@ class PruneStepConfig(MethodConfig):
     seed: int = 0
     sampling: Literal["random", "consecutive"] = "random"
     params: dict = Field(default_factory=dict, description="the pruning rule's own parameters")
+    format: Literal["hf", "compressed-tensors"] = Field(
+        "hf", description="both are written dense (no served sparse format exists); the sparsity goes in the card")
 
 
 @register("compress", "prune", kind="transform", config=PruneStepConfig, regime=Regime.LAYERWISE,
@@ -216,9 +218,17 @@ def prune_step(source, cfg: PruneStepConfig, show_progress: bool | None = None):
     path = root_path(source)
     if path is None:
         raise ConfigError("the prune step needs a model folder (a checkpoint with config.json)")
+    from .deploy import refuse_compressed_input
+
+    refuse_compressed_input(getattr(source, "config", None), path)
     model, tok = load_causal_lm(path)
-    prune(model, cfg.method, cfg.sparsity, pattern=cfg.pattern, allocation=cfg.allocation, calib=cfg.calib,
-          tokenizer=tok, nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed, sampling=cfg.sampling,
-          show_progress=show_progress, **cfg.params)
+    rep = prune(model, cfg.method, cfg.sparsity, pattern=cfg.pattern, allocation=cfg.allocation, calib=cfg.calib,
+                tokenizer=tok, nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed, sampling=cfg.sampling,
+                show_progress=show_progress, **cfg.params)
+    from .deploy import prune_card
+
+    card = prune_card(model, rep.layers)
     pruned = model.state_dict()
-    return MappedSource(source, lambda name, t: pruned[name].to(t.dtype) if name in pruned else t)
+    out = MappedSource(source, lambda name, t: pruned[name].to(t.dtype) if name in pruned else t)
+    out.card = card  # the recipe runner puts the measured sparsity in the model card
+    return out

@@ -179,28 +179,48 @@ class QuantizeStepConfig(MethodConfig):
     method: str = "gptq"
     bits: int | None = None
     group_size: int = 128
-    sym: bool = False
+    sym: bool | None = Field(None, description="symmetric grid; default: true for compressed-tensors, false for hf")
     calib: str = "wiki"
     nsamples: int = Field(32, gt=0)
     seqlen: int = Field(512, gt=1)
     seed: int = 0
     sampling: Literal["random", "consecutive"] = "random"
+    format: Literal["hf", "compressed-tensors"] = Field(
+        "hf", description="hf: dequantized weights; compressed-tensors: packed 4/8-bit (must be the last step)")
     params: dict = Field(default_factory=dict, description="the quantizer's own parameters")
 
 
 @register("compress", "quantize", kind="transform", config=QuantizeStepConfig, regime=Regime.LAYERWISE,
           paper="(recipe step running a quantizer; see the quantizers' papers)",
-          summary="recipe step: quantize a causal LM checkpoint (RTN, GPTQ, PB-LLM, StatsQ); writes dequantized weights")
+          summary="recipe step: quantize a causal LM checkpoint (RTN, GPTQ, PB-LLM, StatsQ); writes dequantized "
+                  "weights or compressed-tensors")
 def quantize_step(source, cfg: QuantizeStepConfig, show_progress: bool | None = None):
     from ..engine.source import MappedSource, root_path
     from ..io.hf import load_causal_lm
+    from . import deploy
 
     path = root_path(source)
     if path is None:
         raise ConfigError("the quantize step needs a model folder (a checkpoint with config.json)")
+    deploy.refuse_compressed_input(getattr(source, "config", None), path)
+    ct = cfg.format == "compressed-tensors"
+    sym = ct if cfg.sym is None else cfg.sym
+    bits = cfg.bits if cfg.bits is not None else get_method("compress", cfg.method).extra.get("default_bits", 4)
+    if ct:
+        deploy.check_request(cfg.method, bits, cfg.group_size, cfg.params)
     model, tok = load_causal_lm(path)
-    quantize(model, cfg.method, cfg.bits, cfg.group_size, sym=cfg.sym, calib=cfg.calib, tokenizer=tok,
-             nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed, sampling=cfg.sampling,
-             show_progress=show_progress, **cfg.params)
+    scale_dtype = "float16"
+    if ct:
+        layers = target_layers(model)
+        deploy.check_request(cfg.method, bits, cfg.group_size, cfg.params, deploy.linear_in_features(layers))
+        scale_dtype = {"bfloat16": "bfloat16", "float16": "float16"}.get(
+            str(source.info(f"{next(iter(layers))}.weight").dtype).removeprefix("torch."), "float16")
+    rep = quantize(model, cfg.method, bits, cfg.group_size, sym=sym, scale_dtype=scale_dtype, calib=cfg.calib,
+                   tokenizer=tok, nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed, sampling=cfg.sampling,
+                   show_progress=show_progress, **cfg.params)
+    if ct:
+        return deploy.CompressedTensorsSource(rep.quantized, model, source)
     sd = model.state_dict()
-    return MappedSource(source, lambda name, t: sd[name].to(t.dtype) if name in sd else t)
+    out = MappedSource(source, lambda name, t: sd[name].to(t.dtype) if name in sd else t)
+    out.card = deploy.hf_quant_card(rep, sym)
+    return out

@@ -60,12 +60,14 @@ def open_onloaded(path, task: str, placement: Placement):
 def run_sequential(verb: str, path: str | os.PathLike, out: str | os.PathLike, *, task: str = "causal-lm",
                    placement: Placement | None = None, provenance: Provenance | None = None, force: bool = False,
                    tokenizer=None, original=None, hessian: bool = True, extra_files: dict | None = None,
-                   show_progress: bool | None = None, on_block_written=None, **kwargs):
+                   show_progress: bool | None = None, on_block_written=None, on_finish=None, **kwargs):
     """Run ``verb`` ('prune', 'quantize', 'compensate') on the checkpoint at ``path`` and write ``out``.
 
     ``kwargs`` go to the verb (method, sparsity/bits/rank, calib, nsamples, seqlen, ...). Returns
     (report, info) where info holds the memory estimate and the device used. ``original``
-    (compensate) is the uncompressed checkpoint's path.
+    (compensate) is the uncompressed checkpoint's path. ``on_block_written(i, name, tensors, codes)``
+    may replace a block's tensors before they are written (codes: that block's integer layers);
+    ``on_finish(skeleton) -> (extra files, model-card facts)`` runs before the output is published.
     """
     from ..io.reader import open_checkpoint
 
@@ -123,6 +125,13 @@ def run_sequential(verb: str, path: str | os.PathLike, out: str | os.PathLike, *
         else:
             raise ConfigError(f"unknown sequential verb {verb!r}")
         if writer is not None:
+            if on_finish is not None:
+                files, card = on_finish(onload.model)
+                extra_files = {**(extra_files or {}), **files}
+                if card and provenance is not None:
+                    from .deploy import merge_card
+
+                    provenance.card = merge_card(provenance.card, card)
             for n in onload.resident_checkpoint_names():
                 writer.add(n, onload.ck.get(n))
                 onload.ck.release(n)

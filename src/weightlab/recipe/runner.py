@@ -60,6 +60,13 @@ def plan_recipe(recipe: Recipe) -> Plan:
             parse_dtype(recipe.dtype)
         except ValueError as e:
             problems.append(f"dtype: {e}")
+    for i, (spec, cfg) in enumerate(steps, 1):
+        # packed compressed-tensors weights are an end product: no later step can read them
+        if getattr(cfg, "format", "hf") == "compressed-tensors" and spec.name == "quantize":
+            if i < len(steps):
+                problems.append(f"step {i}: format compressed-tensors must be the last step")
+            if recipe.dtype is not None:
+                problems.append(f"step {i}: format compressed-tensors keeps the checkpoint dtype; remove 'dtype'")
     if problems:
         raise ConfigError("recipe has errors:\n  " + "\n  ".join(problems))
     model_path = resolve_model(recipe.model)
@@ -85,9 +92,11 @@ def run_recipe(recipe: Recipe, *, force: bool = False, show_progress: bool | Non
         else:
             rep = spec.fn(source, cfg, show_progress=show_progress)
             reports.append({"step": i, "family": spec.family, "method": spec.name, "result": rep})
-    prov = Provenance(method="recipe", params=recipe.model_dump(), inputs=[str(plan.model_path)])
+    prov = Provenance(method="recipe", params=recipe.model_dump(), inputs=[str(plan.model_path)],
+                      card=_card(source))
     files = {f"report-{r['step']:02d}-{r['family']}-{r['method']}.json": json.dumps(r["result"], indent=1, default=str)
              for r in reports}
+    files.update(getattr(source, "extra_files", {}))  # e.g. a compressed-tensors step's config.json
     if out is None:
         return RunResult(None, reports)
     if plan.writes_model:
@@ -100,3 +109,18 @@ def run_recipe(recipe: Recipe, *, force: bool = False, show_progress: bool | Non
                 (tmp / name).write_text(content)
             (tmp / "README.md").write_text(prov.readme("weightlab recipe reports"))
     return RunResult(out, reports)
+
+
+def _card(source) -> dict:
+    """Model-card facts the steps attached to their sources (last step's scalar keys win)."""
+    from ..compress.deploy import merge_card
+
+    cards = []
+    while source is not None:
+        if getattr(source, "card", None):
+            cards.append(source.card)
+        source = getattr(source, "inner", None)
+    out: dict = {}
+    for c in reversed(cards):
+        out = merge_card(out, c)
+    return out

@@ -1,0 +1,339 @@
+"""Write a quantized model as a compressed-tensors (CT) checkpoint that transformers and vLLM load.
+
+weightlab's quantizers fake-quantize in place and keep each layer's integers (``AffineQuant``).
+This module turns those into CT's ``pack-quantized`` layout *through the compressed-tensors
+library itself* (apply_quantization_config -> our scales -> ModelCompressor.compress_model ->
+update_config), so the on-disk layout is whatever CT defines, not our reading of it. CT
+re-derives codes as round(w / s); we therefore put the exact grid values s*q into the weights
+first and check afterwards that the packed codes equal weightlab's codes (a silent mismatch
+would otherwise ship a different model). docs/design.md "Deployment formats" has the reasons
+behind every refusal below (measured with compressed-tensors 0.20.1 and transformers 5.25).
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, MissingDependencyError
+from ..tensor.quant import AffineQuant
+
+FORMATS = ("compressed-tensors", "hf")
+# vLLM's WNA16 kernels serve 4- and 8-bit codes; CT changed how 3/5/6/7-bit codes straddle int32
+# words at 0.18 with no version field a loader reads, so other widths would be ambiguous on disk.
+CT_BITS = (4, 8)
+CT_GROUPS = (32, 64, 128)  # Marlin/Machete group sizes; <= 0 means one scale per output channel
+ASYM_WARNING = ("asymmetric pack-quantized checkpoints do not load with transformers' default loader "
+                "(weight_zero_point size mismatch); load with AutoModelForCausalLM.from_pretrained(path, "
+                "quantization_config=CompressedTensorsConfig(dequantize=True)), or quantize with --sym (what "
+                "vLLM's kernels take everywhere)")
+
+
+def _ct():
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError("compressed-tensors", "writing a compressed-tensors checkpoint",
+                                     "'weightlab[hf]'") from None
+    import compressed_tensors
+
+    return compressed_tensors
+
+
+def refuse_compressed_input(config: dict | None, path) -> None:
+    """prune/quantize/compensate rewrite dense weights tensor by tensor; packed int32 codes are not that."""
+    from ..io.deployed import is_compressed_tensors
+
+    if is_compressed_tensors(config):
+        raise ConfigError(f"'{path}' is a compressed-tensors checkpoint (packed integer weights); prune, quantize "
+                          "and compensate need dense weights: run them on the unquantized model, or quantize with "
+                          "--format hf")
+
+
+def check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def check_request(method: str, bits: int | None, group_size: int, params: dict | None = None,
+                  in_features=()) -> None:
+    """Refuse, before any work, a quantization that cannot be written as compressed-tensors."""
+    from ..registry import get_method
+
+    params = params or {}
+    method = get_method("compress", method).name  # aliases and spelling as the registry resolves them
+    if method not in ("rtn", "gptq"):
+        raise ConfigError(f"{method} layers have no compressed-tensors layout (only the affine grids of rtn/gptq "
+                          "do); use --format hf (dequantized weights)")
+    if bits is not None and bits not in CT_BITS:
+        raise ConfigError(f"compressed-tensors output is written for {' or '.join(map(str, CT_BITS))}-bit codes, "
+                          f"not {bits}: CT 0.18 changed the {bits}-bit packing without a version gate and vLLM "
+                          "serves 4/8 bits; use --format hf")
+    if group_size > 0 and group_size not in CT_GROUPS:
+        raise ConfigError(f"group size {group_size} is not served by vLLM's kernels; use one of "
+                          f"{', '.join(map(str, CT_GROUPS))} or -1 (per channel), or --format hf")
+    if method == "gptq" and params.get("act_order") and group_size > 0 and not params.get("static_groups"):
+        raise ConfigError("GPTQ act-order with groups permutes the group of each column (g_idx), which "
+                          "compressed-tensors 0.20 cannot write; add --param static_groups=true (groups then stay "
+                          "in column order) or use --format hf")
+    widths = dict(in_features)
+    for name, cols in widths.items():
+        if group_size > 0 and cols % group_size:
+            fits = [g for g in CT_GROUPS if all(c % g == 0 for c in widths.values())]
+            raise ConfigError(f"{name} has {cols} input columns, not a multiple of group size {group_size}; "
+                              "compressed-tensors needs whole groups: use --group-size "
+                              + " or ".join(map(str, [*fits, -1])) + " (-1 = per channel), or --format hf")
+
+
+def linear_in_features(layers: dict) -> dict:
+    """Input width of every target layer; a non-Linear one (GPT-2's Conv1D) is refused: CT targets nn.Linear."""
+    for n, m in layers.items():
+        if not isinstance(m, nn.Linear):
+            raise ConfigError(f"{n} is a {type(m).__name__}, not nn.Linear; compressed-tensors targets Linear "
+                              "layers only; use --format hf")
+    return {n: m.weight.shape[1] for n, m in layers.items()}
+
+
+def weight_args(quantized: dict, layers: dict) -> dict:
+    """The single CT ``weights`` QuantizationArgs all quantized layers share (or a ConfigError)."""
+    kinds = set()
+    for name, q in quantized.items():
+        if not isinstance(q, AffineQuant):
+            raise ConfigError(f"{name}: {type(q).__name__} layers have no compressed-tensors layout; use --format hf")
+        if not isinstance(layers[name], nn.Linear):
+            raise ConfigError(f"{name} is a {type(layers[name]).__name__}, not nn.Linear; compressed-tensors "
+                              "targets Linear layers only; use --format hf")
+        if not q.trivial_g_idx:
+            raise ConfigError(f"{name}: act-order permuted the groups (g_idx), which compressed-tensors 0.20 cannot "
+                              "write; quantize with static_groups=true or use --format hf")
+        gs = q.group_size if q.group_size > 0 else -1
+        kinds.add((q.bits, gs, q.sym))
+        check_request("rtn", q.bits, gs, in_features={name: q.codes.shape[1]})
+    if len(kinds) != 1:
+        raise ConfigError(f"layers were quantized with different settings {sorted(kinds)}; one compressed-tensors "
+                          "config group needs one setting")
+    bits, gs, sym = kinds.pop()
+    args = {"num_bits": bits, "type": "int", "symmetric": sym, "strategy": "group" if gs > 0 else "channel"}
+    if gs > 0:
+        args["group_size"] = gs
+    return args
+
+
+def ct_codes(q: AffineQuant) -> tuple[torch.Tensor, torch.Tensor]:
+    """weightlab's unsigned codes/zeros [0, 2^b) -> CT's signed ones [-2^(b-1), 2^(b-1)), same w_hat."""
+    off = 2 ** (q.bits - 1)
+    return q.codes.to(torch.int16) - off, q.zeros.to(torch.int16) - off
+
+
+def sparsity_of(weights) -> dict:
+    """Share of zeros and whether every group of 4 consecutive inputs holds at least 2 zeros (2:4)."""
+    zeros = total = 0
+    two_four = True
+    for w in weights:
+        z = w == 0
+        zeros += int(z.sum())
+        total += z.numel()
+        if two_four:
+            two_four = z.shape[-1] % 4 == 0 and bool((z.reshape(-1, 4).sum(-1) >= 2).all())
+    return {"sparsity": zeros / total if total else 0.0, "pattern": "2:4" if two_four and total else None}
+
+
+def scheme_name(args: dict) -> str:
+    return f"W{args['num_bits']}A16" + ("" if args["symmetric"] else "_ASYM")
+
+
+def save_compressed_tensors(out, quantized: dict, model: nn.Module, ck, *, provenance=None, force: bool = False,
+                            extra_files: dict | None = None, inputs=()) -> dict:
+    """Write ``model`` (fake-quantized; integer layers in ``quantized``) as a CT pack-quantized folder.
+
+    ``ck`` is the source checkpoint: every tensor it holds is written (in its dtype), quantized
+    Linear weights replaced by ``weight_packed`` / ``weight_scale`` / ``weight_shape`` (+ zero
+    points when asymmetric). The model is consumed: its quantized Linears end up compressed.
+    Returns a summary (scheme, bits per weight, sparsity, warnings); the model card says the same.
+    """
+    from ..io.writer import CheckpointWriter
+
+    tensors, config, summary = to_compressed_tensors(quantized, model, ck)
+    if provenance is not None:
+        provenance.card = merge_card(provenance.card, ct_card(summary, config))
+    with CheckpointWriter(out, template=ck.path, provenance=provenance, force=force, inputs=inputs) as w:
+        for n, t in tensors.items():
+            w.add(n, t)
+        for fname, content in (extra_files or {}).items():
+            w.add_file(fname, content)
+        w.add_file("config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return summary
+
+
+def to_compressed_tensors(quantized: dict, model: nn.Module, ck) -> tuple[dict, dict, dict]:
+    """(tensors to write in ``ck``'s order, config.json with quantization_config, summary); see save_..."""
+    ct = _ct()
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
+
+    mods = dict(model.named_modules())
+    args = weight_args(quantized, {n: mods[n] for n in quantized})
+    first = next(iter(quantized))
+    dtype = ck.info(f"{first}.weight").dtype
+    for name, q in quantized.items():
+        # transformers creates weight_scale in the model's dtype on load: a scale that dtype cannot
+        # hold exactly would dequantize to other weights than the ones weightlab measured
+        if not torch.equal(q.scales.to(dtype).to(q.scales.dtype), q.scales):
+            raise ConfigError(f"{name}: {str(q.scales.dtype).removeprefix('torch.')} scales are not exact in the "
+                              f"checkpoint dtype {str(dtype).removeprefix('torch.')}; quantize with scale_dtype="
+                              f"{str(dtype).removeprefix('torch.')}")
+    ignore = sorted(n for n, m in mods.items() if isinstance(m, nn.Linear) and n not in quantized)
+    for name, q in quantized.items():
+        # float32 s*q is exact (<= 11-bit scale times <= 8-bit code), so CT's round(w/s) finds q again
+        mods[name].weight = nn.Parameter(q.dequantize(), requires_grad=False)
+    qc = QuantizationConfig(config_groups={"group_0": {"targets": ["Linear"], "weights": args}}, ignore=ignore)
+    apply_quantization_config(model, qc)
+    for name, q in quantized.items():
+        m = mods[name]
+        m.weight_scale.data.copy_(q.scales.to(torch.float32).reshape(m.weight_scale.shape))
+        if not args["symmetric"]:
+            m.weight_zero_point.data.copy_(ct_codes(q)[1].reshape(m.weight_zero_point.shape))
+        m.quantization_status = QuantizationStatus.FROZEN
+    comp = ModelCompressor.from_pretrained_model(model)
+    comp.compress_model(model)
+
+    sd = model.state_dict()
+    numel = 0
+    for name, q in quantized.items():
+        codes, zeros = ct_codes(q)
+        got = unpack_from_int32(sd[f"{name}.weight_packed"], q.bits, torch.Size(q.codes.shape))
+        if not torch.equal(got.to(torch.int16), codes):
+            bad = int((got.to(torch.int16) != codes).sum())
+            raise ConfigError(f"{name}: compressed-tensors packed {bad} codes differently from weightlab's "
+                              "(weights off the quantization grid?); nothing was written")
+        if not args["symmetric"]:
+            zp = sd[f"{name}.weight_zero_point"]
+            if zp.dtype == torch.int32:  # group/channel zero points are packed along the output dim
+                zp = unpack_from_int32(zp, q.bits, torch.Size(zeros.shape), packed_dim=0)
+            if not torch.equal(zp.to(torch.int16), zeros):
+                raise ConfigError(f"{name}: compressed-tensors stored other zero points than weightlab's")
+        elif f"{name}.weight_zero_point" in sd:
+            raise ConfigError(f"{name}: a symmetric scheme must not carry weight_zero_point (vLLM refuses it)")
+        numel += q.codes.numel()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # update_config is CT's own writer of the quantization_config block: use it, then read it back
+        (Path(tmp) / "config.json").write_text(json.dumps(ck.config or {}))
+        comp.update_config(tmp)
+        config = json.loads((Path(tmp) / "config.json").read_text())
+
+    suffixes = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+    stored = {f"{layer}.{s}": sd[f"{layer}.{s}"] for layer in quantized for s in suffixes if f"{layer}.{s}" in sd}
+    stored = {n: t.to(dtype) if t.is_floating_point() else t for n, t in stored.items()}
+    packed_bits = sum(t.numel() * t.element_size() * 8 for t in stored.values())
+    # pruning shows as zeros in the weights that were quantized (the source's); zero *codes* alone
+    # are not sparsity (a 4-bit grid rounds ~15% of a dense layer to 0)
+    sparsity = sparsity_of(ck.get(f"{n}.weight") for n in quantized)
+    summary = {"format": "compressed-tensors", "scheme": scheme_name(args), "weights": args, "ignore": ignore,
+               "compressed_tensors_version": ct.__version__, "quantized_layers": len(quantized),
+               "quantized_weights": numel, "bits_per_weight": packed_bits / numel if numel else 0.0,
+               **sparsity, "warnings": [] if args["symmetric"] else [ASYM_WARNING]}
+    tensors = {}
+    for n in ck.names():
+        layer = n.removesuffix(".weight")
+        if n.endswith(".weight") and layer in quantized:
+            tensors.update({f"{layer}.{s}": stored[f"{layer}.{s}"] for s in suffixes if f"{layer}.{s}" in stored})
+        else:
+            tensors[n] = sd[n].to(ck.info(n).dtype) if n in sd else ck.get(n)
+    return tensors, config, summary
+
+
+USAGE_CT = ("Load with transformers (`pip install compressed-tensors`): "
+            "`AutoModelForCausalLM.from_pretrained(path)` (or the AutoModel class of the architecture); "
+            "serve with vLLM: `vllm serve path`.")
+USAGE_ASYM = ("Load with transformers: `AutoModelForCausalLM.from_pretrained(path, quantization_config="
+              "CompressedTensorsConfig(dequantize=True))` (the default loader fails on asymmetric zero points).")
+
+
+MIN_SPARSITY = 0.05  # fewer exact zeros than this is a dense model (padding rows, dead units), not a pruned one
+
+
+def sparsity_card(sparsity: float, pattern: str | None) -> dict:
+    """Card facts for a pruned model: it is stored dense (zeros kept), the sparsity only recorded."""
+    if sparsity < MIN_SPARSITY and pattern != "2:4":
+        return {}
+    tags = ["2:4-sparse"] if pattern == "2:4" else ["sparse"]
+    return {"tags": tags, "details": {"sparsity": round(sparsity, 4), "sparsity_pattern": pattern or "unstructured",
+                                      "sparsity_storage": "dense (zeros kept in the weights; sparsity_config {})"}}
+
+
+def ct_card(summary: dict, config: dict | None = None) -> dict:
+    a = summary["weights"]
+    causal = any(str(x).endswith("ForCausalLM") for x in (config or {}).get("architectures") or [])
+    card = {"base_model_relation": "quantized", "library_name": "transformers",
+            "pipeline_tag": "text-generation" if causal else None,
+            "tags": ["compressed-tensors", summary["scheme"].lower().replace("_", "-"), f"int{a['num_bits']}"],
+            "details": {"format": "compressed-tensors pack-quantized", "scheme": summary["scheme"],
+                        "bits": a["num_bits"], "group_size": a.get("group_size", -1), "strategy": a["strategy"],
+                        "symmetric": a["symmetric"], "bits_per_weight": round(summary["bits_per_weight"], 4),
+                        "quantized_layers": summary["quantized_layers"], "not_quantized": summary["ignore"],
+                        "compressed_tensors_version": summary["compressed_tensors_version"]},
+            "warnings": list(summary["warnings"]), "usage": USAGE_CT if a["symmetric"] else USAGE_ASYM}
+    return merge_card(card, sparsity_card(summary["sparsity"], summary["pattern"]))
+
+
+def merge_card(a: dict, b: dict) -> dict:
+    """Card dicts combined: lists concatenated (no duplicates), details merged, other keys from b."""
+    out = {**a, **b}
+    for k in ("tags", "warnings"):
+        out[k] = list(dict.fromkeys([*a.get(k, []), *b.get(k, [])]))
+    out["details"] = {**a.get("details", {}), **b.get("details", {})}
+    return out
+
+
+def hf_quant_card(report, sym: bool) -> dict:
+    """Card facts of a quantized model written dequantized (--format hf): full size, values on the grid."""
+    details = {"format": "hf (dequantized: full-size weights whose values lie on the integer grid)",
+               "method": report.method, "bits": report.bits, "group_size": report.group_size, "symmetric": sym,
+               "bits_per_weight_if_packed": round(report.bits_per_weight, 4)}
+    return {"base_model_relation": "quantized", "library_name": "transformers",
+            "tags": [f"int{report.bits}-dequantized"], "details": details}
+
+
+def prune_card(model: nn.Module, layers: list[dict], causal_lm: bool = True) -> dict:
+    """Card facts of a pruned model: measured on the weights written (2:4 checked along the inputs)."""
+    from ..engine.calibration import weight_matrix
+
+    mods = dict(model.named_modules())
+    s = sparsity_of(weight_matrix(mods[r["name"]]) for r in layers if r["name"] in mods)
+    card = sparsity_card(s["sparsity"], s["pattern"])
+    if causal_lm:
+        card.update(library_name="transformers", pipeline_tag="text-generation")
+    return card
+
+
+class CompressedTensorsSource:
+    """A recipe step's compressed-tensors output: the tensors, plus the config.json and model card the
+    recipe runner writes with them (``extra_files``, ``card``). Nothing can run on packed tensors, so
+    the step must be the recipe's last (recipe/runner.py checks)."""
+
+    def __init__(self, quantized: dict, model: nn.Module, source):
+        from ..engine.source import root_path
+
+        self.inner = source
+        self.path = root_path(source)
+        self.sd, self.config, self.summary = to_compressed_tensors(quantized, model, source)
+        self.extra_files = {"config.json": json.dumps(self.config, indent=2, sort_keys=True) + "\n"}
+        self.card = ct_card(self.summary, self.config)
+
+    def names(self) -> list[str]:
+        return list(self.sd)
+
+    def info(self, name: str):
+        from ..io.reader import TensorInfo
+
+        t = self.sd[name]
+        return TensorInfo(name, tuple(t.shape), t.dtype, "<memory>")
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.sd[name]
