@@ -60,7 +60,7 @@ def test_prune_sequential_default_equals_whole_model(tiny, tmp_path, one_thread)
 
 def test_quantize_then_compensate_sequential(tiny, tmp_path, one_thread):
     q = tmp_path / "q"
-    assert main(["quantize", tiny, "-m", "gptq", "-b", "3", "-g", "32", *COMMON, "-o", str(q)]) == 0
+    assert main(["quantize", tiny, "-m", "gptq", "-b", "3", "-g", "32", "--format", "hf", *COMMON, "-o", str(q)]) == 0
     rep = json.loads((q / "quantize-report.json").read_text())
     assert rep["sequential"] and rep["after"]["perplexity"] > 0
     assert main(["compensate", str(q), "--original", tiny, "-r", "4", *COMMON, "-o", str(tmp_path / "c")]) == 0
@@ -68,11 +68,24 @@ def test_quantize_then_compensate_sequential(tiny, tmp_path, one_thread):
     assert comp["input_weighted_error_ratio"] < 1
 
 
+def test_compressed_tensors_written_block_by_block_equals_whole_model(tiny, tmp_path, one_thread):
+    """The default quantize output (compressed-tensors) from sequential onloading is the whole-model one."""
+    args = ["quantize", tiny, "-m", "gptq", "-b", "4", "-g", "32", *COMMON, "--no-eval"]
+    assert main([*args, "-o", str(tmp_path / "seq")]) == 0
+    assert main([*args, "--whole-model", "-o", str(tmp_path / "whole")]) == 0
+    _same(tmp_path / "seq", tmp_path / "whole")
+    a = json.loads((tmp_path / "seq" / "config.json").read_text())["quantization_config"]
+    b = json.loads((tmp_path / "whole" / "config.json").read_text())["quantization_config"]
+    assert a == b and a["ignore"] == ["lm_head"]
+    m = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "seq")
+    assert torch.isfinite(m(input_ids=torch.arange(8)[None]).logits).all()
+
+
 def test_placement_errors_before_any_work(tiny, tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["prune", tiny, "--device", "cuda", "-o", str(tmp_path / "x")]) == 1
         assert "no CUDA device" in capsys.readouterr().err
-    assert main(["quantize", tiny, "--max-memory", "50KB", "--device", "cpu", "-o", str(tmp_path / "x")]) == 1
+    assert main(["quantize", tiny, "-g", "32", "--max-memory", "50KB", "--device", "cpu", "-o", str(tmp_path / "x")]) == 1
     assert "more than --max-memory" in capsys.readouterr().err
     assert main(["prune", tiny, "-m", "gblm", "--sequential", "--device", "cpu", "-o", str(tmp_path / "x")]) == 1
     assert "whole model" in capsys.readouterr().err

@@ -97,7 +97,8 @@ def quantize(path: str = typer.Argument(..., help="model folder (HF causal LM or
         from ..engine.onload import OnloadedModel
 
         skeleton = OnloadedModel(src, kind) if seq else None  # only shapes are read: the blocks stay on meta
-        layers = target_layers(skeleton.model if seq else _load(kind, src, ck, eval_data, eval_tokens, True)[0])
+        layers = (target_layers(skeleton.model, (skeleton.blocks_name, skeleton.blocks)) if seq else
+                  target_layers(_load(kind, src, ck, eval_data, eval_tokens, True)[0]))
         deploy.check_request(method, bits_eff, group_size, params, deploy.linear_in_features(layers))
         del skeleton
         # CT stores scales in the checkpoint's dtype; fit them in it exactly (bf16 models: bf16 scales)
@@ -113,7 +114,8 @@ def quantize(path: str = typer.Argument(..., help="model folder (HF causal LM or
                                       scale_dtype=scale_dtype, calib=calib, nsamples=nsamples, seqlen=seqlen,
                                       seed=seed, **params),
                                  (eval_data, eval_tokens, no_eval), "quantize-report.json", hessian=hessian,
-                                 extra={"format": fmt}, **(sequential_writer(ck) if ct else {}))
+                                 extra={"format": fmt, "sym": sym, "scale_dtype": scale_dtype},
+                                 **(sequential_writer(ck) if ct else {}))
         if rep is not None:
             console.print(f"[green]quantized[/] {len(rep.layers)} layers with {rep.method} ({rep.bits} bits, group "
                           f"{rep.group_size}, {'sym' if sym else 'asym'}) in {rep.seconds:.1f} s -> {out} ({fmt})")

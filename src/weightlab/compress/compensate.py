@@ -26,7 +26,7 @@ from ..engine.calibration import each_block, layerwise, set_weight_matrix, weigh
 from ..errors import ConfigError, WeightlabError
 from ..registry import MethodConfig, Regime, register
 from ..tensor.eora import eora, svd_lowrank, weighted_error
-from .prune import target_layers, to_batches
+from .prune import _blocks_of, target_layers, to_batches
 
 
 @dataclass
@@ -70,7 +70,7 @@ def compensate(compressed: nn.Module, original, method: str = "eora", rank: int 
         raise ConfigError(f"compensation method must be 'eora' or 'svd', got {method!r}")
     if rank < 1:
         raise ConfigError(f"rank must be >= 1, got {rank}")
-    layers = target_layers(compressed)
+    layers = target_layers(compressed, _blocks_of(onload))
     if layer_filter is not None:
         layers = {n: m for n, m in layers.items() if layer_filter(n)}
     ref_shape, ref_weight = _reference(original)

@@ -49,9 +49,11 @@ class PruneReport:
                 "layers": self.layers, "note": self.note}
 
 
-def target_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The layers a pruner touches: those inside the repeated blocks, else every Linear/Conv."""
-    name, blocks = find_blocks(model)
+def target_layers(model: nn.Module, blocks: tuple | None = None) -> dict[str, nn.Module]:
+    """The layers a pruner touches: those inside the repeated blocks, else every Linear/Conv.
+
+    ``blocks`` = (name, ModuleList) overrides the search (an OnloadedModel knows its blocks)."""
+    name, blocks = blocks if blocks is not None else find_blocks(model)
     if blocks is None:
         return prunable_layers(model)
     return {n: m for i, b in enumerate(blocks) for n, m in prunable_layers(b, f"{name}.{i}").items()}
@@ -106,7 +108,7 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pat
         raise ConfigError(f"'{allocation}' is not an allocation; use uniform, global, lamp, dimap or rd")
     if nm is not None and allocation != "uniform":
         raise ConfigError("an N:M pattern fixes the sparsity of every layer; use --allocation uniform")
-    layers = target_layers(model)
+    layers = target_layers(model, _blocks_of(onload))
     if not layers:
         raise ConfigError("the model has no Linear/Conv layers to prune")
     for n, m in layers.items():
@@ -232,3 +234,7 @@ def prune_step(source, cfg: PruneStepConfig, show_progress: bool | None = None):
     out = MappedSource(source, lambda name, t: pruned[name].to(t.dtype) if name in pruned else t)
     out.card = card  # the recipe runner puts the measured sparsity in the model card
     return out
+
+
+def _blocks_of(onload) -> tuple | None:
+    return (onload.blocks_name, onload.blocks) if onload is not None else None

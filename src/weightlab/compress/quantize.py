@@ -25,7 +25,7 @@ from ..engine.progress import progress
 from ..errors import ConfigError
 from ..registry import KINDS, MethodConfig, Regime, get_method, register
 from .packed import layout_of, pack_layer
-from .prune import target_layers, to_batches
+from .prune import _blocks_of, target_layers, to_batches
 
 # The registry has no "quantize" kind yet; until it does, quantizers are "whole" methods marked quantizer=True.
 QUANT_KIND = "quantize" if "quantize" in KINDS else "whole"
@@ -105,7 +105,7 @@ def quantize(model: nn.Module, method: str = "rtn", bits: int | None = None, gro
         raise ConfigError(f"{spec.name}: bits must be an integer in [{lo}, {hi}], got {bits!r}")
     if scale_dtype not in ("float16", "float32", "bfloat16"):
         raise ConfigError(f"scale_dtype must be float16, float32 or bfloat16, got {scale_dtype!r}")
-    layers = target_layers(model)
+    layers = target_layers(model, _blocks_of(onload))
     if layer_filter is not None:
         layers = {n: m for n, m in layers.items() if layer_filter(n)}
     if not layers:

@@ -30,11 +30,15 @@ class _Stop(Exception):
     pass
 
 
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList | None]:
-    """(qualified name, ModuleList) of the repeated blocks holding most parameters, or ("", None)."""
+def find_blocks(model: nn.Module, min_len: int = 2) -> tuple[str, nn.ModuleList | None]:
+    """(qualified name, ModuleList) of the repeated blocks holding most parameters, or ("", None).
+
+    In memory a one-block list is treated as no list (the model is one block); onloading passes
+    ``min_len=1`` because a one-layer checkpoint still has to be read block-wise.
+    """
     best = None
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) >= 2 and len({type(c) for c in mod}) == 1:
+        if isinstance(mod, nn.ModuleList) and len(mod) >= min_len and len({type(c) for c in mod}) == 1:
             n = sum(p.numel() for p in mod.parameters())
             if best is None or n > best[2]:
                 best = (name, mod, n)
@@ -267,7 +271,7 @@ def layerwise(model: nn.Module | None, batches: list, on_block: Callable, *, hes
     """
     if onload is not None:
         model = onload.model
-    name, blocks = find_blocks(model)
+    name, blocks = (onload.blocks_name, onload.blocks) if onload is not None else find_blocks(model)
     model.eval()
     dev = torch.device(device) if device is not None else module_device(model)
     if dist is not None:
@@ -395,7 +399,7 @@ def each_block(model: nn.Module | None, on_block: Callable, *, layer_filter: Cal
     """
     if onload is not None:
         model = onload.model
-    name, blocks = find_blocks(model)
+    name, blocks = (onload.blocks_name, onload.blocks) if onload is not None else find_blocks(model)
     dev = torch.device(device) if device is not None else module_device(model)
     if blocks is None:
         home = module_device(model)

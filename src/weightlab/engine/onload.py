@@ -59,7 +59,7 @@ class OnloadedModel:
         with accelerate.init_empty_weights(include_buffers=False):
             self.model = cls.from_config(config, dtype=dtype).eval()
         self.config = config
-        self.blocks_name, self.blocks = find_blocks(self.model)
+        self.blocks_name, self.blocks = find_blocks(self.model, min_len=1)
         if self.blocks is None:
             raise ConfigError(f"{path}: no repeated blocks found; sequential onloading needs a block list "
                               "(model.layers, encoder.layer, ...)")
