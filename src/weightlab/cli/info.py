@@ -36,6 +36,7 @@ def describe(path: Path) -> dict:
             "dtypes": dict(by_dtype),
             "files": [str(f.name) for f in ck.files],
             "config": {k: cfg[k] for k in CONFIG_KEYS if k in cfg},
+            "quantization": ck.quantization,  # source format and bits/weight of GGUF/GPTQ/AWQ/CT (read dense)
             "made_by": None if prov is None else {"method": prov.method, "params": prov.params,
                                                   "inputs": prov.inputs},
             "tensors": [i.as_dict() for i in infos],
@@ -54,6 +55,10 @@ def info(path: str = typer.Argument(..., help="checkpoint file or folder, or zoo
     t = Table(show_header=False, box=None)
     t.add_row("path", d["path"])
     t.add_row("format", d["format"])
+    if d["quantization"]:
+        q = d["quantization"]
+        t.add_row("quantization", f"{q.get('file_type') or q['format']}, {q.get('bits_per_weight')} bits/weight on disk"
+                  " (read dequantized)")
     t.add_row("architecture", str(d["architecture"] or "-"))
     t.add_row("tensors", str(d["num_tensors"]))
     t.add_row("parameters", f"{d['num_parameters']:,} ({human(d['num_parameters'])})")
