@@ -312,3 +312,17 @@ def test_smollm2_q8_0_export(smollm2, tmp_path):
     # measured 0.99933 (weights: 0.65 % relative error, gguf-py's bit-exact Q8_0); SmolLM2's outlier
     # activations make its logits more sensitive than the tiny random Llama's (>= 0.9999 there)
     assert cos >= 0.999
+
+
+def test_prune_runs_on_a_gguf_file(llama, tmp_path, capsys, one_thread):
+    """Commands that load a causal LM take a .gguf directly; the output is a complete dense HF folder."""
+    folder, _ = llama
+    src = tmp_path / "m.gguf"
+    export_gguf(folder, src, "q8_0", pre="default")
+    out = tmp_path / "pruned"
+    assert main(["prune", str(src), "--method", "magnitude", "--sparsity", "0.5", "--no-eval", "-o", str(out)]) == 0
+    ck = wl.open_checkpoint(out)
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    assert (out / "tokenizer.json").is_file()
+    w = ck.get("model.layers.0.mlp.up_proj.weight")
+    assert (w == 0).float().mean() == pytest.approx(0.5, abs=0.01)

@@ -22,16 +22,12 @@ def export_hf(src, out, *, force: bool = False, dtype: str | None = None) -> dic
         prov = Provenance(method="io/export/hf", params={"source_format": (ck.quantization or {}).get("format",
                                                                                                      ck.format)},
                           inputs=[str(src)])
-        # a GGUF's folder holds unrelated files: take nothing from it; a folder is its own template
-        template = None if is_gguf else ck.folder()
-        with CheckpointWriter(out, template=template, provenance=prov, inputs=[src], force=force, dtype=dtype) as w:
-            if is_gguf:
-                cfg = dict(ck.config or {})
-                if not cfg.get("architectures"):
-                    raise ConfigError(f"GGUF architecture '{cfg.get('model_type')}' has no Hugging Face class here")
-                w.add_file("config.json", json.dumps(cfg, indent=2) + "\n")
-                for fname, content in _gguf_tokenizer_files(ck.path).items():
-                    w.add_file(fname, content)
+        if is_gguf and not (ck.config or {}).get("architectures"):
+            raise ConfigError(f"GGUF architecture '{(ck.config or {}).get('model_type')}' has no Hugging Face class "
+                              "here")
+        # the writer takes config.json and the tokenizer from the GGUF itself (gguf_side_files)
+        with CheckpointWriter(out, template=ck.path if is_gguf else ck.folder(), provenance=prov, inputs=[src],
+                              force=force, dtype=dtype) as w:
             for name in ck.names():
                 w.add(name, ck.get(name))
                 ck.release(name)
@@ -39,13 +35,18 @@ def export_hf(src, out, *, force: bool = False, dtype: str | None = None) -> dic
                 "tensors": len(ck), "parameters": ck.num_parameters}
 
 
-def _gguf_tokenizer_files(path: Path) -> dict[str, bytes]:
-    """The GGUF's tokenizer as HF files, through transformers' GGUF tokenizer converter (if installed)."""
+def gguf_side_files(path: Path) -> dict[str, bytes]:
+    """config.json and (through transformers' GGUF tokenizer converter, if installed) the tokenizer
+    files of a GGUF file, so a dense copy of it is a complete Hugging Face folder."""
+    from .gguf_format import GGUFFile
+
+    files = {"config.json": (json.dumps(GGUFFile(path).config, indent=2) + "\n").encode()}
     try:
         import transformers
     except ImportError:
-        return {}
+        return files
     tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     with tempfile.TemporaryDirectory() as tmp:
         tok.save_pretrained(tmp)
-        return {f.name: f.read_bytes() for f in Path(tmp).iterdir() if f.name in _TOKENIZER_FILES}
+        files.update({f.name: f.read_bytes() for f in Path(tmp).iterdir() if f.name in _TOKENIZER_FILES})
+    return files

@@ -137,7 +137,13 @@ class CheckpointWriter:
         if n > 1:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
             (self.tmp / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        if self.template is not None:
+        if self.template is not None and self.template.suffix == ".gguf" and self.template.is_file():
+            # a GGUF's folder holds unrelated files; its config and tokenizer live inside the file
+            from .hf_export import gguf_side_files
+
+            for fname, content in gguf_side_files(self.template).items():
+                (self.tmp / fname).write_bytes(content)
+        elif self.template is not None:
             src = self.template if self.template.is_dir() else self.template.parent
             for fname in TEMPLATE_FILES:
                 if (src / fname).is_file():
