@@ -306,9 +306,13 @@ def gptq_llama(tmp_path):
             dense[name] = sd[name]
     folder = tmp_path / "gptq-llama"
     cfg = model.config.to_dict()
+    cfg["architectures"] = ["LlamaForCausalLM"]
     cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": G, "desc_act": False,
                                   "sym": False, "checkpoint_format": "gptq"}
     _write(folder, sd, cfg)
+    from _tiny_llama import tiny_tokenizer
+
+    tiny_tokenizer(folder)
     return folder, dense
 
 
@@ -319,12 +323,22 @@ def test_gptq_llama_reads_dense_and_loads(gptq_llama, one_thread):
     for n, t in dense.items():
         assert torch.equal(ck.get(n), t), n
     assert ck.quantization["bits_per_weight"] == pytest.approx(4 + (16 + 4) / G, abs=0.01)
-    # the loader's model builder: a plain Llama from the dense tensors (no GPTQ kernels needed)
-    from weightlab.io.hf import _plain, _transformers
+    # load_causal_lm builds a plain Llama from the dense tensors (no GPTQ kernel package needed)
+    from weightlab.io.hf import load_causal_lm
 
-    tf = _transformers()
-    model = _plain(tf, tf.AutoConfig.from_pretrained(folder), ck.state_dict(torch.float32), torch.float32, folder)
+    model, tok = load_causal_lm(folder)
     assert torch.equal(model.model.layers[1].mlp.down_proj.weight, dense["model.layers.1.mlp.down_proj.weight"].float())
+    assert not hasattr(model.config, "quantization_config") and tok.convert_tokens_to_ids("<|im_end|>") == 2
+
+
+def test_prune_runs_on_a_gptq_folder(gptq_llama, tmp_path, one_thread):
+    folder, dense = gptq_llama
+    out = tmp_path / "pruned"
+    assert main(["prune", str(folder), "--method", "magnitude", "--sparsity", "0.5", "--no-eval", "-o", str(out)]) == 0
+    ck = wl.open_checkpoint(out)
+    assert ck.quantization is None and "quantization_config" not in json.loads((out / "config.json").read_text())
+    w = ck.get("model.layers.0.self_attn.o_proj.weight")
+    assert w.dtype == torch.float16 and (w == 0).float().mean() == pytest.approx(0.5, abs=0.01)
 
 
 def test_info_and_inspect_on_gptq_folder(gptq_llama, capsys):

@@ -31,12 +31,8 @@ def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype = torch.float32, 
     p = Path(path).expanduser()
     if p.is_file() and p.suffix == ".gguf":
         return _load_gguf(tf, p, dtype)
-    if p.is_dir() and (p / "config.json").is_file():
-        from .quantized import detect
-        from .reader import _read_json
-
-        if detect(p, _read_json(p / "config.json")) is not None:
-            return _load_dequantized(tf, p, dtype)
+    if _is_quantized_folder(p):
+        return _load_dequantized(tf, p, dtype)
     try:
         tok = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=local_files_only)
         model = tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=local_files_only)
@@ -46,11 +42,11 @@ def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype = torch.float32, 
     return model.eval(), tok
 
 
-def _plain(tf, config, state_dict: dict, dtype: torch.dtype, where):
+def _plain(tf, config, state_dict: dict, dtype: torch.dtype, where, auto=None):
     """A plain model from ``config`` (its quantization entry removed) holding ``state_dict``."""
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = (auto or tf.AutoModelForCausalLM).from_config(config, dtype=dtype)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if unexpected or set(missing) - tied:
@@ -73,7 +69,16 @@ def _load_gguf(tf, path: Path, dtype: torch.dtype):
     return _plain(tf, g.config, g.state_dict(), dtype, path), tok
 
 
-def _load_dequantized(tf, folder: Path, dtype: torch.dtype):
+def _is_quantized_folder(p: Path) -> bool:
+    if not (p.is_dir() and (p / "config.json").is_file()):
+        return False
+    from .quantized import detect
+    from .reader import _read_json
+
+    return detect(p, _read_json(p / "config.json")) is not None
+
+
+def _load_dequantized(tf, folder: Path, dtype: torch.dtype, auto=None):
     from .reader import open_checkpoint
 
     try:
@@ -84,13 +89,15 @@ def _load_dequantized(tf, folder: Path, dtype: torch.dtype):
                               folder) from None
     with open_checkpoint(folder) as ck:
         sd = ck.state_dict(dtype)
-    return _plain(tf, config, sd, dtype, folder), tok
+    return _plain(tf, config, sd, dtype, folder, auto), tok
 
 
 def load_encoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32, local_files_only: bool = True):
-    """(model, tokenizer) of an encoder (BERT-like) folder; eval mode."""
+    """(model, tokenizer) of an encoder (BERT-like) folder; eval mode. Quantized folders load dense."""
     tf = _transformers()
     tf.utils.logging.disable_progress_bar()
+    if _is_quantized_folder(Path(path).expanduser()):
+        return _load_dequantized(tf, Path(path).expanduser(), dtype, tf.AutoModel)
     try:
         tok = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=local_files_only)
         model = tf.AutoModel.from_pretrained(str(path), dtype=dtype, local_files_only=local_files_only)
