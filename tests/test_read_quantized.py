@@ -362,3 +362,32 @@ def test_dense_copy_of_gptq_folder_drops_quantization_config(gptq_llama, tmp_pat
     cfg = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in cfg and cfg["model_type"] == "llama"
     assert wl.open_checkpoint(out).quantization is None
+
+
+# ---- against the compressed-tensors library itself ---------------------------------------------
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_ct_library_packing_reads_back(tmp_path, bits):
+    ct = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    half = 2 ** (bits - 1)
+    q = _codes(bits, (OUT, IN), 30) - half
+    z = _codes(bits, (OUT, IN // G), 31) - half
+    s = _scales((OUT, IN // G), 32)
+    t = {"l.weight_packed": ct.pack_to_int32(q.to(torch.int8), bits), "l.weight_scale": s,
+         "l.weight_shape": torch.tensor([OUT, IN]),
+         "l.weight_zero_point": ct.pack_to_int32(z.to(torch.int8), bits, packed_dim=0).contiguous()}
+    ck = wl.open_checkpoint(_write(tmp_path / "ct", t, _ct_config("pack-quantized", bits, "group", G, False)))
+    want = (s.float().repeat_interleave(G, 1) * (q - z.repeat_interleave(G, 1)).float()).half()
+    assert torch.equal(ck.get("l.weight"), want)
+
+
+def test_awq_equals_its_compressed_tensors_conversion(tmp_path):
+    """compressed-tensors' AutoAWQConverter (reference AWQ -> CT) and our two readers agree exactly."""
+    conv = pytest.importorskip("compressed_tensors.entrypoints.convert.converters.autoawq")
+    q, z, s = _codes(4, (IN, OUT), 33), _codes(4, (IN // G, OUT), 34), _scales((IN // G, OUT), 35)
+    awq = {"m.qweight": ref_awq(q), "m.qzeros": ref_awq(z), "m.scales": s}
+    qc = {"quant_method": "awq", "bits": 4, "group_size": G, "zero_point": True, "version": "gemm"}
+    a = wl.open_checkpoint(_write(tmp_path / "awq", dict(awq), {"quantization_config": qc})).get("m.weight")
+    ct_tensors = conv.AutoAWQConverter(bits=4, group_size=G).process(dict(awq))
+    c = wl.open_checkpoint(_write(tmp_path / "ct", ct_tensors, _ct_config("pack-quantized", 4, "group", G, False)))
+    assert sorted(ct_tensors) == ["m.weight_packed", "m.weight_scale", "m.weight_shape", "m.weight_zero_point"]
+    assert torch.equal(c.get("m.weight"), a)
