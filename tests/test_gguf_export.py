@@ -208,6 +208,12 @@ def test_cli_export(llama, tmp_path, capsys):
                  "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["bits_per_weight"]["Q8_0"] == 8.5 and out.is_file()
+    assert main(["info", str(out), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["format"] == "gguf" and d["quantization"]["file_type"] == "Q8_0"
+    assert d["quantization"]["bits_per_weight"] == 8.5 and d["architecture"] == "LlamaForCausalLM"
+    assert main(["inspect", str(out), "--json", "-", "--threads", "1"]) == 0
+    assert "model.layers.1.mlp.down_proj.weight" in capsys.readouterr().out
     assert main(["export", str(folder), "--type", "q8_0", "--pre", "default", "-o", str(out)]) == 1
     assert "already exists" in capsys.readouterr().err
     assert main(["export", str(folder), "--type", "q3", "--pre", "default", "-o", str(tmp_path / "x.gguf")]) == 1

@@ -391,3 +391,10 @@ def test_awq_equals_its_compressed_tensors_conversion(tmp_path):
     c = wl.open_checkpoint(_write(tmp_path / "ct", ct_tensors, _ct_config("pack-quantized", 4, "group", G, False)))
     assert sorted(ct_tensors) == ["m.weight_packed", "m.weight_scale", "m.weight_shape", "m.weight_zero_point"]
     assert torch.equal(c.get("m.weight"), a)
+
+
+def test_ct_dense_fake_quant_weights_are_not_rescaled(tmp_path):
+    w = torch.randn(OUT, IN).bfloat16()
+    t = {"l.weight": w, "l.weight_scale": torch.full((OUT, 1), 0.5).bfloat16()}
+    ck = wl.open_checkpoint(_write(tmp_path / "d", t, _ct_config("dense", 4, "channel")))
+    assert torch.equal(ck.get("l.weight"), w)

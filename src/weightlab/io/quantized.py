@@ -174,7 +174,8 @@ class QuantizedView:
             s = infos.get(f"{p}.weight_scale")
             shape_t = f"{p}.weight_shape"
             if s is None or shape_t not in infos:
-                raise CorruptCheckpointError("pack-quantized layer lacks weight_scale or weight_shape", self.raw.path, p)
+                raise CorruptCheckpointError("pack-quantized layer lacks weight_scale or weight_shape",
+                                             self.raw.path, p)
             out, inn = (int(x) for x in self._t(shape_t).reshape(-1).tolist())
             bits = int(self._weight_args(p).get("num_bits") or 0)
             if not bits:
@@ -193,12 +194,15 @@ class QuantizedView:
             used += self._sparse_names(p) if wname in self._sparse else [wname]
             shape = self._sparse_shape(p) if wname in self._sparse else infos[wname].shape
             stored = self._sparse_dtype(p) if wname in self._sparse else infos[wname].dtype
+            if stored in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+                continue  # 'dense'/frozen fake-quant: the weight is already real-valued, its scale is metadata
             bits = torch.finfo(stored).bits if stored.is_floating_point else torch.iinfo(stored).bits
             self._add(p, self._ct_scaled, used, tuple(shape), infos[f"{p}.weight_scale"].dtype, bits)
         for wname, p in self._sparse.items():
             if f"{p}.weight" in self._decoders:
                 continue  # sparse and quantized: handled by _ct_scaled above
-            self._add(p, self._sparse_weight, self._sparse_names(p), tuple(self._sparse_shape(p)), self._sparse_dtype(p))
+            self._add(p, self._sparse_weight, self._sparse_names(p), tuple(self._sparse_shape(p)),
+                      self._sparse_dtype(p))
 
     def _weight_args(self, prefix: str) -> dict:
         """The weights QuantizationArgs of the config group whose targets match this module."""
@@ -237,7 +241,8 @@ class QuantizedView:
         return _affine(w, scale, z, g_idx, self._weight_args(p)).to(scale.dtype)
 
     def _sparse_names(self, p: str) -> list[str]:
-        return [n for n in (f"{p}.compressed", f"{p}.bitmask", f"{p}.shape", f"{p}.row_offsets") if n in self._raw_infos]
+        names = (f"{p}.compressed", f"{p}.bitmask", f"{p}.shape", f"{p}.row_offsets")
+        return [n for n in names if n in self._raw_infos]
 
     def _sparse_shape(self, p: str) -> tuple[int, int]:
         out, inn = (int(x) for x in self._t(f"{p}.shape").reshape(-1).tolist())
