@@ -133,6 +133,19 @@ def test_quantized_types(llama, tmp_path, qtype, bpw, min_cos):
         assert torch.equal(ck.get(n), g[n]), n
 
 
+def test_gguf_to_gguf_keeps_the_tokenizer_exactly(llama, tmp_path):
+    folder, model = llama
+    f16, q8 = tmp_path / "m-f16.gguf", tmp_path / "m-q8.gguf"
+    export_gguf(folder, f16, "f16", pre="default")
+    rep = export_gguf(f16, q8, "q8_0")  # no tokenizer.json here: the keys come from the source GGUF
+    a, b = gguf.GGUFReader(str(f16)), gguf.GGUFReader(str(q8))
+    keys = [k for k in a.fields if k.startswith(("tokenizer.", "llama."))]
+    assert keys and all(a.fields[k].contents() == b.fields[k].contents() for k in keys)
+    assert rep.bits_per_weight["Q8_0"] == 8.5
+    cos = torch.nn.functional.cosine_similarity(_logits(model, IDS), _logits(_load_gguf(q8), IDS), dim=0)
+    assert cos >= 0.9999
+
+
 def test_kquant_blocks_dequantize_exactly():
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((32, 512)) * 0.02).astype(np.float32)
@@ -273,10 +286,18 @@ def test_smollm2_q8_0_export(smollm2, tmp_path):
         if key.startswith("tokenizer.") or key.startswith("llama."):
             assert mine.fields[key].contents() == ref.fields[key].contents(), key
     assert rep.bits_per_weight["Q8_0"] == 8.5
+    rebuilt = tmp_path / "from-q4_1.gguf"
+    export_gguf(shipped, rebuilt, "q8_0")  # straight from the shipped Q4_1 GGUF
+    again = gguf.GGUFReader(str(rebuilt))
+    tok_keys = [k for k in ref.fields if k.startswith("tokenizer.")]
+    assert all(again.fields[k].contents() == ref.fields[k].contents() for k in tok_keys)
     from weightlab.io.hf import load_causal_lm
 
     base, tok = load_causal_lm(folder)
     q8, _ = load_causal_lm(out)
+    # the same bytes whichever source: the zoo folder is exactly the dequantized Q4_1 file
+    other = load_causal_lm(rebuilt)[0].state_dict()
+    assert all(torch.equal(t, other[n]) for n, t in q8.state_dict().items())
     ids = tok("The capital of France is Paris. The capital of Italy is", return_tensors="pt").input_ids
     cos = torch.nn.functional.cosine_similarity(_logits(base, ids), _logits(q8, ids), dim=0)
     # measured 0.99933 (weights: 0.65 % relative error, gguf-py's bit-exact Q8_0); SmolLM2's outlier

@@ -135,6 +135,18 @@ def choose_pre(tokens: list[str], pre: str | None) -> str:
     return found
 
 
+def gguf_tokenizer_fields(gguf, path) -> dict:
+    """{key: (value, type, array item type)} of every tokenizer.* key of a GGUF file."""
+    r = gguf.GGUFReader(str(path), "r")
+    out = {}
+    for key, f in r.fields.items():
+        if key.startswith("tokenizer."):
+            out[key] = (f.contents(), f.types[0], f.types[1] if len(f.types) > 1 else None)
+    if "tokenizer.ggml.tokens" not in out:
+        raise UnsupportedFormatError("this GGUF carries no tokenizer (tokenizer.ggml.tokens)", path)
+    return out
+
+
 # ---- tensor types -----------------------------------------------------------------------------
 def _use_more_bits(i: int, n: int) -> bool:
     # llama.cpp's Q4_K_M rule: first and last eighth of the layers, and every third in between
@@ -271,8 +283,15 @@ def export_gguf(src, out, gguf_type: str = "f16", *, force: bool = False, pre: s
         n_head_kv = int(cfg.get("num_key_value_heads") or n_head)
         hidden = int(cfg["hidden_size"])
         head_dim = int(cfg.get("head_dim") or hidden // n_head)
-        tok = read_bpe_tokenizer(ck.folder(), cfg.get("vocab_size"))
-        pre_name = choose_pre(tok["tokens"], pre)
+        if ck.format == "gguf":
+            # GGUF -> GGUF (e.g. Q4_1 -> Q8_0): the tokenizer keys are copied verbatim, which is exact
+            tok_fields = gguf_tokenizer_fields(gguf, ck.path)
+            n_vocab = len(tok_fields["tokenizer.ggml.tokens"][0])
+        else:
+            tok_fields = None
+            tok = read_bpe_tokenizer(ck.folder(), cfg.get("vocab_size"))
+            pre_name = choose_pre(tok["tokens"], pre)
+            n_vocab = len(tok["tokens"])
         names = hf_to_gguf_names(arch, n_blocks)
         tied = bool(cfg.get("tie_word_embeddings", False))
 
@@ -299,7 +318,7 @@ def export_gguf(src, out, gguf_type: str = "f16", *, force: bool = False, pre: s
 
         def write(path: str) -> None:
             w = gguf.GGUFWriter(None, arch)
-            w.add_name(name or ck.folder().name)
+            w.add_name(name or (ck.path.stem if ck.format == "gguf" else ck.folder().name))
             w.add_type("model")
             w.add_file_type(int(file_type))
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -315,26 +334,30 @@ def export_gguf(src, out, gguf_type: str = "f16", *, force: bool = False, pre: s
             if head_dim != hidden // n_head:
                 w.add_key_length(head_dim)
                 w.add_value_length(head_dim)
-            w.add_vocab_size(len(tok["tokens"]))
-            w.add_tokenizer_model("gpt2")
-            w.add_tokenizer_pre(pre_name)
-            w.add_token_list(tok["tokens"])
-            w.add_token_types(tok["types"])
-            w.add_token_merges(tok["merges"])
-            ids = dict(tok["ids"])
-            for key, cfg_key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "pad_token_id")):
-                if key not in ids and isinstance(cfg.get(cfg_key), int):
-                    ids[key] = cfg[cfg_key]
-            setters = {"bos": w.add_bos_token_id, "eos": w.add_eos_token_id, "unk": w.add_unk_token_id,
-                       "pad": w.add_pad_token_id}
-            for key, setter in setters.items():
-                if key in ids:
-                    setter(int(ids[key]))
-            w.add_add_bos_token(tok["add_bos"])
-            w.add_add_eos_token(tok["add_eos"])
-            w.add_add_space_prefix(False)
-            if tok["chat_template"]:
-                w.add_chat_template(tok["chat_template"])
+            w.add_vocab_size(n_vocab)
+            if tok_fields is not None:
+                for key, (value, vtype, sub) in tok_fields.items():
+                    w.add_key_value(key, value, vtype, sub_type=sub)
+            else:
+                w.add_tokenizer_model("gpt2")
+                w.add_tokenizer_pre(pre_name)
+                w.add_token_list(tok["tokens"])
+                w.add_token_types(tok["types"])
+                w.add_token_merges(tok["merges"])
+                ids = dict(tok["ids"])
+                for key, cfg_key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "pad_token_id")):
+                    if key not in ids and isinstance(cfg.get(cfg_key), int):
+                        ids[key] = cfg[cfg_key]
+                setters = {"bos": w.add_bos_token_id, "eos": w.add_eos_token_id, "unk": w.add_unk_token_id,
+                           "pad": w.add_pad_token_id}
+                for key, setter in setters.items():
+                    if key in ids:
+                        setter(int(ids[key]))
+                w.add_add_bos_token(tok["add_bos"])
+                w.add_add_eos_token(tok["add_eos"])
+                w.add_add_space_prefix(False)
+                if tok["chat_template"]:
+                    w.add_chat_template(tok["chat_template"])
             for _, g, shape, qt in plan:
                 if qt in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
                     dt = np.float32 if qt == gguf.GGMLQuantizationType.F32 else np.float16
