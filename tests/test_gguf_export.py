@@ -146,6 +146,37 @@ def test_gguf_to_gguf_keeps_the_tokenizer_exactly(llama, tmp_path):
     assert cos >= 0.9999
 
 
+@pytest.mark.parametrize("qtype,bits,group", [("q8_0", 8, 32), ("q4_0", 4, 32), ("q4_0", 4, 64)])
+def test_weightlab_quantized_model_packs_losslessly(tmp_path, qtype, bits, group):
+    """Symmetric weightlab RTN weights (fp16 scales) become Q8_0/Q4_0 blocks that decode to them bit for bit."""
+    from weightlab.tensor.quant import rtn
+
+    folder = tmp_path / "src"
+    model = tiny_llama(folder)
+    sd = model.state_dict()
+    for n, t in sd.items():
+        if n.endswith("_proj.weight"):
+            sd[n] = rtn(t, bits, group, sym=True).dequantize()
+    wl.save_state_dict(sd, tmp_path / "quantized", template=folder)
+    out = tmp_path / "m.gguf"
+    rep = export_gguf(tmp_path / "quantized", out, qtype, pre="default")
+    assert len(rep.lossless) == 14  # every q/k/v/o/gate/up/down of both layers
+    ck = wl.open_checkpoint(out)
+    for n in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight",
+              "model.layers.1.mlp.down_proj.weight"):
+        assert torch.equal(ck.get(n), sd[n]), n  # through the q/k permutation and back
+    # gguf-py's own quantizer re-derives the scale and does not reproduce the grid
+    x = sd["model.layers.0.mlp.up_proj.weight"].numpy()
+    qt = T.Q8_0 if qtype == "q8_0" else T.Q4_0
+    assert not np.array_equal(gguf.quants.dequantize(gguf.quants.quantize(x, qt), qt), x)
+
+
+def test_off_grid_weights_are_not_called_lossless(llama, tmp_path):
+    folder, _ = llama
+    rep = export_gguf(folder, tmp_path / "m.gguf", "q4_0", pre="default")
+    assert rep.lossless == []
+
+
 def test_kquant_blocks_dequantize_exactly():
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((32, 512)) * 0.02).astype(np.float32)

@@ -52,10 +52,12 @@ class GGUFExportReport:
     bits_per_weight: dict[str, float] = field(default_factory=dict)  # ggml type -> bits per weight on disk
     quantizer: str = "gguf-py"
     notes: list[str] = field(default_factory=list)
+    lossless: list[str] = field(default_factory=list)  # Q8_0/Q4_0 tensors that decode to the source exactly
 
     def as_dict(self) -> dict:
         return {"path": str(self.path), "type": self.gguf_type, "tensor_types": self.tensor_types,
-                "bits_per_weight": self.bits_per_weight, "quantizer": self.quantizer, "notes": self.notes}
+                "bits_per_weight": self.bits_per_weight, "quantizer": self.quantizer, "notes": self.notes,
+                "lossless_tensors": len(self.lossless)}
 
 
 # ---- tokenizer ---------------------------------------------------------------------------------
@@ -194,17 +196,24 @@ def _type_nbytes(gguf, qtype, shape: tuple[int, ...]) -> int:
     return n // block * nbytes
 
 
-def _encode(gguf, arr: np.ndarray, qtype) -> np.ndarray:
+def _encode(gguf, arr: np.ndarray, qtype) -> tuple[np.ndarray, bool]:
+    """(bytes, exact): exact when the Q8_0/Q4_0 blocks reproduce ``arr`` bit for bit (checked)."""
     T = gguf.GGMLQuantizationType
     if qtype == T.F32:
-        return np.ascontiguousarray(arr, dtype=np.float32)
+        return np.ascontiguousarray(arr, dtype=np.float32), False
     if qtype == T.F16:
-        return np.ascontiguousarray(arr, dtype=np.float16)
+        return np.ascontiguousarray(arr, dtype=np.float16), False
     if qtype in (T.Q4_K, T.Q6_K):
         from . import kquants
 
-        return kquants.quantize(arr, qtype)
-    return gguf.quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), qtype)
+        return kquants.quantize(arr, qtype), False
+    if qtype in (T.Q8_0, T.Q4_0):
+        from .gguf_grid import exact_q4_0, exact_q8_0
+
+        exact = (exact_q8_0 if qtype == T.Q8_0 else exact_q4_0)(arr)
+        if exact is not None:  # already on a symmetric grid (weightlab-quantized): packed without loss
+            return exact, True
+    return gguf.quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), qtype), False
 
 
 # ---- llama-quantize ---------------------------------------------------------------------------
@@ -316,6 +325,8 @@ def export_gguf(src, out, gguf_type: str = "f16", *, force: bool = False, pre: s
         file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                      "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}[staged]
 
+        lossless: list[str] = []  # quantized tensors whose blocks reproduce the source exactly
+
         def write(path: str) -> None:
             w = gguf.GGUFWriter(None, arch)
             w.add_name(name or (ck.path.stem if ck.format == "gguf" else ck.folder().name))
@@ -374,11 +385,15 @@ def export_gguf(src, out, gguf_type: str = "f16", *, force: bool = False, pre: s
                     t = permute_qk(t, n_head, n_head)
                 elif arch in PERMUTED_ARCHS and g.endswith(("attn_k.weight", "attn_k.bias")):
                     t = permute_qk(t, n_head, n_head_kv)
-                w.write_tensor_data(_encode(gguf, t.contiguous().numpy(), qt))
+                data, exact = _encode(gguf, t.contiguous().numpy(), qt)
+                if exact:
+                    lossless.append(g)
+                w.write_tensor_data(data)
                 ck.release(hf)
             w.close()
 
         report = GGUFExportReport(out, gguf_type)
+        report.lossless = lossless
         if odd and gguf_type != "f16":
             report.notes.append(f"{len(odd)} tensor(s) with rows not a multiple of the block size got a fallback "
                                 f"type, as llama.cpp does (e.g. {odd[0]})")
