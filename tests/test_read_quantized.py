@@ -398,3 +398,11 @@ def test_ct_dense_fake_quant_weights_are_not_rescaled(tmp_path):
     t = {"l.weight": w, "l.weight_scale": torch.full((OUT, 1), 0.5).bfloat16()}
     ck = wl.open_checkpoint(_write(tmp_path / "d", t, _ct_config("dense", 4, "channel")))
     assert torch.equal(ck.get("l.weight"), w)
+
+
+def test_stored_names_stay_reachable(tmp_path):
+    t = {"l.weight_packed": ref_rows(_codes(4, (OUT, IN), 40), 4), "l.weight_scale": _scales((OUT, 1), 41),
+         "l.weight_shape": torch.tensor([OUT, IN])}
+    ck = wl.open_checkpoint(_write(tmp_path / "ct", t, _ct_config("pack-quantized", 4, "channel")))
+    assert ck.names() == ["l.weight"] and "l.weight_scale" in ck and "nothing" not in ck
+    assert ck.info("l.weight_scale").dtype == torch.float16 and ck.info("l.weight").shape == (OUT, IN)

@@ -189,7 +189,7 @@ class Checkpoint:
         return len(self._infos)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._infos
+        return name in self._infos or (self.raw is not None and name in self.raw)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.get(name)
@@ -198,6 +198,8 @@ class Checkpoint:
         try:
             return self._infos[name]
         except KeyError:
+            if self.raw is not None and name in self.raw:  # a stored (packed) name of a quantized folder
+                return self.raw.info(name)
             raise CheckpointError("no such tensor in the checkpoint", self.path, name) from None
 
     def infos(self) -> list[TensorInfo]:
@@ -207,7 +209,8 @@ class Checkpoint:
         """Read one tensor. Memory-mapped for safetensors; ``dtype`` converts (a copy).
 
         On a quantized folder a stored (packed) name that the dense view hides is still readable
-        here, so code that checks packed codes directly keeps working.
+        here (and through ``info`` and ``in``), so code that checks packed codes directly keeps
+        working; ``names()``/``infos()`` list only the dense view.
         """
         if name not in self._infos and self.raw is not None and name in self.raw:
             return self.raw.get(name, dtype)
