@@ -348,3 +348,31 @@ def test_prune_runs_on_a_gguf_file(llama, tmp_path, capsys, one_thread):
     assert (out / "tokenizer.json").is_file()
     w = ck.get("model.layers.0.mlp.up_proj.weight")
     assert (w == 0).float().mean() == pytest.approx(0.5, abs=0.01)
+
+
+def test_qwen2_exports_with_biases_and_no_permutation(tmp_path):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from _tiny_llama import tiny_tokenizer
+
+    torch.manual_seed(1)
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    folder = tmp_path / "qwen2"
+    model.save_pretrained(folder)
+    tiny_tokenizer(folder)
+    out = tmp_path / "q.gguf"
+    export_gguf(folder, out, "f16", pre="qwen2")
+    r = gguf.GGUFReader(str(out))
+    assert r.fields["general.architecture"].contents() == "qwen2" and "blk.0.attn_q.bias" in {t.name for t in r.tensors}
+    ck = wl.open_checkpoint(out)
+    sd = model.state_dict()
+    assert sorted(ck.names()) == sorted(sd) and ck.architecture == "Qwen2ForCausalLM"
+    for n in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.bias"):
+        assert torch.equal(ck.get(n).float(), sd[n].half().float() if sd[n].ndim == 2 else sd[n]), n
+    cos = torch.nn.functional.cosine_similarity(_logits(model, IDS), _logits(_load_gguf(out), IDS), dim=0)
+    assert cos >= 0.99999

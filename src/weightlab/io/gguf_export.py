@@ -283,7 +283,7 @@ def export_gguf(src, out, gguf_type: str = "f16", *, force: bool = False, pre: s
         model_type = cfg.get("model_type")
         arch = HF_TO_GGUF_ARCH.get(model_type)
         if arch is None:
-            raise UnsupportedFormatError(f"GGUF export supports Llama-family models (model_type llama/mistral); "
+            raise UnsupportedFormatError(f"GGUF export supports model_type llama, mistral and qwen2; "
                                          f"this one is {model_type!r}", ck.path)
         if _rope_scaling(cfg) is not None:
             raise UnsupportedFormatError(f"rope scaling {_rope_scaling(cfg)} is not exported to GGUF yet", ck.path)

@@ -22,8 +22,8 @@ _BLOCK_HF = ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", 
 # Architectures whose converter (convert_hf_to_gguf.py) permutes q/k rows for llama.cpp's rope.
 PERMUTED_ARCHS = ("llama",)
 # HF model_type / architectures -> GGUF architecture this module handles.
-HF_TO_GGUF_ARCH = {"llama": "llama", "mistral": "llama"}
-GGUF_TO_HF_CLASS = {"llama": ("llama", "LlamaForCausalLM")}
+HF_TO_GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+GGUF_TO_HF_CLASS = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM")}
 
 
 def require_gguf(purpose: str):
