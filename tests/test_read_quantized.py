@@ -406,3 +406,15 @@ def test_stored_names_stay_reachable(tmp_path):
     ck = wl.open_checkpoint(_write(tmp_path / "ct", t, _ct_config("pack-quantized", 4, "channel")))
     assert ck.names() == ["l.weight"] and "l.weight_scale" in ck and "nothing" not in ck
     assert ck.info("l.weight_scale").dtype == torch.float16 and ck.info("l.weight").shape == (OUT, IN)
+
+
+def test_export_hf_from_gptq_folder(gptq_llama, tmp_path, capsys):
+    folder, dense = gptq_llama
+    out = tmp_path / "dense"
+    assert main(["export", str(folder), "--format", "hf", "-o", str(out), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["source"]["format"] == "gptq" and rep["tensors"] == len(dense)
+    ck = wl.open_checkpoint(out)
+    assert ck.quantization is None and "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert all(torch.equal(ck.get(n), t) for n, t in dense.items())
+    assert (out / "tokenizer.json").is_file()
