@@ -376,3 +376,18 @@ def test_qwen2_exports_with_biases_and_no_permutation(tmp_path):
         assert torch.equal(ck.get(n).float(), sd[n].half().float() if sd[n].ndim == 2 else sd[n]), n
     cos = torch.nn.functional.cosine_similarity(_logits(model, IDS), _logits(_load_gguf(out), IDS), dim=0)
     assert cos >= 0.99999
+
+
+def test_merge_reads_a_gguf(llama, tmp_path):
+    """merge reads a GGUF like any checkpoint; the merged folder gets config and tokenizer from it."""
+    folder, model = llama
+    a = tmp_path / "a.gguf"
+    export_gguf(folder, a, "f16", pre="default")
+    out = tmp_path / "merged"
+    assert main(["merge", "--method", "linear", str(a), str(folder), "-o", str(out)]) == 0
+    ck = wl.open_checkpoint(out)
+    n = "model.layers.0.self_attn.k_proj.weight"
+    want = (model.state_dict()[n].half().float() + model.state_dict()[n]) / 2
+    assert ck.get(n).dtype == torch.float16  # the first model's dtype: F16 from the GGUF
+    assert torch.equal(ck.get(n), want.half())
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
