@@ -95,8 +95,8 @@ def test_unsupported_formats(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(wl.UnsupportedFormatError, match="notes.txt"):
         wl.open_checkpoint(tmp_path / "notes.txt")
-    (tmp_path / "m.gguf").write_bytes(b"GGUF")
-    with pytest.raises(wl.UnsupportedFormatError, match="GGUF"):
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")  # GGUF files are read (test_gguf_export.py); this one is cut short
+    with pytest.raises((wl.CorruptCheckpointError, wl.MissingDependencyError), match="GGUF|gguf"):
         wl.open_checkpoint(tmp_path / "m.gguf")
     (tmp_path / "empty").mkdir()
     with pytest.raises(wl.UnsupportedFormatError, match="not a Hugging Face"):

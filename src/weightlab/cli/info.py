@@ -28,7 +28,7 @@ def describe(path: Path) -> dict:
         cfg = ck.config or {}
         prov = Provenance.from_metadata(ck.metadata)
         # quantized folders: logical weights, not packed int32 words, count as parameters
-        quant = quantization_of(ck)
+        quant = quantization_of(ck.raw or ck) or ck.quantization
         if quant and quant["format"] == "weightlab-packed":
             cfg = cfg.get("original_config", cfg)  # its config.json is fenced off from transformers
         return {
@@ -39,7 +39,7 @@ def describe(path: Path) -> dict:
             "architecture": cfg.get("architectures", [ck.architecture])[0] if cfg.get("architectures") else
             ck.architecture,
             "num_tensors": len(infos),
-            "num_parameters": quant["parameters"] if quant else ck.num_parameters,
+            "num_parameters": quant.get("parameters", ck.num_parameters) if quant else ck.num_parameters,
             "size_bytes": sum(i.nbytes for i in infos),
             "dtypes": dict(by_dtype),
             "files": [str(f.name) for f in ck.files],

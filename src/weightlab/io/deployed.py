@@ -74,5 +74,7 @@ def describe_line(q: dict) -> str:
               + (" sym" if g.get("symmetric") else " asym") for g in q["groups"].values()]
         return (f"compressed-tensors {q['scheme_format']} ({'; '.join(gs)}), {q['quantized_layers']} layers, "
                 f"{bpw} incl. scales")
-    return (f"weightlab-packed {q.get('method')} {q.get('bits')}-bit, {q['quantized_layers']} layers, {bpw} "
-            "incl. scales (not loadable by transformers)")
+    if q["format"] == "weightlab-packed":
+        return (f"weightlab-packed {q.get('method')} {q.get('bits')}-bit, {q['quantized_layers']} layers, {bpw} "
+                "incl. scales (not loadable by transformers)")
+    return f"{q.get('file_type') or q['format']}, {bpw} on disk (read dequantized)"  # GGUF, GPTQ, AWQ

@@ -2,7 +2,11 @@
 
 Formats: a Hugging Face model folder (single or sharded safetensors, or pytorch_model.bin
 with or without index), a single .safetensors file, a .bin/.pt/.pth state dict (loaded only
-with ``weights_only=True``), and a PEFT adapter folder.
+with ``weights_only=True``), a PEFT adapter folder, and a .gguf file.
+
+Quantized checkpoints (compressed-tensors, GPTQ, AWQ folders; GGUF files) are decompressed
+tensor by tensor into the dense Hugging Face names, so everything downstream sees an ordinary
+model; ``Checkpoint.quantization`` says what the source was.
 """
 from __future__ import annotations
 
@@ -155,7 +159,7 @@ class Checkpoint:
 
     def __init__(self, path: Path, fmt: str, files: list, where: dict[str, object],
                  config: dict | None = None, metadata: dict[str, str] | None = None,
-                 config_name: str | None = None):
+                 config_name: str | None = None, quantization: dict | None = None):
         self.path = path
         self.format = fmt
         self._files = files
@@ -168,6 +172,11 @@ class Checkpoint:
         self.config = config
         self.config_name = config_name
         self.metadata = metadata or {}
+        # None for plain checkpoints; else {"format": "gptq"|"awq"|"compressed-tensors"|"gguf",
+        # "bits_per_weight": float on disk for the quantized layers, ...}
+        self.quantization = quantization
+        # quantized folders: a Checkpoint over the tensors as stored (packed codes, scales, ...)
+        self.raw: Checkpoint | None = None
 
     # mapping-like API
     def names(self) -> list[str]:
@@ -180,7 +189,7 @@ class Checkpoint:
         return len(self._infos)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._infos
+        return name in self._infos or (self.raw is not None and name in self.raw)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.get(name)
@@ -189,13 +198,22 @@ class Checkpoint:
         try:
             return self._infos[name]
         except KeyError:
+            if self.raw is not None and name in self.raw:  # a stored (packed) name of a quantized folder
+                return self.raw.info(name)
             raise CheckpointError("no such tensor in the checkpoint", self.path, name) from None
 
     def infos(self) -> list[TensorInfo]:
         return list(self._infos.values())
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Read one tensor. Memory-mapped for safetensors; ``dtype`` converts (a copy)."""
+        """Read one tensor. Memory-mapped for safetensors; ``dtype`` converts (a copy).
+
+        On a quantized folder a stored (packed) name that the dense view hides is still readable
+        here (and through ``info`` and ``in``), so code that checks packed codes directly keeps
+        working; ``names()``/``infos()`` list only the dense view.
+        """
+        if name not in self._infos and self.raw is not None and name in self.raw:
+            return self.raw.get(name, dtype)
         info = self.info(name)
         t = self._where[name].get(name)  # type: ignore[attr-defined]
         if tuple(t.shape) != info.shape:
@@ -205,7 +223,7 @@ class Checkpoint:
     def release(self, name: str) -> None:
         """Hint that ``name``'s data will not be read again soon (frees resident pages of mmapped files)."""
         backend = self._where.get(name)
-        if isinstance(backend, _SafetensorsFile):
+        if hasattr(backend, "release"):
             backend.release(name)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -217,7 +235,8 @@ class Checkpoint:
 
     @property
     def files(self) -> list[Path]:
-        return [b.path for b in self._files]
+        # decoding views (quantized formats) sit on top of the real files and have no file of their own
+        return [b.path for b in self._files if getattr(b, "path", None) is not None]
 
     @property
     def num_parameters(self) -> int:
@@ -264,9 +283,9 @@ def _open_file(path: Path):
     if path.suffix in TORCH_SUFFIXES:
         return _TorchFile(path)
     if path.suffix == ".gguf":
-        raise UnsupportedFormatError(
-            "GGUF files are not read directly; load them with transformers "
-            "(from_pretrained(folder, gguf_file=...)) or, for SmolLM2, use weightlab.zoo.smollm2()", path)
+        from .gguf_format import GGUFFile
+
+        return GGUFFile(path)
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic[:2] == b"PK":
@@ -303,13 +322,20 @@ def _sharded(folder: Path, index_path: Path) -> tuple[list, dict[str, object], d
     return list(backends.values()), where, meta
 
 
-def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Open a checkpoint lazily. Raises CheckpointError subclasses naming the file."""
+def open_checkpoint(path: str | os.PathLike, *, decode: bool = True) -> Checkpoint:
+    """Open a checkpoint lazily. Raises CheckpointError subclasses naming the file.
+
+    Quantized folders (compressed-tensors, GPTQ, AWQ) read as dense tensors unless ``decode=False``;
+    then the tensors are listed as stored.
+    """
     p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointError("no such file or folder", p)
     if p.is_file():
         b = _open_file(p)
+        if p.suffix == ".gguf":
+            return Checkpoint(p, "gguf", [b], {n: b for n in b.infos()}, config=b.config,
+                              quantization=b.quantization())
         fmt = "safetensors" if isinstance(b, _SafetensorsFile) else "torch"
         meta = dict(b.header.metadata) if isinstance(b, _SafetensorsFile) else {}
         return Checkpoint(p, fmt, [b], {n: b for n in b.infos()}, metadata=meta)
@@ -355,4 +381,16 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         config, config_name = _read_json(adapter_cfg), adapter_cfg.name
     elif config_path.is_file():
         config, config_name = _read_json(config_path), config_path.name
-    return Checkpoint(p, fmt, files, where, config=config, metadata=meta, config_name=config_name)
+    ck = Checkpoint(p, fmt, files, where, config=config, metadata=meta, config_name=config_name)
+    if not decode or fmt == "peft-adapter":
+        return ck
+    from .quantized import QuantizedView, detect
+
+    found = detect(p, config)
+    if found is None:
+        return ck
+    view = QuantizedView(ck, *found)
+    dense = Checkpoint(p, fmt, files + [view], {n: view for n in view.infos()}, config=config, metadata=meta,
+                       config_name=config_name, quantization=view.summary())
+    dense.raw = ck
+    return dense

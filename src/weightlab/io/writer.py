@@ -21,6 +21,8 @@ from .dtypes import TORCH_TO_ST, parse_dtype
 from .provenance import Provenance
 from .safetensors_format import build_header
 
+# names of stored quantized tensors (GPTQ/AWQ, compressed-tensors, weightlab's packed format)
+_PACKED_SUFFIXES = (".qweight", ".qzeros", ".weight_packed", ".weight_scale", ".weight_zero_point", ".scales")
 TEMPLATE_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
     "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
@@ -135,11 +137,18 @@ class CheckpointWriter:
         if n > 1:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
             (self.tmp / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        if self.template is not None:
+        if self.template is not None and self.template.suffix == ".gguf" and self.template.is_file():
+            # a GGUF's folder holds unrelated files; its config and tokenizer live inside the file
+            from .hf_export import gguf_side_files
+
+            for fname, content in gguf_side_files(self.template).items():
+                (self.tmp / fname).write_bytes(content)
+        elif self.template is not None:
             src = self.template if self.template.is_dir() else self.template.parent
             for fname in TEMPLATE_FILES:
                 if (src / fname).is_file():
                     shutil.copy2(src / fname, self.tmp / fname)
+            self._drop_stale_quantization(self.tmp / "config.json")
         if self.readme:
             (self.tmp / "README.md").write_text(self.provenance.readme())
         for fname, content in self.extra_files.items():
@@ -149,6 +158,21 @@ class CheckpointWriter:
         self._folder.publish()
         self._closed = True
         return self.out
+
+    def _drop_stale_quantization(self, config: Path) -> None:
+        """A template from a quantized folder (GPTQ, AWQ, compressed-tensors) whose tensors were read
+        dense: keep its config.json but drop the quantization entry, or loaders would look for packed
+        tensors that this folder does not hold."""
+        if not config.is_file() or any(n.endswith(_PACKED_SUFFIXES) for n in self._names):
+            return
+        try:
+            cfg = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return
+        if isinstance(cfg, dict) and ("quantization_config" in cfg or "compression_config" in cfg):
+            cfg.pop("quantization_config", None)
+            cfg.pop("compression_config", None)
+            config.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
 
     def abort(self) -> None:
         if self._data is not None:
