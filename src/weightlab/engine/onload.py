@@ -46,11 +46,9 @@ class OnloadedModel:
         self.path = Path(path)
         self.ck = open_checkpoint(path)
         self.device, self.dtype, self.resident_device = torch.device(device), dtype, torch.device(resident_device)
-        try:
-            config = tf.AutoConfig.from_pretrained(str(path), local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"transformers cannot read this model's config: {str(e).splitlines()[0]}",
-                                  path) from None
+        from ..io.hf import load_config
+
+        config = load_config(path)  # folders, .gguf files; quantized sources are read dequantized
         types = set(getattr(config, "layer_types", None) or [])
         if len(types) > 1:
             raise ConfigError(f"{path}: layers of different attention types ({', '.join(sorted(types))}) "

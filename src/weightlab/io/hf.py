@@ -110,8 +110,27 @@ def load_encoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32, lo
 def load_tokenizer(path: str | os.PathLike, local_files_only: bool = True):
     """The tokenizer of an HF folder (for calibration and evaluation text without loading the model)."""
     tf = _transformers()
+    p = Path(path).expanduser()
+    src = (dict(pretrained_model_name_or_path=str(p.parent), gguf_file=p.name) if p.suffix == ".gguf" and p.is_file()
+           else dict(pretrained_model_name_or_path=str(path)))
     try:
-        return tf.AutoTokenizer.from_pretrained(str(path), local_files_only=local_files_only)
+        return tf.AutoTokenizer.from_pretrained(**src, local_files_only=local_files_only)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"transformers cannot load this folder's tokenizer: {str(e).splitlines()[0]}",
                               path) from None
+
+
+def load_config(path: str | os.PathLike, local_files_only: bool = True):
+    """The transformers config of an HF folder or a .gguf file, without any quantization entry
+    (weightlab reads quantized checkpoints dequantized, so the model built from it is a plain one)."""
+    tf = _transformers()
+    p = Path(path).expanduser()
+    src = (dict(pretrained_model_name_or_path=str(p.parent), gguf_file=p.name) if p.suffix == ".gguf" and p.is_file()
+           else dict(pretrained_model_name_or_path=str(path)))
+    try:
+        config = tf.AutoConfig.from_pretrained(**src, local_files_only=local_files_only)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"transformers cannot read this model's config: {str(e).splitlines()[0]}", path) from None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
