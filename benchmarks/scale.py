@@ -97,7 +97,9 @@ def child_main(spec_path: str) -> int:
         torch.set_num_threads(spec["threads"])
     ids = CC.load_ids(spec["ids_path"], (NSAMPLES, SEQLEN))
     method, mode = spec["method"], spec["mode"]
-    kw = ({"bits": 4, "group_size": 128, "sym": True} if method == "gptq" else {"sparsity": 0.5})
+    # float32 solves: what llm-compressor does (weightlab's CPU default is float64, twice the d_in^2 memory)
+    kw = ({"bits": 4, "group_size": 128, "sym": True, "precision": "float32"} if method == "gptq" else
+          {"sparsity": 0.5})
     if mode == "sequential":
         from weightlab.compress.sequential import run_sequential
 
@@ -132,7 +134,7 @@ def child_main(spec_path: str) -> int:
                 if method == "gptq":
                     recipe = GPTQModifier(config_groups={"g0": {"targets": ["Linear"], "weights": {
                         "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}}},
-                        ignore=["lm_head"], dampening_frac=0.01)
+                        ignore=["lm_head"], dampening_frac=0.01, actorder=None)
                 else:
                     recipe = WandaPruningModifier(sparsity=0.5, mask_structure="0:0", targets=["Linear"],
                                                   ignore=["re:.*lm_head"])
@@ -227,7 +229,8 @@ def render(meta: dict, results: list[dict], threads) -> str:
         f"{C.load_sentence(loads)}. weightlab: torch {v.get('torch', 'n/a')}, transformers {v.get('transformers', 'n/a')}; "
         f"llm-compressor {lcv.get('llmcompressor', 'n/a')} (transformers {lcv.get('transformers', 'n/a')}) in its own venv.",
         "",
-        "GPTQ: 4 bits, group 128, symmetric, damping 0.01, no act-order. Wanda: 50 % unstructured. Forwards in fp32 for "
+        "GPTQ: 4 bits, group 128, symmetric, damping 0.01, no act-order, float32 solves in both tools (weightlab's "
+        "`precision=float32`; its CPU default is float64). Wanda: 50 % unstructured. Forwards in fp32 for "
         "every tool. **sequential** = weightlab's `run_sequential` (reads, compresses and *writes* the model block by "
         "block); **whole** = weightlab's in-memory path after `from_pretrained(dtype=float32)`; **llm-compressor** = "
         "`oneshot` on the same fp32 model (its sequential pipeline over decoder layers, model resident in host memory). "

@@ -309,3 +309,24 @@ def test_compensate_eora_and_svd_tiny_llama(tmp_path):
     back = load_peft_adapter(tmp_path / "ad")
     for n, (B, A) in rep.adapters.items():
         assert torch.equal(back[n][0], B) and torch.equal(back[n][1], A)
+
+
+def test_solver_precision_float32_and_in_place_factor():
+    """float32 solves (the reference code's precision) track the float64 reference; the in-place
+    factorization is the out-of-place one bit for bit."""
+    from weightlab.tensor.gptq import gptq as gptq_solve
+    from weightlab.tensor.obs import damped_hessian, solver_dtype, sparsegpt, upper_inverse_factor
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(512, 64, generator=g) @ torch.randn(64, 64, generator=g)
+    H, W = X.T @ X * (2 / 512), torch.randn(48, 64, generator=g)
+    _, Hd = damped_hessian(H, W)
+    assert torch.equal(upper_inverse_factor(Hd.clone(), inplace=True), upper_inverse_factor(Hd))
+    q64, l64 = gptq_solve(W, H, 4, 32, dtype=torch.float64)
+    q32, l32 = gptq_solve(W, H, 4, 32, dtype=torch.float32)
+    assert (q64.codes == q32.codes).float().mean() > 0.99 and abs(l32 - l64) / l64 < 1e-3
+    w64, m64, _ = sparsegpt(W, H, 0.5, dtype=torch.float64)
+    w32, m32, _ = sparsegpt(W, H, 0.5, dtype=torch.float32)
+    assert (m64 == m32).float().mean() > 0.99 and torch.allclose(w64, w32, atol=1e-3)
+    assert solver_dtype("auto", torch.device("cpu")) == torch.float64
+    assert solver_dtype("auto", torch.device("cuda")) == torch.float32

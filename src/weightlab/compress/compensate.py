@@ -91,7 +91,7 @@ def compensate(compressed: nn.Module, original, method: str = "eora", rank: int 
             r = min(rank, *dW.shape)
             row = {"name": n, "shape": list(dW.shape), "rank": r}
             if stats is not None:
-                C = stats[n].H.double()
+                C = stats.pop(n).H.double()
                 B, A = eora(dW, C, r)
                 row["err_before"] = weighted_error(dW, C)
                 row["err_after"] = weighted_error(dW - B @ A, C)

@@ -141,7 +141,7 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pat
     def prune_layers(names_mods, stats):
         for n, m in names_mods.items():
             w = weight_matrix(m)
-            ctx = LayerContext(n, m, w, per_layer[n], nm, cfg, stats.get(n) if stats else None, extra)
+            ctx = LayerContext(n, m, w, per_layer[n], nm, cfg, stats.pop(n, None) if stats else None, extra)
             new_w, mask = spec.fn(ctx)
             set_weight_matrix(m, new_w * mask)
             zeros = int((~mask).sum())

@@ -117,7 +117,8 @@ def quantize(model: nn.Module, method: str = "rtn", bits: int | None = None, gro
     def do_layers(names_mods, stats):
         for n, m in names_mods.items():
             w = weight_matrix(m)
-            ctx = QuantContext(n, m, w, bits, group_size, sym, scale_dtype, cfg, stats.get(n) if stats else None)
+            # pop: each layer's d_in x d_in statistics are freed once it is done, not at the end of the block
+            ctx = QuantContext(n, m, w, bits, group_size, sym, scale_dtype, cfg, stats.pop(n, None) if stats else None)
             q = spec.fn(ctx)
             w_hat = q.dequantize()
             set_weight_matrix(m, w_hat)

@@ -118,6 +118,10 @@ class OnloadedModel:
 
     def _load_resident(self, load_head: bool) -> None:
         bp = f"{self.blocks_name}."
+        # embedding tables stay in the checkpoint's 16-bit dtype and their rows are cast on lookup: exactly the
+        # values of a cast table (bf16/fp16 are subsets of fp32) at half the resident memory (vocab x hidden)
+        tables = {f"{n}.weight": m for n, m in self.model.named_modules()
+                  if isinstance(m, nn.Embedding) and not n.startswith(bp)}
         sd, missing = {}, []
         for k in self.model.state_dict():
             if k.startswith(bp) or (k in self._head_names and not load_head):
@@ -127,14 +131,21 @@ class OnloadedModel:
                     continue
                 missing.append(k)
                 continue
-            sd[k] = self._read(self._key[k], self.resident_device, self.dtype)
+            keep = k in tables and self.dtype == torch.float32 and self.ck.info(self._key[k]).dtype in (
+                torch.bfloat16, torch.float16)
+            sd[k] = self._read(self._key[k], self.resident_device, None if keep else self.dtype)
+            if keep:
+                tables[k].register_forward_hook(self._cast_output)
         self.model.load_state_dict(sd, strict=False, assign=True)
         if load_head and self._tied():
-            self.model.get_output_embeddings().weight = self.model.get_input_embeddings().weight
+            self.load_head(self.resident_device)
         left = [n for n in _meta_names(self.model) if not n.startswith(bp) and (load_head or n not in self._head_names)]
         if left:
             raise CheckpointError(f"tensors missing from the checkpoint for the model's resident modules: "
                                   f"{', '.join(left[:5])}", self.path, left[0])
+
+    def _cast_output(self, module, inputs, output):
+        return output.to(self.dtype)
 
     def _tied(self) -> bool:
         cfg = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
@@ -145,7 +156,9 @@ class OnloadedModel:
         dev = torch.device(device) if device is not None else self.resident_device
         head = self.model.get_output_embeddings()
         if self._tied():
-            head.weight = self.model.get_input_embeddings().weight
+            emb = self.model.get_input_embeddings().weight
+            head.weight = emb if emb.dtype == self.dtype else nn.Parameter(emb.detach().to(self.dtype),
+                                                                           requires_grad=False)
         else:
             for k in self._head_names:
                 mod_name, _, attr = k.rpartition(".")

@@ -47,7 +47,7 @@ def obs_quantize(W: torch.Tensor, U: torch.Tensor, column: Callable, blocksize: 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = -1, sym: bool = False,
          act_order: bool = False, static_groups: bool = False, blocksize: int = 128, percdamp: float = 0.01,
-         scale_dtype: str = "float16") -> tuple[AffineQuant, float]:
+         scale_dtype: str = "float16", dtype: torch.dtype = torch.float64) -> tuple[AffineQuant, float]:
     """GPTQ-quantize W (out x in) against the Hessian proxy H (in x in). Returns (AffineQuant, loss).
 
     With groups, ``blocksize`` is rounded to a multiple of ``group_size`` so every group lies in
@@ -55,13 +55,14 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = -1, 
     """
     check_bits(bits)
     rows, cols = W.shape
-    W64, Hd = damped_hessian(H, W, percdamp)
+    W64, Hd = damped_hessian(H, W, percdamp, dtype)
     perm = torch.argsort(torch.diag(Hd), descending=True, stable=True) if act_order else torch.arange(cols, device=W.device)
-    # one factorization, of the matrix in processing order
-    U = upper_inverse_factor(Hd[perm][:, perm] if act_order else Hd)
+    # one factorization, of the matrix in processing order, in place (Hd is not needed afterwards)
+    U = upper_inverse_factor(Hd[perm][:, perm] if act_order else Hd, inplace=True)
+    del Hd
     G = num_groups(cols, group_size)
-    scales = torch.zeros(rows, G, dtype=torch.float64, device=W.device)
-    zeros = torch.zeros(rows, G, dtype=torch.float64, device=W.device)
+    scales = torch.zeros(rows, G, dtype=dtype, device=W.device)
+    zeros = torch.zeros(rows, G, dtype=dtype, device=W.device)
     g_idx = group_index(cols, group_size, W.device)  # group of each ORIGINAL column
     if group_size > 0:
         blocksize = group_size * max(1, blocksize // group_size)
@@ -76,7 +77,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = -1, 
         scales[:, 0], zeros[:, 0] = find_params(W64, bits, sym, scale_dtype)
     if act_order:
         W64 = W64[:, perm]
-    codes_p = torch.zeros(rows, cols, dtype=torch.float64, device=W.device)  # in processing order
+    codes_p = torch.zeros(rows, cols, dtype=dtype, device=W.device)  # in processing order
     dynamic = group_size > 0 and not static_groups
     group_of = g_idx[perm].tolist()  # plain ints: tensor indexing per column costs more than the column's maths
 

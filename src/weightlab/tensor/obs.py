@@ -4,20 +4,24 @@ from __future__ import annotations
 import torch
 
 
-def inverse_hessian_factor(H: torch.Tensor, W: torch.Tensor, percdamp: float = 0.01):
+def inverse_hessian_factor(H: torch.Tensor, W: torch.Tensor, percdamp: float = 0.01,
+                           dtype: torch.dtype = torch.float64, keep_h: bool = True):
     """Upper Cholesky factor U of (H + lambda I)^-1 and the W with dead inputs zeroed.
 
     Dead inputs (H_jj = 0) get H_jj = 1 and a zero weight column; lambda = percdamp * mean diag H.
-    Returns (U, W, H_damped).
+    Returns (U, W, H_damped); with ``keep_h=False`` the damped H is factored in place (one d x d
+    matrix less at the peak) and None is returned for it.
     """
-    W, H = damped_hessian(H, W, percdamp)
+    W, H = damped_hessian(H, W, percdamp, dtype)
+    if not keep_h:
+        return upper_inverse_factor(H, inplace=True), W, None
     return upper_inverse_factor(H), W, H
 
 
-def damped_hessian(H: torch.Tensor, W: torch.Tensor, percdamp: float = 0.01):
-    """(W with dead input columns zeroed, H + lambda I) in float64; dead inputs get H_jj = 1."""
-    H = H.clone().double()
-    W = W.clone().double()
+def damped_hessian(H: torch.Tensor, W: torch.Tensor, percdamp: float = 0.01, dtype: torch.dtype = torch.float64):
+    """(W with dead input columns zeroed, H + lambda I) in ``dtype``; dead inputs get H_jj = 1."""
+    H = H.to(dtype, copy=True)
+    W = W.to(dtype, copy=True)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
@@ -26,13 +30,25 @@ def damped_hessian(H: torch.Tensor, W: torch.Tensor, percdamp: float = 0.01):
     return W, H
 
 
-def upper_inverse_factor(Hd: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of Hd^-1 (Hd already damped)."""
+def upper_inverse_factor(Hd: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """Upper Cholesky factor of Hd^-1 (Hd already damped); ``inplace`` overwrites Hd (LAPACK works in place)."""
+    if inplace:
+        torch.linalg.cholesky(Hd, out=Hd)
+        torch.cholesky_inverse(Hd, out=Hd)
+        return torch.linalg.cholesky(Hd, upper=True, out=Hd)
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
 
 
+def solver_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """'auto': float32 on accelerators (what the reference GPTQ/SparseGPT code and llm-compressor use),
+    float64 on the CPU (weightlab's exact reference: GPTQ with H = I reproduces RTN bit for bit)."""
+    if precision == "auto":
+        return torch.float64 if device.type == "cpu" else torch.float32
+    return {"float64": torch.float64, "float32": torch.float32}[precision]
+
+
 def sparsegpt(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None,
-              blocksize: int = 128, percdamp: float = 0.01):
+              blocksize: int = 128, percdamp: float = 0.01, dtype: torch.dtype = torch.float64):
     """SparseGPT: prune and update W (out x in) to minimise ||(W - W_hat) X^T||^2.
 
     Unstructured: in each block of `blocksize` columns prune exactly int(sparsity * rows * cols)
@@ -40,7 +56,7 @@ def sparsegpt(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: tuple[int, 
     pick the n lowest scores of the next m columns per row. Returns (W_hat float32, mask, loss)
     where loss = sum of (w - q)^2 / (2 U_ii^2) = 1/2 tr((W - W_hat) H_damped (W - W_hat)^T).
     """
-    U, W, _ = inverse_hessian_factor(H, W, percdamp)
+    U, W, _ = inverse_hessian_factor(H, W, percdamp, dtype, keep_h=False)
     rows, cols = W.shape
     mask = torch.ones_like(W, dtype=torch.bool)
     loss = torch.zeros((), dtype=torch.float64, device=W.device)
