@@ -27,6 +27,7 @@ from ..errors import ConfigError, WeightlabError
 from ..registry import MethodConfig, Regime, register
 from ..tensor.eora import eora, svd_lowrank, weighted_error
 from .prune import _blocks_of, target_layers, to_batches
+from .sequential import PlacementFields
 
 
 @dataclass
@@ -215,7 +216,7 @@ def apply_adapters(model: nn.Module, adapters: dict) -> None:
         set_weight_matrix(mods[n], weight_matrix(mods[n]) + B.float() @ A.float())
 
 
-class CompensateStepConfig(MethodConfig):
+class CompensateStepConfig(PlacementFields):
     original: str = Field(..., description="the uncompressed model folder")
     method: Literal["eora", "svd"] = "eora"
     rank: int = Field(16, gt=0)
@@ -250,9 +251,10 @@ def compensate_step(source, cfg: CompensateStepConfig, show_progress: bool | Non
     from .deploy import refuse_compressed_input
 
     refuse_compressed_input(getattr(source, "config", None), path)
-    model, tok = load_causal_lm(path)
-    orig, _ = load_causal_lm(resolve_model(cfg.original))
-    compensate(model, orig, cfg.method, cfg.rank, calib=cfg.calib, tokenizer=tok, nsamples=cfg.nsamples,
+    dev, dt = cfg.placement()
+    model, tok = load_causal_lm(path, dtype=dt)
+    orig, _ = load_causal_lm(resolve_model(cfg.original), dtype=dt)
+    compensate(model, orig, cfg.method, cfg.rank, calib=cfg.calib, tokenizer=tok, nsamples=cfg.nsamples, device=dev,
                seqlen=cfg.seqlen, seed=cfg.seed, sampling=cfg.sampling, show_progress=show_progress)
     del orig
     sd = model.state_dict()

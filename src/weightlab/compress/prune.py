@@ -23,6 +23,7 @@ from ..errors import ConfigError
 from ..registry import MethodConfig, Regime, get_method, register
 from ..tensor.pruning import parse_pattern
 from .rules import LayerContext
+from .sequential import PlacementFields
 
 HONEST_NOTE = ("Pruned weights are stored as zeros in a dense model: unstructured sparsity does not shrink "
                "the files or speed up dense kernels; N:M patterns such as 2:4 are what sparse kernels accelerate.")
@@ -195,7 +196,7 @@ def _distortion_fn(model: nn.Module, layers: dict, batches: list):
     return distortion
 
 
-class PruneStepConfig(MethodConfig):
+class PruneStepConfig(PlacementFields):
     method: str = "wanda"
     sparsity: float = Field(0.5, ge=0, lt=1)
     pattern: str | None = None
@@ -223,10 +224,11 @@ def prune_step(source, cfg: PruneStepConfig, show_progress: bool | None = None):
     from .deploy import refuse_compressed_input
 
     refuse_compressed_input(getattr(source, "config", None), path)
-    model, tok = load_causal_lm(path)
+    dev, dt = cfg.placement()
+    model, tok = load_causal_lm(path, dtype=dt)
     rep = prune(model, cfg.method, cfg.sparsity, pattern=cfg.pattern, allocation=cfg.allocation, calib=cfg.calib,
                 tokenizer=tok, nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed, sampling=cfg.sampling,
-                show_progress=show_progress, **cfg.params)
+                show_progress=show_progress, device=dev, **cfg.params)
     from .deploy import prune_card
 
     card = prune_card(model, rep.layers)

@@ -26,6 +26,7 @@ from ..errors import ConfigError
 from ..registry import KINDS, MethodConfig, Regime, get_method, register
 from .packed import layout_of, pack_layer
 from .prune import _blocks_of, target_layers, to_batches
+from .sequential import PlacementFields
 
 # The registry has no "quantize" kind yet; until it does, quantizers are "whole" methods marked quantizer=True.
 QUANT_KIND = "quantize" if "quantize" in KINDS else "whole"
@@ -176,7 +177,7 @@ def save_quantized_packed(out, report: QuantReport, model: nn.Module, ck, proven
                              **(info or {})})
 
 
-class QuantizeStepConfig(MethodConfig):
+class QuantizeStepConfig(PlacementFields):
     method: str = "gptq"
     bits: int | None = None
     group_size: int = 128
@@ -209,7 +210,8 @@ def quantize_step(source, cfg: QuantizeStepConfig, show_progress: bool | None = 
     bits = cfg.bits if cfg.bits is not None else get_method("compress", cfg.method).extra.get("default_bits", 4)
     if ct:
         deploy.check_request(cfg.method, bits, cfg.group_size, cfg.params)
-    model, tok = load_causal_lm(path)
+    dev, dt = cfg.placement()
+    model, tok = load_causal_lm(path, dtype=dt)
     scale_dtype = "float16"
     if ct:
         layers = target_layers(model)
@@ -218,7 +220,7 @@ def quantize_step(source, cfg: QuantizeStepConfig, show_progress: bool | None = 
             str(source.info(f"{next(iter(layers))}.weight").dtype).removeprefix("torch."), "float16")
     rep = quantize(model, cfg.method, bits, cfg.group_size, sym=sym, scale_dtype=scale_dtype, calib=cfg.calib,
                    tokenizer=tok, nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed, sampling=cfg.sampling,
-                   show_progress=show_progress, **cfg.params)
+                   show_progress=show_progress, device=dev, **cfg.params)
     if ct:
         return deploy.CompressedTensorsSource(rep.quantized, model, source)
     sd = model.state_dict()

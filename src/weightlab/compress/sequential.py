@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import Field
 
 from ..engine.budget import check_budget, parse_budget
 from ..engine.device import configure_allocator, device_policy
@@ -21,6 +22,17 @@ from ..engine.distributed import current as current_dist
 from ..errors import ConfigError
 from ..io.provenance import Provenance
 from ..io.writer import CheckpointWriter
+from ..registry import MethodConfig
+
+
+class PlacementFields(MethodConfig):
+    """Where a recipe step computes: the same policy as the CLI's --device/--dtype."""
+
+    device: str = Field("auto", description="auto (first accelerator, else cpu), cpu, cuda, cuda:N or mps")
+    dtype: str = Field("auto", description="forward dtype: auto, bf16, fp16 or fp32")
+
+    def placement(self, checkpoint_dtype_: torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
+        return device_policy(self.device, self.dtype, checkpoint_dtype_)
 
 
 @dataclass
