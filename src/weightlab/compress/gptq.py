@@ -28,7 +28,9 @@ class GPTQConfig(MethodConfig):
           quantizer=True, default_bits=4, needs=("hessian",))
 def gptq(ctx: QuantContext):
     c = ctx.cfg
-    q, loss = gptq_solve(ctx.weight, ctx.stats.H, ctx.bits, ctx.group_size, ctx.sym, c.act_order, c.static_groups,
-                         c.blocksize, c.percdamp, ctx.scale_dtype, solver_dtype(c.precision, ctx.weight.device))
+    # take_H: the statistics hand their Hessian over, so it is damped and factored in place
+    q, loss = gptq_solve(ctx.weight, ctx.stats.take_H(), ctx.bits, ctx.group_size, ctx.sym, c.act_order,
+                         c.static_groups, c.blocksize, c.percdamp, ctx.scale_dtype,
+                         solver_dtype(c.precision, ctx.weight.device), own_h=True)
     ctx.extra["loss"] = loss
     return q

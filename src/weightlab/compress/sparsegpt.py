@@ -22,7 +22,7 @@ class SparseGPTConfig(MethodConfig):
           summary="OBS pruning with a damped inverse Hessian, 128-column lazy blocks; updates the kept weights",
           needs=("hessian",))
 def sparsegpt(ctx: LayerContext):
-    w, mask, loss = sparsegpt_solve(ctx.weight, ctx.stats.H, ctx.sparsity, ctx.nm, ctx.cfg.blocksize,
-                                    ctx.cfg.percdamp, solver_dtype(ctx.cfg.precision, ctx.weight.device))
+    w, mask, loss = sparsegpt_solve(ctx.weight, ctx.stats.take_H(), ctx.sparsity, ctx.nm, ctx.cfg.blocksize,
+                                    ctx.cfg.percdamp, solver_dtype(ctx.cfg.precision, ctx.weight.device), own_h=True)
     ctx.extra.setdefault("losses", {})[ctx.name] = loss
     return w, mask

@@ -175,6 +175,15 @@ class LayerStats:
         _, xtx, n = self._fold()
         return None if xtx is None else xtx * (2 / max(n, 1))
 
+    def take_H(self) -> torch.Tensor | None:  # noqa: N802
+        """``H``, scaled in place from the raw sum and handed over: the statistics no longer hold it, so a
+        solver may factor it in place (one d_in x d_in matrix instead of three at the peak)."""
+        sq, xtx, n = self._fold()
+        if xtx is None:
+            return None
+        self._xtx, self._final = [None] * len(self._xtx), (sq, None, n)
+        return xtx.mul_(2 / max(n, 1))
+
     @property
     def feature_norms(self) -> torch.Tensor:
         """sqrt of the per-sequence mean of sum_tokens x_j^2: Wanda's ||x_j||_2 / sqrt(N_seq)."""

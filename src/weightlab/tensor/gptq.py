@@ -20,13 +20,17 @@ from .obs import damped_hessian, upper_inverse_factor
 from .quant import SCALE_DTYPES, AffineQuant, check_bits, find_params, group_index, num_groups, to_codes
 
 
-def obs_quantize(W: torch.Tensor, U: torch.Tensor, column: Callable, blocksize: int = 128):
+def obs_quantize(W: torch.Tensor, U: torch.Tensor, column: Callable, blocksize: int = 128, inplace: bool = False,
+                 keep_q: bool = True):
     """Error-feedback loop. ``column(j, W1, i) -> q`` quantizes column j (local index i of the
-    current block W1, whose columns i.. are up to date). Returns (Q float64, loss) with
-    loss = sum (w - q)^2 / (2 U_jj^2) = 1/2 tr((W - Q) H_damped (W - Q)^T)."""
-    W = W.clone()
+    current block W1, whose columns i.. are up to date). Returns (Q, loss) with
+    loss = sum (w - q)^2 / (2 U_jj^2) = 1/2 tr((W - Q) H_damped (W - Q)^T). ``inplace``: W is the
+    caller's scratch copy and is overwritten; ``keep_q=False``: Q is not kept (None), for callers
+    that record the codes themselves (each saves a d_out x d_in matrix at the peak)."""
+    if not inplace:
+        W = W.clone()
     rows, cols = W.shape
-    Q = torch.zeros_like(W)
+    Q = torch.zeros_like(W) if keep_q else None
     loss = torch.zeros((), dtype=W.dtype, device=W.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -36,7 +40,8 @@ def obs_quantize(W: torch.Tensor, U: torch.Tensor, column: Callable, blocksize: 
         for i in range(i2 - i1):
             w = W1[:, i]
             q = column(i1 + i, W1, i)
-            Q[:, i1 + i] = q
+            if Q is not None:
+                Q[:, i1 + i] = q
             err = (w - q) / U1[i, i]
             W1[:, i:].addr_(err, U1[i, i:], alpha=-1)  # in place: no (rows x block) temporary per column
             Err1[:, i] = err
@@ -47,7 +52,8 @@ def obs_quantize(W: torch.Tensor, U: torch.Tensor, column: Callable, blocksize: 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = -1, sym: bool = False,
          act_order: bool = False, static_groups: bool = False, blocksize: int = 128, percdamp: float = 0.01,
-         scale_dtype: str = "float16", dtype: torch.dtype = torch.float64) -> tuple[AffineQuant, float]:
+         scale_dtype: str = "float16", dtype: torch.dtype = torch.float64,
+         own_h: bool = False) -> tuple[AffineQuant, float]:
     """GPTQ-quantize W (out x in) against the Hessian proxy H (in x in). Returns (AffineQuant, loss).
 
     With groups, ``blocksize`` is rounded to a multiple of ``group_size`` so every group lies in
@@ -55,7 +61,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = -1, 
     """
     check_bits(bits)
     rows, cols = W.shape
-    W64, Hd = damped_hessian(H, W, percdamp, dtype)
+    W64, Hd = damped_hessian(H, W, percdamp, dtype, own_h)
     perm = torch.argsort(torch.diag(Hd), descending=True, stable=True) if act_order else torch.arange(cols, device=W.device)
     # one factorization, of the matrix in processing order, in place (Hd is not needed afterwards)
     U = upper_inverse_factor(Hd[perm][:, perm] if act_order else Hd, inplace=True)
@@ -77,7 +83,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = -1, 
         scales[:, 0], zeros[:, 0] = find_params(W64, bits, sym, scale_dtype)
     if act_order:
         W64 = W64[:, perm]
-    codes_p = torch.zeros(rows, cols, dtype=dtype, device=W.device)  # in processing order
+    codes_p = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)  # in processing order; codes < 256
     dynamic = group_size > 0 and not static_groups
     group_of = g_idx[perm].tolist()  # plain ints: tensor indexing per column costs more than the column's maths
 
@@ -90,7 +96,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = -1, 
         codes_p[:, j] = c
         return s * (c - z)
 
-    _, loss = obs_quantize(W64, U, column, blocksize)
+    _, loss = obs_quantize(W64, U, column, blocksize, inplace=True, keep_q=False)
     codes = torch.empty_like(codes_p)
     codes[:, perm] = codes_p
     aq = AffineQuant(codes.to(torch.uint8), scales.to(SCALE_DTYPES[scale_dtype]), zeros.to(torch.uint8),

@@ -5,22 +5,26 @@ import torch
 
 
 def inverse_hessian_factor(H: torch.Tensor, W: torch.Tensor, percdamp: float = 0.01,
-                           dtype: torch.dtype = torch.float64, keep_h: bool = True):
+                           dtype: torch.dtype = torch.float64, keep_h: bool = True, own_h: bool = False):
     """Upper Cholesky factor U of (H + lambda I)^-1 and the W with dead inputs zeroed.
 
     Dead inputs (H_jj = 0) get H_jj = 1 and a zero weight column; lambda = percdamp * mean diag H.
     Returns (U, W, H_damped); with ``keep_h=False`` the damped H is factored in place (one d x d
-    matrix less at the peak) and None is returned for it.
+    matrix less at the peak) and None is returned for it. ``own_h``: the caller hands H over (it may be
+    damped and factored in place when it already has ``dtype``).
     """
-    W, H = damped_hessian(H, W, percdamp, dtype)
+    W, H = damped_hessian(H, W, percdamp, dtype, own_h)
     if not keep_h:
         return upper_inverse_factor(H, inplace=True), W, None
     return upper_inverse_factor(H), W, H
 
 
-def damped_hessian(H: torch.Tensor, W: torch.Tensor, percdamp: float = 0.01, dtype: torch.dtype = torch.float64):
-    """(W with dead input columns zeroed, H + lambda I) in ``dtype``; dead inputs get H_jj = 1."""
-    H = H.to(dtype, copy=True)
+def damped_hessian(H: torch.Tensor, W: torch.Tensor, percdamp: float = 0.01, dtype: torch.dtype = torch.float64,
+                   own_h: bool = False):
+    """(W with dead input columns zeroed, H + lambda I) in ``dtype``; dead inputs get H_jj = 1.
+
+    ``own_h``: H is the caller's to give away, so it is damped in place when it already has ``dtype``."""
+    H = H.to(dtype) if own_h else H.to(dtype, copy=True)
     W = W.to(dtype, copy=True)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
@@ -48,7 +52,8 @@ def solver_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def sparsegpt(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None,
-              blocksize: int = 128, percdamp: float = 0.01, dtype: torch.dtype = torch.float64):
+              blocksize: int = 128, percdamp: float = 0.01, dtype: torch.dtype = torch.float64,
+              own_h: bool = False):
     """SparseGPT: prune and update W (out x in) to minimise ||(W - W_hat) X^T||^2.
 
     Unstructured: in each block of `blocksize` columns prune exactly int(sparsity * rows * cols)
@@ -56,7 +61,7 @@ def sparsegpt(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: tuple[int, 
     pick the n lowest scores of the next m columns per row. Returns (W_hat float32, mask, loss)
     where loss = sum of (w - q)^2 / (2 U_ii^2) = 1/2 tr((W - W_hat) H_damped (W - W_hat)^T).
     """
-    U, W, _ = inverse_hessian_factor(H, W, percdamp, dtype, keep_h=False)
+    U, W, _ = inverse_hessian_factor(H, W, percdamp, dtype, keep_h=False, own_h=own_h)
     rows, cols = W.shape
     mask = torch.ones_like(W, dtype=torch.bool)
     loss = torch.zeros((), dtype=torch.float64, device=W.device)
