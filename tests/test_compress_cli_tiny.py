@@ -81,7 +81,7 @@ def test_compressed_tensors_written_block_by_block_equals_whole_model(tiny, tmp_
     assert torch.isfinite(m(input_ids=torch.arange(8)[None]).logits).all()
 
 
-def test_placement_errors_before_any_work(tiny, tmp_path, capsys):
+def test_placement_errors_before_any_work(tiny, tmp_path, capsys, monkeypatch):
     if not torch.cuda.is_available():
         assert main(["prune", tiny, "--device", "cuda", "-o", str(tmp_path / "x")]) == 1
         assert "no CUDA device" in capsys.readouterr().err
@@ -89,4 +89,7 @@ def test_placement_errors_before_any_work(tiny, tmp_path, capsys):
     assert "more than --max-memory" in capsys.readouterr().err
     assert main(["prune", tiny, "-m", "gblm", "--sequential", "--device", "cpu", "-o", str(tmp_path / "x")]) == 1
     assert "whole model" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun the in-memory path would compute and write on every rank
+    assert main(["prune", tiny, "--whole-model", "--device", "cpu", "-o", str(tmp_path / "x")]) == 1
+    assert "runs in one process" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

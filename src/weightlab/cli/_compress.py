@@ -26,6 +26,18 @@ def wants_sequential(flag: bool | None, kind: str, whole_only: bool) -> bool:
     return kind == "causal-lm" and not whole_only
 
 
+def single_process_only(what: str = "--whole-model") -> None:
+    """The in-memory path does not split work across processes: under torchrun every rank would compute
+    the same thing and write the same folder. One clear error instead."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{what} runs in one process; under torchrun/accelerate use the sequential path "
+                          "(the default for causal LMs, or --sequential), which splits the calibration samples")
+
+
 def is_main_rank() -> bool:
     import torch.distributed as dist
 

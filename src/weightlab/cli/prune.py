@@ -11,7 +11,7 @@ from ..io.atomic import check_not_input
 from ..recipe.models import resolve_model
 from . import app
 from ._common import console
-from ._compress import dev_dt, placement_options, run_sequential_cli, wants_sequential
+from ._compress import dev_dt, placement_options, run_sequential_cli, single_process_only, wants_sequential
 
 
 def _kind(config: dict) -> str:
@@ -55,7 +55,7 @@ def prune(path: str = typer.Argument(..., help="model folder (HF causal LM or en
     """Prune a model and print its quality before and after (perplexity, similarity or accuracy)."""
     import yaml
 
-    from ..compress.deploy import check_format, prune_card, refuse_compressed_input
+    from ..compress.deploy import check_format, prune_card
 
     from ..compress import prune as do_prune
     from ..engine.source import StateDictSource
@@ -76,7 +76,6 @@ def prune(path: str = typer.Argument(..., help="model folder (HF causal LM or en
             raise ConfigError(f"--param expects KEY=VALUE, got {kv!r}")
         params[k] = yaml.safe_load(v)
     ck = open_checkpoint(src)
-    refuse_compressed_input(ck.config, path)
     kind = _kind(ck.config or {})
     spec = get_method("compress", method)
     needs = set(spec.extra.get("needs", ()))
@@ -94,6 +93,7 @@ def prune(path: str = typer.Argument(..., help="model folder (HF causal LM or en
         if rep is not None:
             _done(rep, pattern, out)
         return
+    single_process_only()
     model, tok, evaluate = _load(kind, src, ck, eval_data, eval_tokens, no_eval, dtype=dt)
     before = evaluate(model) if evaluate else None
     if before:

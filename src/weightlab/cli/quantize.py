@@ -10,7 +10,7 @@ from ..io.atomic import check_not_input
 from ..recipe.models import resolve_model
 from . import app
 from ._common import console, err_console
-from ._compress import dev_dt, placement_options, run_sequential_cli, wants_sequential
+from ._compress import dev_dt, placement_options, run_sequential_cli, single_process_only, wants_sequential
 from .prune import _kind, _load
 
 _DEV, _DT, _SEQ, _OFF, _MAXMEM = placement_options()
@@ -29,7 +29,6 @@ def _params(items) -> dict:
 
 
 def _open(path, out, force):
-    from ..compress.deploy import refuse_compressed_input
     from ..io.reader import open_checkpoint
 
     src = resolve_model(path)
@@ -37,7 +36,6 @@ def _open(path, out, force):
     if Path(out).exists() and not force:
         raise OutputExistsError(f"output '{out}' already exists; pass --force to replace it")
     ck = open_checkpoint(src)
-    refuse_compressed_input(ck.config, path)
     kind = _kind(ck.config or {})
     if kind == "zoo-mlp":
         raise ConfigError("quantize/compensate work on HF causal LMs and encoders")
@@ -120,6 +118,7 @@ def quantize(path: str = typer.Argument(..., help="model folder (HF causal LM or
             console.print(f"[green]quantized[/] {len(rep.layers)} layers with {rep.method} ({rep.bits} bits, group "
                           f"{rep.group_size}, {'sym' if sym else 'asym'}) in {rep.seconds:.1f} s -> {out} ({fmt})")
         return
+    single_process_only()
     dev, dt = dev_dt(ck, device, dtype)
     model, tok, evaluate = _load(kind, src, ck, eval_data, eval_tokens, no_eval, dtype=dt)
     before = evaluate(model) if evaluate else None
@@ -196,6 +195,7 @@ def compensate(path: str = typer.Argument(..., help="the compressed model folder
             console.print(f"[green]compensated[/] {len(rep.layers)} layers with {method} rank {rank} in "
                           f"{rep.seconds:.1f} s -> {out}")
         return
+    single_process_only()
     dev, dt = dev_dt(ck, device, dtype)
     model, tok, evaluate = _load(kind, src, ck, eval_data, eval_tokens, no_eval, dtype=dt)
     osrc = resolve_model(original)

@@ -248,9 +248,6 @@ def compensate_step(source, cfg: CompensateStepConfig, show_progress: bool | Non
     path = root_path(source)
     if path is None:
         raise ConfigError("the compensate step needs a model folder (a checkpoint with config.json)")
-    from .deploy import refuse_compressed_input
-
-    refuse_compressed_input(getattr(source, "config", None), path)
     dev, dt = cfg.placement()
     model, tok = load_causal_lm(path, dtype=dt)
     orig, _ = load_causal_lm(resolve_model(cfg.original), dtype=dt)

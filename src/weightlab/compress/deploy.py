@@ -43,16 +43,6 @@ def _ct():
     return compressed_tensors
 
 
-def refuse_compressed_input(config: dict | None, path) -> None:
-    """prune/quantize/compensate rewrite dense weights tensor by tensor; packed int32 codes are not that."""
-    from ..io.deployed import is_compressed_tensors
-
-    if is_compressed_tensors(config):
-        raise ConfigError(f"'{path}' is a compressed-tensors checkpoint (packed integer weights); prune, quantize "
-                          "and compensate need dense weights: run them on the unquantized model, or quantize with "
-                          "--format hf")
-
-
 def check_format(fmt: str) -> str:
     if fmt not in FORMATS:
         raise ConfigError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")

@@ -221,9 +221,6 @@ def prune_step(source, cfg: PruneStepConfig, show_progress: bool | None = None):
     path = root_path(source)
     if path is None:
         raise ConfigError("the prune step needs a model folder (a checkpoint with config.json)")
-    from .deploy import refuse_compressed_input
-
-    refuse_compressed_input(getattr(source, "config", None), path)
     dev, dt = cfg.placement()
     model, tok = load_causal_lm(path, dtype=dt)
     rep = prune(model, cfg.method, cfg.sparsity, pattern=cfg.pattern, allocation=cfg.allocation, calib=cfg.calib,

@@ -204,7 +204,6 @@ def quantize_step(source, cfg: QuantizeStepConfig, show_progress: bool | None = 
     path = root_path(source)
     if path is None:
         raise ConfigError("the quantize step needs a model folder (a checkpoint with config.json)")
-    deploy.refuse_compressed_input(getattr(source, "config", None), path)
     ct = cfg.format == "compressed-tensors"
     sym = ct if cfg.sym is None else cfg.sym
     bits = cfg.bits if cfg.bits is not None else get_method("compress", cfg.method).extra.get("default_bits", 4)
