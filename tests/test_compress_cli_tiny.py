@@ -85,7 +85,8 @@ def test_placement_errors_before_any_work(tiny, tmp_path, capsys, monkeypatch):
     if not torch.cuda.is_available():
         assert main(["prune", tiny, "--device", "cuda", "-o", str(tmp_path / "x")]) == 1
         assert "no CUDA device" in capsys.readouterr().err
-    assert main(["quantize", tiny, "-g", "32", "--max-memory", "50KB", "--device", "cpu", "-o", str(tmp_path / "x")]) == 1
+    assert main(["quantize", tiny, "-g", "32", "--max-memory", "50KB", "--device", "cpu",
+                 "-o", str(tmp_path / "x")]) == 1
     assert "more than --max-memory" in capsys.readouterr().err
     assert main(["prune", tiny, "-m", "gblm", "--sequential", "--device", "cpu", "-o", str(tmp_path / "x")]) == 1
     assert "whole model" in capsys.readouterr().err

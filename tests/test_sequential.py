@@ -183,7 +183,8 @@ def test_memory_budget_is_checked_before_any_work(tmp_path):
                        placement=Placement(max_memory="100KB"))
     assert not (tmp_path / "out").exists()
     with pytest.raises(ConfigError, match="cannot parse"):
-        run_sequential("prune", src, tmp_path / "out", calib=IDS, method="wanda", placement=Placement(max_memory="lots"))
+        run_sequential("prune", src, tmp_path / "out", calib=IDS, method="wanda",
+                       placement=Placement(max_memory="lots"))
 
 
 def test_missing_device_is_one_error_before_work(tmp_path):

@@ -107,7 +107,8 @@ def quantize(path: str = typer.Argument(..., help="model folder (HF causal LM or
     if seq:
         from ..compress.deploy_sequential import sequential_writer
 
-        rep = run_sequential_cli("quantize", src, ck, kind, out, force, (device, dtype, offload_activations, max_memory),
+        placement = (device, dtype, offload_activations, max_memory)
+        rep = run_sequential_cli("quantize", src, ck, kind, out, force, placement,
                                  dict(method=method, bits=bits, group_size=group_size, sym=sym,
                                       scale_dtype=scale_dtype, calib=calib, nsamples=nsamples, seqlen=seqlen,
                                       seed=seed, **params),
@@ -187,8 +188,10 @@ def compensate(path: str = typer.Argument(..., help="the compressed model folder
     if wants_sequential(sequential, kind, whole_only=adapter):
         osrc = resolve_model(original)
         check_not_input(Path(out), [osrc])
-        rep = run_sequential_cli("compensate", src, ck, kind, out, force, (device, dtype, offload_activations, max_memory),
-                                 dict(method=method, rank=rank, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed),
+        placement = (device, dtype, offload_activations, max_memory)
+        rep = run_sequential_cli("compensate", src, ck, kind, out, force, placement,
+                                 dict(method=method, rank=rank, calib=calib, nsamples=nsamples, seqlen=seqlen,
+                                      seed=seed),
                                  (eval_data, eval_tokens, no_eval), "compensate-report.json", original=osrc,
                                  hessian=method == "eora", extra={"format": fmt, "original": osrc.name})
         if rep is not None:

@@ -168,7 +168,8 @@ def save_quantized_packed(out, report: QuantReport, model: nn.Module, ck, proven
     from .packed import save_packed
 
     sd = dequantized_state_dict(model, ck)
-    other = {n: t for n, t in sd.items() if n.removesuffix(".weight") not in report.quantized or not n.endswith(".weight")}
+    other = {n: t for n, t in sd.items()
+             if n.removesuffix(".weight") not in report.quantized or not n.endswith(".weight")}
     layouts = {n: {**lay, "dtype": str(ck.info(f"{n}.weight").dtype).replace("torch.", "")}
                for n, lay in report.layouts.items()}
     return save_packed(out, report.quantized, layouts, other, config=ck.config, template=ck.path,

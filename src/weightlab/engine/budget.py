@@ -4,7 +4,8 @@ The terms follow shared/design/scale.md §1.7 (b = bytes of the forward dtype):
 W block weights, S statistics (d_in x d_in fp32 per Hessian layer, d_in otherwise), C the
 activation cache (samples x seqlen x hidden x b), F one block's forward on one batch, G the
 largest solver working set (fp64 weight copy, damped Hessian and its factors, as our solvers
-run in float64: five i x i and three o x i float64 matrices, measured). Host peak on the CPU = resident + W + S + C + F + G; with an accelerator the
+run in float64: five i x i and three o x i float64 matrices, measured). Host peak on the CPU =
+resident + W + S + C + F + G; with an accelerator the
 device holds W + S + F + G (+ C unless activations are offloaded) and the host the resident
 modules, the staging copy of a block (+ C when offloaded). None of the terms grows with depth.
 """

@@ -414,7 +414,8 @@ def each_block(model: nn.Module | None, on_block: Callable, *, layer_filter: Cal
         home = module_device(model)
         model.to(dev)
         with torch.no_grad(), exact_matmul():
-            on_block(0, "", {n: m for n, m in prunable_layers(model).items() if layer_filter is None or layer_filter(n)})
+            on_block(0, "", {n: m for n, m in prunable_layers(model).items()
+                             if layer_filter is None or layer_filter(n)})
         model.to(home)
         if after_block is not None:
             after_block(0, "", model)

@@ -62,7 +62,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = -1, 
     check_bits(bits)
     rows, cols = W.shape
     W64, Hd = damped_hessian(H, W, percdamp, dtype, own_h)
-    perm = torch.argsort(torch.diag(Hd), descending=True, stable=True) if act_order else torch.arange(cols, device=W.device)
+    perm = (torch.argsort(torch.diag(Hd), descending=True, stable=True) if act_order
+            else torch.arange(cols, device=W.device))
     # one factorization, of the matrix in processing order, in place (Hd is not needed afterwards)
     U = upper_inverse_factor(Hd[perm][:, perm] if act_order else Hd, inplace=True)
     del Hd
