@@ -124,12 +124,12 @@ def quantize(model: nn.Module, method: str = "rtn", bits: int | None = None, gro
             w_hat = q.dequantize()
             set_weight_matrix(m, w_hat)
             _, meta = pack_layer(q)
-            sq = float((w.double() ** 2).sum())
+            sq = _sq_sum(w)
             (report.quantized if quantized_sink is None else quantized_sink)[n] = _to_cpu(q)
             report.layouts[n] = layout_of(m)
             report.layers.append({"name": n, "shape": list(w.shape), "numel": w.numel(),
                                   "bits_per_weight": round(meta["bits_per_weight"], 4), "sq_norm": sq,
-                                  "rel_error": float(((w - w_hat).double() ** 2).sum() / max(sq, 1e-30)) ** 0.5})
+                                  "rel_error": (_sq_sum(w, w_hat) / max(sq, 1e-30)) ** 0.5})
 
     if "hessian" not in needs:
         if onload is not None or device is not None:
@@ -144,6 +144,12 @@ def quantize(model: nn.Module, method: str = "rtn", bits: int | None = None, gro
                   after_block=after_block, dist=dist, shards=shards, offload_activations=offload_activations)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _sq_sum(a: torch.Tensor, b: torch.Tensor | None = None, rows: int = 256) -> float:
+    """sum((a - b)^2) in float64, a few rows at a time (float64 copies of a large layer cost 16 bytes a weight)."""
+    return sum(float(((x if b is None else x - b[r:r + rows]).double() ** 2).sum())
+               for r, x in zip(range(0, a.shape[0], rows), a.split(rows)))
 
 
 def _to_cpu(q):

@@ -87,9 +87,11 @@ def run_sequential(verb: str, path: str | os.PathLike, out: str | os.PathLike, *
     onload, dev, dt, dist = open_onloaded(path, task, placement)
     needs_data = hessian or verb == "compensate"
     nsamples, seqlen = kwargs.get("nsamples", 32), kwargs.get("seqlen", 512)
+    precision = kwargs.get("precision", "auto")  # GPTQ/SparseGPT solver dtype (tensor/obs.solver_dtype)
+    solver_bytes = 8 if (precision == "float64" or (precision == "auto" and dev.type == "cpu")) else 4
     estimate = check_budget(onload, nsamples=nsamples if needs_data else 0, seqlen=seqlen, batch_size=4,
                             hessian=hessian, budget=parse_budget(placement.max_memory),
-                            offload_activations=placement.offload_activations)
+                            offload_activations=placement.offload_activations, solver_bytes=solver_bytes)
     main = dist is None or dist.is_main
     writer = None
     if main:

@@ -3,8 +3,8 @@
 The terms follow shared/design/scale.md §1.7 (b = bytes of the forward dtype):
 W block weights, S statistics (d_in x d_in fp32 per Hessian layer, d_in otherwise), C the
 activation cache (samples x seqlen x hidden x b), F one block's forward on one batch, G the
-largest solver working set (fp64 weight copy, damped Hessian and its factors, as our solvers
-run in float64: five i x i and three o x i float64 matrices, measured). Host peak on the CPU =
+solver's working set (the handed-over Hessian, its in-place factorization, copies of the weight;
+see block_estimate), S and F/G taken at whichever phase peaks. Host peak on the CPU =
 resident + W + S + C + F + G; with an accelerator the
 device holds W + S + F + G (+ C unless activations are offloaded) and the host the resident
 modules, the staging copy of a block (+ C when offloaded). None of the terms grows with depth.
@@ -45,24 +45,38 @@ def fmt(n: float) -> str:
 
 
 def block_estimate(block: torch.nn.Module, *, hidden: int, dtype: torch.dtype, batch_tokens: int,
-                   cache_tokens: int, hessian: bool, heads: int = 1) -> dict[str, int]:
-    """Bytes of each term for one block (works on a meta block: only shapes are read)."""
+                   cache_tokens: int, hessian: bool, solver_bytes: int = 8) -> dict[str, int]:
+    """Bytes of each term for one block (works on a meta block: only shapes are read).
+
+    Two phases peak: the calibration forward (every layer's statistics + one batch's activations) and
+    each layer's solve in block order, when the statistics of the layers already done are freed, the
+    solved layer's Hessian has been handed over to the solver (factored in place in float32; a float64
+    copy beside it otherwise) and the solver holds copies of the weight (float32 working copy, solver
+    dtype scratch, codes, the dequantized result). "statistics" and "solver" below are the terms of
+    whichever phase is larger.
+    """
     b = torch.empty((), dtype=dtype).element_size()
+    s = solver_bytes
     W = sum(t.numel() for t in block.state_dict().values()) * b
-    layers = prunable_layers(block)
-    shapes = [tuple(weight_view(m).shape) for m in layers.values()]
-    S = sum((i * i * 4 if hessian else 0) + i * 4 for _, i in shapes)
+    shapes = [tuple(weight_view(m).shape) for m in prunable_layers(block).values()]
+    stats = [(i * i * 4 if hessian else 0) + i * 4 for _, i in shapes]
     widest = max((max(o, i) for o, i in shapes), default=hidden)
     F = batch_tokens * (3 * widest + 4 * hidden) * b + batch_tokens * widest * 4
-    # measured on our float64 solvers (GPTQ/SparseGPT, 512 x 1536): the damped H, its two Cholesky factors,
-    # the inverse and the permuted copy are i x i float64 each; W, Q and the codes are o x i float64
-    G = max((o * i * (4 + 3 * 8) + (5 * i * i * 8 if hessian else 0) for o, i in shapes), default=0)
+    calib = sum(stats) + F
+    best = (calib, sum(stats), F)
+    for k, (o, i) in enumerate(shapes):
+        hess = (i * i * 4 + (i * i * 8 if s == 8 else 0) + i * i * s) if hessian else 0
+        solve = hess + o * i * ((4 + s + 2 + 8) if hessian else 28)  # non-Hessian rules: sort keys and indices
+        later = sum(stats[k + 1:])
+        if later + solve > best[0]:
+            best = (later + solve, later, solve)
     C = cache_tokens * hidden * b
-    return {"weights": W, "statistics": S, "forward": F, "solver": G, "cache": C}
+    return {"weights": W, "statistics": best[1], "forward": F if best[0] == calib else 0,
+            "solver": 0 if best[0] == calib else best[2], "cache": C}
 
 
 def check_budget(onload, *, nsamples: int, seqlen: int, batch_size: int, hessian: bool,
-                 budget: dict[str, int], offload_activations: bool) -> dict:
+                 budget: dict[str, int], offload_activations: bool, solver_bytes: int = 8) -> dict:
     """Estimate the peak of the sequential run; ConfigError naming the block and bytes if it cannot fit."""
     cfg = onload.config.get_text_config() if hasattr(onload.config, "get_text_config") else onload.config
     hidden = int(getattr(cfg, "hidden_size", 0) or 0)
@@ -70,7 +84,8 @@ def check_budget(onload, *, nsamples: int, seqlen: int, batch_size: int, hessian
     per_block = []
     for i, blk in enumerate(onload.blocks):
         per_block.append(block_estimate(blk, hidden=hidden, dtype=onload.dtype, batch_tokens=batch_size * seqlen,
-                                        cache_tokens=nsamples * seqlen, hessian=hessian))
+                                        cache_tokens=nsamples * seqlen, hessian=hessian,
+                                        solver_bytes=solver_bytes))
     worst = max(range(len(per_block)), key=lambda i: sum(per_block[i].values()))
     e = per_block[worst]
     resident = onload.resident_bytes()

@@ -93,11 +93,15 @@ class AffineQuant:
     group_size: int
     sym: bool = False
 
-    def dequantize(self) -> torch.Tensor:
+    def dequantize(self, rows: int = 256) -> torch.Tensor:
+        # row chunks: the gathered scales, zeros and float codes of the whole matrix would be three more
+        # (out x in) float32 copies at the peak of a large layer; the values are the same elementwise ops
         g = self.g_idx.long()
-        s = self.scales.float()[:, g]
-        z = self.zeros.float()[:, g]
-        return s * (self.codes.float() - z)
+        out = torch.empty(self.codes.shape, dtype=torch.float32, device=self.codes.device)
+        for r in range(0, self.codes.shape[0], rows):
+            sl = slice(r, r + rows)
+            out[sl] = self.scales[sl].float()[:, g] * (self.codes[sl].float() - self.zeros[sl].float()[:, g])
+        return out
 
     @property
     def trivial_g_idx(self) -> bool:
