@@ -203,3 +203,21 @@ def test_find_blocks_on_meta_skeleton(tmp_path):
     name, blocks = find_blocks(om.model)
     assert name == "model.layers" and len(blocks) == 3
     assert not om.model.model.embed_tokens.weight.is_meta
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "phi3", "gemma"])
+def test_sequential_other_decoder_families(tmp_path, arch):
+    """The engine finds the blocks and captures their inputs through each model's own forward (embedding
+    scaling, rotary embedding, masks), so other decoder families onload the same way."""
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    cfg = {"mistral": lambda: transformers.MistralConfig(**common),
+           "qwen2": lambda: transformers.Qwen2Config(**common),
+           "phi3": lambda: transformers.Phi3Config(**common, pad_token_id=0),
+           "gemma": lambda: transformers.GemmaConfig(**common, head_dim=16)}[arch]()
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).eval().save_pretrained(tmp_path / "src", max_shard_size="40KB")
+    run_sequential("prune", tmp_path / "src", tmp_path / "out", calib=IDS, method="sparsegpt", sparsity=0.5)
+    whole = _whole(tmp_path / "src")
+    prune(whole, "sparsegpt", 0.5, calib=IDS)
+    _assert_same_as_written(whole, tmp_path / "out")
