@@ -239,7 +239,7 @@ def render(meta: dict, results: list[dict], threads) -> str:
                             f"{', '.join(f'{x:.2f}x' for x in ratios)} (CPU seconds "
                             f"{', '.join(f'{x:.2f}x' for x in cpu)}) - target <= 1x {v}.")
     loads = [x for r in results for x in (r.get("loadavg_start"), r.get("loadavg_end")) if x is not None]
-    v = results[0].get("versions", {}) if results else {}
+    v = next((r.get("versions", {}) for r in results if r["mode"] != "llm-compressor"), {})
     lcv = next((r.get("versions", {}) for r in results if r["mode"] == "llm-compressor"), {})
     return "\n".join([
         f"Model: synthetic Llama, {meta['params'] / 1e9:.2f} B parameters ({meta['layers']} layers, hidden 2048, "
