@@ -143,3 +143,20 @@ def test_dpruner_limits():
     assert torch.equal(torch.argsort(big), torch.argsort(G * w * w))
     with pytest.raises(Exception):
         DPrunerConfig()  # the domain data is required
+
+
+def test_row_mask_selection_equals_stable_sort_with_ties():
+    """row_mask selects with kthvalue; it must prune exactly what a stable ascending sort would (ties to the
+    lowest index), on heavily tied integer scores as well as continuous ones."""
+    from weightlab.tensor.pruning import row_mask
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(100):
+        r, c = torch.randint(1, 24, (2,), generator=g).tolist()
+        x = torch.randint(0, 3, (r, c), generator=g).float() if trial % 2 else torch.randn(r, c, generator=g)
+        for sp in (0.25, 0.5, 0.75):
+            k = int(sp * c)
+            ref = torch.ones(r, c, dtype=torch.bool)
+            if k:
+                ref.scatter_(1, torch.sort(x, dim=1, stable=True).indices[:, :k], False)
+            assert torch.equal(row_mask(x, sp), ref)

@@ -18,13 +18,25 @@ def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
 
 
 def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Per output row, prune exactly floor(sparsity * cols) lowest scores (Wanda's comparison group)."""
+    """Per output row, prune exactly floor(sparsity * cols) lowest scores (Wanda's comparison group).
+
+    The k-th smallest value per row (a selection, not a sort) splits each row: everything below it is
+    pruned, then entries equal to it in index order until k are gone. That is exactly the first k of a
+    stable ascending sort (ties to the lowest index), at a fraction of the sort's time on wide rows.
+    NaN scores (which a sort puts last) fall back to the sort.
+    """
     k = int(sparsity * scores.shape[1])
-    mask = torch.ones_like(scores, dtype=torch.bool)
-    if k > 0:
-        idx = torch.sort(scores, dim=1, stable=True).indices[:, :k]
-        mask.scatter_(1, idx, False)
-    return mask
+    if k <= 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if torch.isnan(scores).any():
+        mask = torch.ones_like(scores, dtype=torch.bool)
+        mask.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :k], False)
+        return mask
+    kth = torch.kthvalue(scores, k, dim=1, keepdim=True).values
+    below = scores < kth
+    tie = scores == kth
+    need = k - below.sum(1, keepdim=True)
+    return ~(below | (tie & (tie.cumsum(1) <= need)))
 
 
 def layer_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
