@@ -238,3 +238,15 @@ def loadavg_range(results: list[dict]) -> tuple[float, float]:
 
 def fmt(x, nd=1) -> str:
     return "n/a" if x is None else f"{x:,.{nd}f}"
+
+
+def publish(body: str, work: Path, section: str, write: bool, keep: bool) -> int:
+    """Print the rendered section, keep a copy in the work folder, write it to RESULTS.md when asked."""
+    print("\n" + body)
+    (work / "section.md").write_text(body)
+    if write:
+        C.write_section(section, body)
+        C.log(f"wrote the '{section}' section of {C.RESULTS_MD}")
+    if not keep:
+        C.rmtree(work)
+    return 0

@@ -354,14 +354,7 @@ def main(argv: list[str]) -> int:
     (work / "state.json").write_text(json.dumps({"disk": disk, "data": data, "total_s": total, "note": note},
                                                 default=str))
     body = render(results, disk, data, total, note)
-    print("\n" + body)
-    (work / "section.md").write_text(body)
-    if write:
-        C.write_section(SECTION, body)
-        C.log(f"wrote the '{SECTION}' section of {C.RESULTS_MD}")
-    if not args.keep:
-        C.rmtree(work)
-    return 0
+    return CC.publish(body, work, SECTION, write, args.keep)
 
 
 # ============================================================================ report

@@ -395,14 +395,7 @@ def main(argv: list[str]) -> int:
     total = time.perf_counter() - t_all
     (work / "total_s.txt").write_text(f"{total}\n{' '.join(_argv_summary(args))}\n")
     body = render(results, data, work, total, " ".join(_argv_summary(args)) if partial else "")
-    print("\n" + body)
-    (work / "section.md").write_text(body)
-    if write:
-        C.write_section(SECTION, body)
-        C.log(f"wrote the '{SECTION}' section of {C.RESULTS_MD}")
-    if not args.keep:
-        C.rmtree(work)
-    return 0
+    return CC.publish(body, work, SECTION, write, args.keep)
 
 
 def is_partial(args) -> bool:

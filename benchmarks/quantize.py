@@ -332,14 +332,7 @@ def main(argv: list[str]) -> int:
                                 "--skip-lc" if args.skip_lc else "") if a)
     (work / "total_s.txt").write_text(f"{total}\n{note}\n")
     body = render(results, data, total, note)
-    print("\n" + body)
-    (work / "section.md").write_text(body)
-    if write:
-        C.write_section(SECTION, body)
-        C.log(f"wrote the '{SECTION}' section of {C.RESULTS_MD}")
-    if not args.keep:
-        C.rmtree(work)
-    return 0
+    return CC.publish(body, work, SECTION, write, args.keep)
 
 
 def _qual(q: dict) -> str:

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..engine.calibration import each_block, layerwise, set_weight_matrix, weight_matrix, weight_view
 from ..errors import ConfigError, WeightlabError
-from ..registry import MethodConfig, Regime, register
+from ..registry import Regime, register
 from ..tensor.eora import eora, svd_lowrank, weighted_error
 from .prune import _blocks_of, target_layers, to_batches
 from .sequential import PlacementFields

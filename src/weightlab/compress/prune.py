@@ -20,7 +20,7 @@ from ..engine.calibration import (each_block, find_blocks, layerwise, prunable_l
                                   weight_matrix, weight_view)
 from ..engine.progress import progress
 from ..errors import ConfigError
-from ..registry import MethodConfig, Regime, get_method, register
+from ..registry import Regime, get_method, register
 from ..tensor.pruning import parse_pattern
 from .rules import LayerContext
 from .sequential import PlacementFields

@@ -23,7 +23,7 @@ from torch import nn
 from ..engine.calibration import LayerStats, each_block, layerwise, set_weight_matrix, weight_matrix
 from ..engine.progress import progress
 from ..errors import ConfigError
-from ..registry import KINDS, MethodConfig, Regime, get_method, register
+from ..registry import KINDS, Regime, get_method, register
 from .packed import layout_of, pack_layer
 from .prune import _blocks_of, target_layers, to_batches
 from .sequential import PlacementFields

@@ -12,7 +12,6 @@ CNNs) are one block.
 from __future__ import annotations
 
 import gc
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 

@@ -84,7 +84,7 @@ def streamed_perplexity(path, tokenizer, text: str, *, seqlen: int = 512, max_to
     (engine/onload.py), and the model's own tail (final norm, head, any logit scaling) runs on the
     cached last hidden states, so no architecture's output maths is re-implemented here.
     """
-    from .calibration import _Stop, _block_output, _with_hidden, capture_inputs, to_device
+    from .calibration import _block_output, _with_hidden, capture_inputs, to_device
     from .onload import OnloadedModel
 
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][:max_tokens]
