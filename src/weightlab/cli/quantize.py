@@ -49,6 +49,8 @@ def quantize(path: str = typer.Argument(..., help="model folder (HF causal LM or
              group_size: int = typer.Option(128, "--group-size", "-g", help="columns per group; -1 = per channel"),
              sym: bool = typer.Option(None, "--sym/--asym", help="symmetric grid (RTN/GPTQ); default: symmetric "
                                       "for compressed-tensors (what vLLM serves), asymmetric for hf"),
+             keep_zeros: bool = typer.Option(True, "--keep-zeros/--no-keep-zeros",
+                                             help="weights that are exactly 0 (a pruned model) stay exactly 0"),
              salient: float = typer.Option(None, "--salient", help="PB-LLM salient fraction (default 0.1)"),
              calib: str = typer.Option("wiki", "--calib"), nsamples: int = typer.Option(32, "--nsamples"),
              seqlen: int = typer.Option(512, "--seqlen"), seed: int = typer.Option(0, "--seed"),
@@ -111,7 +113,7 @@ def quantize(path: str = typer.Argument(..., help="model folder (HF causal LM or
         rep = run_sequential_cli("quantize", src, ck, kind, out, force, placement,
                                  dict(method=method, bits=bits, group_size=group_size, sym=sym,
                                       scale_dtype=scale_dtype, calib=calib, nsamples=nsamples, seqlen=seqlen,
-                                      seed=seed, **params),
+                                      seed=seed, keep_zeros=keep_zeros, **params),
                                  (eval_data, eval_tokens, no_eval), "quantize-report.json", hessian=hessian,
                                  extra={"format": fmt, "sym": sym, "scale_dtype": scale_dtype},
                                  **(sequential_writer(ck) if ct else {}))
@@ -127,7 +129,7 @@ def quantize(path: str = typer.Argument(..., help="model folder (HF causal LM or
         console.print(f"before: {before}")
     rep = do_quantize(model, method, bits, group_size, sym=sym, scale_dtype=scale_dtype, calib=calib, tokenizer=tok,
                       nsamples=nsamples, seqlen=seqlen, seed=seed, device=dev,
-                      offload_activations=offload_activations, **params)
+                      offload_activations=offload_activations, keep_zeros=keep_zeros, **params)
     after = evaluate(model) if evaluate else None
     if after:
         console.print(f"after:  {after}")

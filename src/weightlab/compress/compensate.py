@@ -241,15 +241,12 @@ class CompensateStepConfig(PlacementFields):
                 "(Liu et al., 2024)",
           summary="recipe step: add merged rank-r EoRA (or plain SVD) corrections of a compressed causal LM")
 def compensate_step(source, cfg: CompensateStepConfig, show_progress: bool | None = None):
-    from ..engine.source import MappedSource, root_path
+    from ..engine.source import MappedSource, load_model_from
     from ..io.hf import load_causal_lm
     from ..recipe.models import resolve_model
 
-    path = root_path(source)
-    if path is None:
-        raise ConfigError("the compensate step needs a model folder (a checkpoint with config.json)")
     dev, dt = cfg.placement()
-    model, tok = load_causal_lm(path, dtype=dt)
+    model, tok = load_model_from(source, dt)
     orig, _ = load_causal_lm(resolve_model(cfg.original), dtype=dt)
     compensate(model, orig, cfg.method, cfg.rank, calib=cfg.calib, tokenizer=tok, nsamples=cfg.nsamples, device=dev,
                seqlen=cfg.seqlen, seed=cfg.seed, sampling=cfg.sampling, show_progress=show_progress)

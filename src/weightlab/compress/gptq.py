@@ -31,6 +31,6 @@ def gptq(ctx: QuantContext):
     # take_H: the statistics hand their Hessian over, so it is damped and factored in place
     q, loss = gptq_solve(ctx.weight, ctx.stats.take_H(), ctx.bits, ctx.group_size, ctx.sym, c.act_order,
                          c.static_groups, c.blocksize, c.percdamp, ctx.scale_dtype,
-                         solver_dtype(c.precision, ctx.weight.device), own_h=True)
+                         solver_dtype(c.precision, ctx.weight.device), own_h=True, keep=ctx.keep)
     ctx.extra["loss"] = loss
     return q

@@ -215,14 +215,10 @@ class PruneStepConfig(PlacementFields):
           paper="(recipe step running a pruning rule; see the rules' papers)",
           summary="recipe step: prune a causal LM checkpoint with any rule, pattern and allocation")
 def prune_step(source, cfg: PruneStepConfig, show_progress: bool | None = None):
-    from ..engine.source import MappedSource, root_path
-    from ..io.hf import load_causal_lm
+    from ..engine.source import MappedSource, load_model_from
 
-    path = root_path(source)
-    if path is None:
-        raise ConfigError("the prune step needs a model folder (a checkpoint with config.json)")
     dev, dt = cfg.placement()
-    model, tok = load_causal_lm(path, dtype=dt)
+    model, tok = load_model_from(source, dt)
     rep = prune(model, cfg.method, cfg.sparsity, pattern=cfg.pattern, allocation=cfg.allocation, calib=cfg.calib,
                 tokenizer=tok, nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed, sampling=cfg.sampling,
                 show_progress=show_progress, device=dev, **cfg.params)

@@ -44,6 +44,7 @@ class QuantContext:
     cfg: object
     stats: LayerStats | None = None
     extra: dict = field(default_factory=dict)
+    keep: torch.Tensor | None = None  # (out, in) bool: weights that must stay exactly 0 (a pruned model's zeros)
 
 
 @dataclass
@@ -82,7 +83,7 @@ def quantize(model: nn.Module, method: str = "rtn", bits: int | None = None, gro
              seqlen: int = 512, seed: int = 0, sampling: str = "random", show_progress: bool | None = None,
              layer_filter=None, device: str | torch.device | None = None, after_block=None, dist=None,
              shards: int = 1, offload_activations: bool = False, quantized_sink: dict | None = None,
-             **method_params) -> QuantReport:
+             keep_zeros: bool = True, **method_params) -> QuantReport:
     """Quantize ``model`` in place (weights := dequantized values); return the report with integer layers.
 
     ``group_size <= 0`` means one group per output row (per-channel); a partial last group is allowed.
@@ -91,6 +92,9 @@ def quantize(model: nn.Module, method: str = "rtn", bits: int | None = None, gro
     ``shards`` and ``offload_activations`` are engine.calibration.layerwise's. ``quantized_sink``: a dict
     that receives the integer layers instead of ``report.quantized`` (sequential writers consume and
     drop them block by block, so the codes of the whole model are never held at once).
+    ``keep_zeros``: a weight that is exactly 0 before quantization (a pruned model) is exactly 0
+    after it - the zero level is on every affine grid, and GPTQ compensates the error of keeping
+    it. Quantizers without a zero level (StatsQ, PB-LLM) refuse a pruned layer unless this is off.
     """
     t0 = time.perf_counter()
     onload = model if hasattr(model, "load_block") else None
@@ -118,9 +122,13 @@ def quantize(model: nn.Module, method: str = "rtn", bits: int | None = None, gro
     def do_layers(names_mods, stats):
         for n, m in names_mods.items():
             w = weight_matrix(m)
+            keep = _zeros_to_keep(n, w, spec) if keep_zeros else None
             # pop: each layer's d_in x d_in statistics are freed once it is done, not at the end of the block
-            ctx = QuantContext(n, m, w, bits, group_size, sym, scale_dtype, cfg, stats.pop(n, None) if stats else None)
+            ctx = QuantContext(n, m, w, bits, group_size, sym, scale_dtype, cfg, stats.pop(n, None) if stats else None,
+                               keep=keep)
             q = spec.fn(ctx)
+            if keep is not None:
+                q = _force_zeros(q, keep)
             w_hat = q.dequantize()
             set_weight_matrix(m, w_hat)
             _, meta = pack_layer(q)
@@ -129,7 +137,8 @@ def quantize(model: nn.Module, method: str = "rtn", bits: int | None = None, gro
             report.layouts[n] = layout_of(m)
             report.layers.append({"name": n, "shape": list(w.shape), "numel": w.numel(),
                                   "bits_per_weight": round(meta["bits_per_weight"], 4), "sq_norm": sq,
-                                  "rel_error": (_sq_sum(w, w_hat) / max(sq, 1e-30)) ** 0.5})
+                                  "rel_error": (_sq_sum(w, w_hat) / max(sq, 1e-30)) ** 0.5,
+                                  "kept_zeros": int(keep.sum()) if keep is not None else 0})
 
     if "hessian" not in needs:
         if onload is not None or device is not None:
@@ -144,6 +153,32 @@ def quantize(model: nn.Module, method: str = "rtn", bits: int | None = None, gro
                   after_block=after_block, dist=dist, shards=shards, offload_activations=offload_activations)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _zeros_to_keep(name: str, w: torch.Tensor, spec) -> torch.Tensor | None:
+    keep = w == 0
+    n = int(keep.sum())
+    if n == 0:
+        return None
+    if not spec.extra.get("zero_level", True):
+        from .deploy import MIN_SPARSITY
+
+        if n / w.numel() >= MIN_SPARSITY:
+            raise ConfigError(f"layer '{name}' is pruned ({n / w.numel():.0%} exact zeros) and {spec.name}'s grid "
+                              "has no zero level, so quantizing would undo the pruning; use rtn or gptq, or pass "
+                              "keep_zeros=False (CLI: --no-keep-zeros) to quantize it anyway")
+        return None
+    return keep
+
+
+def _force_zeros(q, keep: torch.Tensor):
+    """Codes of the kept zeros := their group's zero point (exactly 0 after dequantization)."""
+    from ..tensor.quant import AffineQuant
+
+    if isinstance(q, AffineQuant):
+        zp = q.zeros[:, q.g_idx.long()]
+        q.codes = torch.where(keep, zp, q.codes)
+    return q
 
 
 def _sq_sum(a: torch.Tensor, b: torch.Tensor | None = None, rows: int = 256) -> float:
@@ -196,6 +231,7 @@ class QuantizeStepConfig(PlacementFields):
     sampling: Literal["random", "consecutive"] = "random"
     format: Literal["hf", "compressed-tensors"] = Field(
         "hf", description="hf: dequantized weights; compressed-tensors: packed 4/8-bit (must be the last step)")
+    keep_zeros: bool = Field(True, description="weights that are exactly 0 (a pruned model) stay exactly 0")
     params: dict = Field(default_factory=dict, description="the quantizer's own parameters")
 
 
@@ -204,20 +240,16 @@ class QuantizeStepConfig(PlacementFields):
           summary="recipe step: quantize a causal LM checkpoint (RTN, GPTQ, PB-LLM, StatsQ); writes dequantized "
                   "weights or compressed-tensors")
 def quantize_step(source, cfg: QuantizeStepConfig, show_progress: bool | None = None):
-    from ..engine.source import MappedSource, root_path
-    from ..io.hf import load_causal_lm
+    from ..engine.source import MappedSource, load_model_from
     from . import deploy
 
-    path = root_path(source)
-    if path is None:
-        raise ConfigError("the quantize step needs a model folder (a checkpoint with config.json)")
     ct = cfg.format == "compressed-tensors"
     sym = ct if cfg.sym is None else cfg.sym
     bits = cfg.bits if cfg.bits is not None else get_method("compress", cfg.method).extra.get("default_bits", 4)
     if ct:
         deploy.check_request(cfg.method, bits, cfg.group_size, cfg.params)
     dev, dt = cfg.placement()
-    model, tok = load_causal_lm(path, dtype=dt)
+    model, tok = load_model_from(source, dt)
     scale_dtype = "float16"
     if ct:
         layers = target_layers(model)
@@ -226,7 +258,7 @@ def quantize_step(source, cfg: QuantizeStepConfig, show_progress: bool | None = 
             str(source.info(f"{next(iter(layers))}.weight").dtype).removeprefix("torch."), "float16")
     rep = quantize(model, cfg.method, bits, cfg.group_size, sym=sym, scale_dtype=scale_dtype, calib=cfg.calib,
                    tokenizer=tok, nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed, sampling=cfg.sampling,
-                   show_progress=show_progress, device=dev, **cfg.params)
+                   show_progress=show_progress, device=dev, keep_zeros=cfg.keep_zeros, **cfg.params)
     if ct:
         return deploy.CompressedTensorsSource(rep.quantized, model, source)
     sd = model.state_dict()

@@ -70,3 +70,27 @@ def root_path(source) -> Path | None:
             return Path(p)
         source = getattr(source, "inner", None)
     return None
+
+
+def load_model_from(source, dtype: torch.dtype = torch.float32):
+    """(causal LM, tokenizer) holding the tensors of ``source`` as it is now.
+
+    A recipe step receives the model as the previous step left it (a pruned model stays pruned):
+    the architecture, config and tokenizer come from the checkpoint the source was read from,
+    every weight the source has is then taken from the source itself.
+    """
+    from ..errors import ConfigError
+    from ..io.hf import load_causal_lm
+
+    path = root_path(source)
+    if path is None:
+        raise ConfigError("this step needs a model folder (a checkpoint with config.json)")
+    model, tok = load_causal_lm(path, dtype=dtype)
+    if getattr(source, "inner", None) is None:
+        return model, tok  # the checkpoint itself: nothing changed since it was read
+    sd = model.state_dict()
+    with torch.no_grad():
+        for name in source.names():
+            if name in sd:
+                sd[name].copy_(source.get(name).to(sd[name].dtype))
+    return model, tok

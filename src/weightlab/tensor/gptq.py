@@ -53,11 +53,14 @@ def obs_quantize(W: torch.Tensor, U: torch.Tensor, column: Callable, blocksize: 
 def gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = -1, sym: bool = False,
          act_order: bool = False, static_groups: bool = False, blocksize: int = 128, percdamp: float = 0.01,
          scale_dtype: str = "float16", dtype: torch.dtype = torch.float64,
-         own_h: bool = False) -> tuple[AffineQuant, float]:
+         own_h: bool = False, keep: torch.Tensor | None = None) -> tuple[AffineQuant, float]:
     """GPTQ-quantize W (out x in) against the Hessian proxy H (in x in). Returns (AffineQuant, loss).
 
     With groups, ``blocksize`` is rounded to a multiple of ``group_size`` so every group lies in
     one lazy block (its parameters then see all earlier updates). A partial last group is fine.
+    ``keep``: a boolean (out x in) mask of weights that must come out exactly 0 (a pruned model's
+    zeros): they are set to the grid's zero level (code = zero point) and, as in SparseGPT, the
+    error of doing so is pushed onto the later columns; group grids are fitted without them.
     """
     check_bits(bits)
     rows, cols = W.shape
@@ -84,6 +87,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = -1, 
         scales[:, 0], zeros[:, 0] = find_params(W64, bits, sym, scale_dtype)
     if act_order:
         W64 = W64[:, perm]
+        keep = keep[:, perm] if keep is not None else None
     codes_p = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)  # in processing order; codes < 256
     dynamic = group_size > 0 and not static_groups
     group_of = g_idx[perm].tolist()  # plain ints: tensor indexing per column costs more than the column's maths
@@ -91,9 +95,14 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = -1, 
     def column(j, W1, i):
         g = group_of[j]
         if dynamic and j % group_size == 0:
-            scales[:, g], zeros[:, g] = find_params(W1[:, i:i + group_size], bits, sym, scale_dtype)
+            win = W1[:, i:i + group_size]
+            if keep is not None:  # the forced zeros are on every grid (xmin <= 0 <= xmax); fit on the rest
+                win = win.masked_fill(keep[:, j:j + win.shape[1]], 0)
+            scales[:, g], zeros[:, g] = find_params(win, bits, sym, scale_dtype)
         s, z = scales[:, g], zeros[:, g]
         c = to_codes(W1[:, i], s, z, bits)
+        if keep is not None:
+            c = torch.where(keep[:, j], z, c)
         codes_p[:, j] = c
         return s * (c - z)
 
