@@ -36,3 +36,25 @@ def test_global_registry_has_every_family_loaded():
     assert {s.family for s in specs} >= {"inspect", "compress"}
     for s in specs:
         assert s.paper and s.summary and s.regime in wl.Regime
+
+
+def test_every_module_that_registers_a_method_is_discovered():
+    """A method file nothing imports would be missing from `weightlab methods` (robust-weight-signature was).
+    In a fresh interpreter: other tests may have imported the modules already."""
+    import json
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    registering = [p for p in (src / "weightlab").rglob("*.py")
+                   if re.search(r"^@register\(|^\s*register\(", p.read_text(), re.M) and p.name != "registry.py"]
+    assert len(registering) > 40
+    names = {".".join(p.relative_to(src).with_suffix("").parts).removesuffix(".__init__") for p in registering}
+    code = ("import json, sys; from weightlab.registry import list_methods; ms = list_methods(); "
+            "print(json.dumps([sorted(sys.modules), [m.name for m in ms]]))")
+    mods, methods = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                              check=True).stdout)
+    assert not sorted(names - set(mods))
+    assert "robust-weight-signature" in methods

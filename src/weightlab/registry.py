@@ -141,10 +141,18 @@ _loaded = False
 
 
 def load_families() -> None:
-    """Import every family package so its methods register themselves."""
+    """Import every module of every family package, so each method registers itself.
+
+    Every module, not only those the package's ``__init__`` happens to import: a method file that
+    nothing imports would otherwise be silently missing from ``weightlab methods``.
+    """
     global _loaded
     if _loaded:
         return
     _loaded = True
+    import pkgutil
+
     for fam in FAMILIES:
-        importlib.import_module(f"weightlab.{fam}")
+        pkg = importlib.import_module(f"weightlab.{fam}")
+        for info in pkgutil.walk_packages(pkg.__path__, f"weightlab.{fam}."):
+            importlib.import_module(info.name)
