@@ -159,7 +159,7 @@ def child_convergence(methods: list[str], seeds: int, steps: int, batch: int, se
     import torch
 
     from weightlab import adapt, zoo
-    from weightlab.engine.training import TextData, tune
+    from weightlab.adapt.training import TextData, tune
     from weightlab.io.hf import load_causal_lm
     from weightlab.registry import get_method
 

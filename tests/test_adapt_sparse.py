@@ -457,7 +457,7 @@ def test_pst_merged_model_is_sparse_and_factor_free():
                                         ("sara", dict(eps=0.02)), ("sltrain", dict(delta=0.05)),
                                         ("pst", dict(r_score=2, final_sparsity=0.5))])
 def test_tune_runs_with_step_hooks(method, cfg, tmp_path):
-    from weightlab.engine.training import TextData, tune
+    from weightlab.adapt.training import TextData, tune
 
     m = tiny_llama()
     g = torch.Generator().manual_seed(0)

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 def tiny(tmp_path_factory):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    from weightlab.engine.calib_data import load_text
+    from weightlab.io.refs import load_text
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -114,7 +114,7 @@ def test_histogram_plot(tmp_path, monkeypatch):
     def missing():
         raise wl.MissingDependencyError("matplotlib", "Plotting score histograms", "'weightlab[plot]'")
 
-    monkeypatch.setattr(T, "_pyplot", missing)
+    monkeypatch.setattr(T, "pyplot", missing)
     with pytest.raises(wl.MissingDependencyError, match=r"weightlab\[plot\]"):
         _table().plot(tmp_path / "h2.png")
 

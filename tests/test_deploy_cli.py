@@ -189,6 +189,6 @@ def test_quantize_cli_smollm2_w4a16_loads_as_weightlabs_model(tmp_path):
     with torch.no_grad():
         assert (m(input_ids=x).logits - ref(input_ids=x).logits).abs().max() < 1e-4  # measured: 0
     bpw = wl.open_checkpoint(out).info("model.layers.0.mlp.up_proj.weight_scale").dtype.itemsize * 8 / 64 + 4
-    from weightlab.cli.info import describe
+    from weightlab.io.describe import describe
 
     assert describe(out)["quantization"]["bits_per_weight"] == pytest.approx(bpw, abs=0.01)

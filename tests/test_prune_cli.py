@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import weightlab as wl
-from weightlab.engine.calib_data import load_text, token_windows
+from weightlab.engine.calib_data import token_windows
+from weightlab.io.refs import load_text
 
 pytest.importorskip("sklearn")
 

@@ -6,7 +6,7 @@ import torch
 
 from weightlab.adapt.api import adapter_state
 from weightlab.engine.sample_loss import LossWeighting, sequence_losses
-from weightlab.engine.training import PairData, TextData, tune
+from weightlab.adapt.training import PairData, TextData, tune
 from weightlab.errors import ConfigError
 from weightlab.tensor.reweight import ldr_kl
 

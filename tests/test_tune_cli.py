@@ -9,7 +9,7 @@ import torch
 from weightlab import adapt
 from weightlab.adapt.api import adapter_state
 from weightlab.cli import main
-from weightlab.engine.training import PairData, load_data, tune
+from weightlab.adapt.training import PairData, load_data, tune
 from weightlab.io.hf import load_causal_lm
 
 transformers = pytest.importorskip("transformers")

@@ -119,7 +119,7 @@ def export_folder_peft(adapter_dir, out_dir, *, base: str | None = None, svd_ran
     ck = None
     if base is not None:
         from ..io.reader import open_checkpoint
-        from ..recipe.models import resolve_model
+        from ..io.refs import resolve_model
 
         ck = open_checkpoint(resolve_model(base))
     kinds = conf.get("kinds", {})

@@ -38,7 +38,7 @@ class LoadedModel:
     names: list[str] | None = None  # tensors stored in the HF folder
 
 
-def _classifier_config(model, dataset: str, kind: str) -> dict:
+def classifier_config(model, dataset: str, kind: str) -> dict:
     from ..zoo import load_dataset
 
     data = load_dataset(dataset)
@@ -58,7 +58,7 @@ def load_model(ref: str) -> LoadedModel:
         from ..zoo import trained_classifier
 
         model = trained_classifier(m["dataset"], m["kind"], int(m["seed"]))
-        return LoadedModel(model, "classifier", ref, m["dataset"], _classifier_config(model, m["dataset"], m["kind"]))
+        return LoadedModel(model, "classifier", ref, m["dataset"], classifier_config(model, m["dataset"], m["kind"]))
     m = _ZOO_FT.match(ref)
     if m:
         from ..zoo import digits_finetunes
@@ -69,7 +69,7 @@ def load_model(ref: str) -> LoadedModel:
             raise ConfigError(f"the zoo has fine-tunes ft0..ft{len(DEFAULT_SUBSETS) - 1}, not ft{i}")
         base, fts = digits_finetunes(m["kind"])
         model = base if i is None else fts[i]
-        return LoadedModel(model, "classifier", ref, "digits", _classifier_config(model, "digits", m["kind"]))
+        return LoadedModel(model, "classifier", ref, "digits", classifier_config(model, "digits", m["kind"]))
     if ref.startswith("zoo:"):
         raise ConfigError(f"unknown zoo classifier '{ref}'; write zoo:DATASET-KIND-seedN, e.g. zoo:digits-mlp-seed0 "
                           f"(datasets: digits, mnist1d; kinds: mlp, cnn), or zoo:digits-mlp-base / "
@@ -106,7 +106,7 @@ def load_model(ref: str) -> LoadedModel:
         except RuntimeError as e:
             raise CheckpointError(f"weights do not fit the {kind} its config.json describes: "
                                   f"{str(e).splitlines()[0]}", p) from None
-        return LoadedModel(model.eval(), "classifier", ref, dataset, _classifier_config(model, dataset, kind))
+        return LoadedModel(model.eval(), "classifier", ref, dataset, classifier_config(model, dataset, kind))
     from ..io.hf import load_causal_lm, load_encoder
 
     names = open_checkpoint(p).names()

@@ -81,9 +81,6 @@ def html_report(res: Connectivity, title: str, inputs: dict | None = None) -> st
 
 
 def write_report(res: Connectivity, path: str | Path, title: str, inputs: dict | None = None) -> Path:
-    from ..zoo._cache import atomic_file
+    from ..io.atomic import write_file_atomic
 
-    p = Path(path)
-    with atomic_file(p) as tmp:
-        tmp.write_text(html_report(res, title, inputs), encoding="utf-8")
-    return p
+    return write_file_atomic(Path(path), html_report(res, title, inputs))

@@ -46,7 +46,7 @@ def is_main_rank() -> bool:
 
 def streamed_eval(src, tok, eval_data: str, eval_tokens: int, device, dtype):
     """Perplexity of a checkpoint folder without loading it whole (rank 0 only)."""
-    from ..engine.calib_data import load_text
+    from ..io.refs import load_text
     from ..engine.evaluate import streamed_perplexity
 
     text = load_text(eval_data, "heldout")

@@ -42,10 +42,10 @@ def tune(path: str = typer.Argument(..., help="causal-LM folder (HF) or zoo:NAME
     """
     import yaml
 
-    from ..engine.training import tune as run_tune
+    from ..adapt.training import tune as run_tune
     from ..io.atomic import check_not_input
     from ..io.hf import load_causal_lm
-    from ..recipe.models import resolve_model
+    from ..io.refs import resolve_model
 
     from ..engine.device import resolve_device
 

@@ -101,7 +101,7 @@ def connect(a: str = typer.Argument(..., help=f"model A: {_REF_HELP}"),
         evaluator = ClassificationEvaluator(ds.x_test, ds.y_test)
         bn_data = ds.x_train
     elif la.kind == "causal-lm":
-        from ..engine.calib_data import load_text
+        from ..io.refs import load_text
 
         evaluator = CausalLMEvaluator(la.tokenizer, load_text(data or "wiki", "heldout"), seqlen=256,
                                       max_tokens=max_tokens)
@@ -112,10 +112,9 @@ def connect(a: str = typer.Argument(..., help=f"model A: {_REF_HELP}"),
                        ConnectivityConfig(points=points, align=not no_align), bn_data=bn_data, device=device)
     summary = res.summary()
     if plot:
-        from ..zoo._cache import atomic_file
+        from ..io.atomic import write_file_atomic
 
-        with atomic_file(Path(plot)) as tmp:
-            tmp.write_bytes(plot_paths(res, f"{a} -> {b}"))
+        write_file_atomic(Path(plot), plot_paths(res, f"{a} -> {b}"))
     if report:
         write_report(res, report, f"Linear mode connectivity: {a} -> {b}",
                      {"a": a, "b": b, "data": data or la.dataset or "wiki", "points": points})
@@ -203,7 +202,7 @@ def pleas_cmd(a: str = typer.Argument(..., help=f"model A: {_CLS_HELP}"),
     """PLeaS: match A's and B's units, merge each layer to n(1 + ratio) units, refit every layer by least squares."""
     import dataclasses
 
-    from ..align.models import _classifier_config, save_aligned
+    from ..align.models import classifier_config, save_aligned
     from ..align.pleas import pleas, ratio_for_budget
     from ..errors import ConfigError
     from ..io.provenance import Provenance
@@ -226,7 +225,7 @@ def pleas_cmd(a: str = typer.Argument(..., help=f"model A: {_CLS_HELP}"),
                            "merged": _accuracy(res.model, la.dataset)}}
     files = {"permutations.json": json.dumps({p: v.tolist() for p, v in res.perms.items()}) + "\n",
              "pleas-report.json": json.dumps(report, indent=1) + "\n"}
-    merged = dataclasses.replace(la, config=_classifier_config(res.model, la.dataset, la.config["kind"]))
+    merged = dataclasses.replace(la, config=classifier_config(res.model, la.dataset, la.config["kind"]))
     prov = Provenance(method="merge/pleas", params={"matching": matching, **report}, inputs=[a, b])
     save_aligned(merged, res.model, out, prov, [p for p in (la.path, lb.path) if p is not None], files, force=force)
     if json_out:

@@ -71,7 +71,7 @@ def score_data(
     (prototype; on MPS, which has no float64, auto uses the CPU). Scores are written from the CPU.
     """
     from ..data import SCORE_METHODS, inject_label_noise, load_scoring_data, score_dataset
-    from ..data.table import FORMATS, POLICIES, _pyplot
+    from ..data.table import FORMATS, POLICIES, pyplot
     from ..tensor.sample_scores import auroc
 
     if method not in SCORE_METHODS:
@@ -98,7 +98,7 @@ def score_data(
     _check_out(out, force, "output")
     if plot is not None:
         _check_out(plot, force, "plot")
-        _pyplot()
+        pyplot()
     if out.suffix.lower() in (".parquet", ".pq"):
         try:
             import pyarrow  # noqa: F401

@@ -53,11 +53,11 @@ def inspect_command(
     matrices are split over the processes, balanced by cost; rank 0 prints and writes the outputs,
     which equal a one-process run.
     """
-    from ..inspect.analysis import _device, analyze
+    from ..inspect.analysis import resolve_inspect_device, analyze
 
     if report is not None and Path(report).is_dir():
         raise ConfigError(f"--report '{report}' is a folder; give a file name such as report.html")
-    dev = _device(device, None)  # an unavailable device is one error line before any work
+    dev = resolve_inspect_device(device, None)  # an unavailable device is one error line before any work
     if (heads or neurons) and not report:
         raise ConfigError("--heads/--neurons add sections to the HTML report: give --report FILE.html too")
     options = {"threads": threads, "include": include, "exclude": exclude}
@@ -159,7 +159,7 @@ def _attach_internals(res, path: str, heads: str | None, neurons: str | None, de
     from ..inspect.internals_html import attach
     from ..inspect.neurons import NeuronsConfig, decode_neurons, token_variants
     from ..io.hf import load_causal_lm
-    from ..recipe.models import resolve_model
+    from ..io.refs import resolve_model
     from ..registry import get_method
 
     model, tok = load_causal_lm(resolve_model(path))

@@ -36,7 +36,7 @@ def _policy(device: str, dtype: str):
 def _load(path: str, policy=None):
     """The causal LM in the policy's forward dtype, on its device (CPU fp32 without a policy)."""
     from ..io.hf import load_causal_lm
-    from ..recipe.models import resolve_model
+    from ..io.refs import resolve_model
 
     if policy is None:
         return load_causal_lm(resolve_model(path))

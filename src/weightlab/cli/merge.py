@@ -6,7 +6,7 @@ import typer
 import yaml
 
 from ..errors import ConfigError
-from ..recipe.models import resolve_model
+from ..io.refs import resolve_model
 from . import app
 from ._common import console
 

@@ -8,7 +8,7 @@ import typer
 
 from ..errors import ConfigError, OutputExistsError
 from ..io.atomic import check_not_input
-from ..recipe.models import resolve_model
+from ..io.refs import resolve_model
 from . import app
 from ._common import console
 from ._compress import dev_dt, placement_options, run_sequential_cli, single_process_only, wants_sequential
@@ -139,7 +139,7 @@ def _done(rep, pattern, out) -> None:
 
 
 def _load(kind, src, ck, eval_data, eval_tokens, no_eval, dtype=None):
-    from ..engine.calib_data import load_text
+    from ..io.refs import load_text
 
     if kind == "zoo-mlp":
         from ..zoo import MLP, accuracy, load_dataset

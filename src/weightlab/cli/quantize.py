@@ -7,7 +7,7 @@ import typer
 
 from ..errors import ConfigError, OutputExistsError
 from ..io.atomic import check_not_input
-from ..recipe.models import resolve_model
+from ..io.refs import resolve_model
 from . import app
 from ._common import console, err_console
 from ._compress import dev_dt, placement_options, run_sequential_cli, single_process_only, wants_sequential

@@ -6,7 +6,7 @@ from ..engine.source import StateDictSource
 from ..engine.streaming import write_source
 from ..io.provenance import Provenance
 from ..io.reader import open_checkpoint
-from ..recipe.models import resolve_model
+from ..io.refs import resolve_model
 from . import app
 from ._common import console
 

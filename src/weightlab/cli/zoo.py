@@ -29,7 +29,7 @@ def list_cmd() -> None:
 @zoo_app.command("path")
 def path_cmd(name: str = typer.Argument(..., help="smollm2, smollm2-bf16 or minilm")) -> None:
     """Print the folder of a zoo model (building it first if needed)."""
-    from ..recipe.models import resolve_model
+    from ..io.refs import resolve_model
 
     print(resolve_model(f"zoo:{name}"))
 

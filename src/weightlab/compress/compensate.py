@@ -243,7 +243,7 @@ class CompensateStepConfig(PlacementFields):
 def compensate_step(source, cfg: CompensateStepConfig, show_progress: bool | None = None):
     from ..engine.source import MappedSource, load_model_from
     from ..io.hf import load_causal_lm
-    from ..recipe.models import resolve_model
+    from ..io.refs import resolve_model
 
     dev, dt = cfg.placement()
     model, tok = load_model_from(source, dt)

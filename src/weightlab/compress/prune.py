@@ -72,7 +72,8 @@ def to_batches(calib, tokenizer=None, nsamples: int = 32, seqlen: int = 512, see
     else:
         if tokenizer is None:
             raise ConfigError("text calibration data needs the model's tokenizer")
-        from ..engine.calib_data import load_text, token_windows
+        from ..engine.calib_data import token_windows
+        from ..io.refs import load_text
 
         ids = token_windows(tokenizer, load_text(calib or "wiki", "calib"), nsamples, seqlen, seed, sampling)
     return [{"input_ids": b, "use_cache": False} for b in ids.split(batch_size)]
@@ -172,14 +173,14 @@ def _rules():
 
 def _distortion_fn(model: nn.Module, layers: dict, batches: list):
     """Output MSE of pruning one layer alone by magnitude (the RD paper's curves), on a few batches."""
-    from ..engine.calibration import _call
+    from ..engine.calibration import call_model
     from ..tensor.pruning import layer_mask
 
     def logits(out):
         return (out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out).float()
 
     with torch.no_grad():
-        dense = [logits(_call(model, b)) for b in batches]
+        dense = [logits(call_model(model, b)) for b in batches]
 
     def distortion(name: str, amount: float) -> float:
         m = layers[name]
@@ -189,7 +190,7 @@ def _distortion_fn(model: nn.Module, layers: dict, batches: list):
         set_weight_matrix(m, w * layer_mask(w.abs(), min(amount, 1.0 - 1e-9)))
         try:
             with torch.no_grad():
-                return float(sum(((logits(_call(model, b)) - d) ** 2).mean() for b, d in zip(batches, dense)))
+                return float(sum(((logits(call_model(model, b)) - d) ** 2).mean() for b, d in zip(batches, dense)))
         finally:
             set_weight_matrix(m, w)
 

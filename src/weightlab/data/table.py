@@ -228,7 +228,7 @@ class ScoreTable:
         """
         path = Path(path)
         _check_target(path, force)
-        plt = _pyplot()
+        plt = pyplot()
         s = self.scores
         fin = torch.isfinite(s)
         fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
@@ -257,7 +257,7 @@ class ScoreTable:
             plt.close(fig)
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
 

@@ -11,8 +11,8 @@ def adapt_section(ctx):
     import torch
 
     from .. import adapt
-    from ..engine.calib_data import load_text
-    from ..engine.training import TextData, tune
+    from ..io.refs import load_text
+    from ..adapt.training import TextData, tune
     from ..io.hf import load_causal_lm
 
     model, tok = load_causal_lm(ctx.model_path)

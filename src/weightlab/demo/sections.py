@@ -1,7 +1,7 @@
 """Demo sections, one per capability; each returns (result dict, markdown text)."""
 from __future__ import annotations
 
-from ..cli.info import describe
+from ..io.describe import describe
 from ..engine.evaluate import perplexity
 from ..engine.streaming import write_source
 from ..io.provenance import Provenance

@@ -1,37 +1,9 @@
 """Calibration and evaluation text: the zoo's Wikipedia splits, a text file or JSONL, tokenized."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
 from ..errors import ConfigError
-
-
-def load_text(source: str, split: str = "calib") -> str:
-    """'wiki' (the zoo's Wikipedia; split calib or heldout), a .txt file, or a .jsonl file with a 'text' field."""
-    if source in ("wiki", "zoo:wiki"):
-        from ..zoo import wiki_text
-
-        return wiki_text("calib" if split == "calib" else "heldout")
-    p = Path(source)
-    if not p.is_file():
-        raise ConfigError(f"calibration/evaluation data '{source}' is neither 'wiki' nor an existing file")
-    if p.suffix == ".jsonl":
-        texts = []
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{p}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise ConfigError(f"{p}:{i}: each JSONL line needs a string field 'text'")
-            texts.append(obj["text"])
-        return "\n\n".join(texts)
-    return p.read_text(encoding="utf-8")
 
 
 def token_windows(tokenizer, text: str, nsamples: int, seqlen: int, seed: int = 0,

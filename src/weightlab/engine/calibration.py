@@ -77,7 +77,7 @@ def capture_inputs(model: nn.Module, first_block: nn.Module, batches: list) -> B
         with torch.no_grad():
             for b in batches:
                 try:
-                    _call(model, to_device(b, dev))
+                    call_model(model, to_device(b, dev))
                 except _Stop:
                     pass
     finally:
@@ -88,7 +88,7 @@ def capture_inputs(model: nn.Module, first_block: nn.Module, batches: list) -> B
     return cap
 
 
-def _call(model, batch):
+def call_model(model, batch):
     if isinstance(batch, dict):
         return model(**batch)
     if isinstance(batch, (tuple, list)):
@@ -141,7 +141,7 @@ def layerwise(model: nn.Module | None, batches: list, on_block: Callable, *, hes
         def run_all():
             for j, b in enumerate(batches):
                 cursor.shard = shard_ids[j]
-                _call(model, to_device(b, dev))
+                call_model(model, to_device(b, dev))
 
         stats = _collect(layers, run_all, hessian, cursor)
         _finish_stats(stats, layers, dist, dev)

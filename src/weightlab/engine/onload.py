@@ -33,9 +33,9 @@ class OnloadedModel:
     def __init__(self, path: str | os.PathLike, task: str = "causal-lm", *, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, resident_device: torch.device | str = "cpu",
                  load_head: bool = False):
-        from ..io.hf import _transformers
+        from ..io.hf import transformers_module
 
-        tf = _transformers()
+        tf = transformers_module()
         try:
             import accelerate
         except ImportError:  # pragma: no cover - accelerate is in the hf extra

@@ -425,7 +425,7 @@ def run(source, cfg: InspectConfig, base=None, opts: DiffOptions | None = None, 
     return InspectResult(rows, drows, summary, spectra)
 
 
-def _device(spec, distributed: bool | None):
+def resolve_inspect_device(spec, distributed: bool | None):
     """The compute device (None = numpy on the CPU). Under torchrun each rank takes the GPU of its LOCAL_RANK
     when the device is 'auto' or an unnumbered 'cuda'."""
     from ..engine.placement import float64_device, on_device
@@ -476,7 +476,7 @@ def analyze(model_or_path, base=None, *, k: int = 10, eps: float = 0.5, show_pro
         b = as_source(base, "base") if base is not None else None
         if b is not None and isinstance(base, (str, os.PathLike)):
             opened.append(b)
-        return run(src, cfg, b, opts, show_progress=show_progress, device=_device(device, distributed),
+        return run(src, cfg, b, opts, show_progress=show_progress, device=resolve_inspect_device(device, distributed),
                    distributed=distributed)
     finally:
         for s in opened:

@@ -72,7 +72,7 @@ def domain_text(name: str) -> str:
         return wiki_text("heldout")
     if name == "code":
         return "\n\n".join(pyinspect.getsource(importlib.import_module(m)) for m in CODE_MODULES)
-    from ..engine.calib_data import load_text
+    from ..io.refs import load_text
 
     return load_text(name)
 

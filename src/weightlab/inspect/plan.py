@@ -18,7 +18,7 @@ def as_source(obj: Any, what: str = "model"):
     """A tensor source from a path / zoo reference, a source, an nn.Module or a state dict."""
     if isinstance(obj, (str, os.PathLike)):
         from ..io.reader import open_checkpoint
-        from ..recipe.models import resolve_model
+        from ..io.refs import resolve_model
 
         return open_checkpoint(resolve_model(str(obj)))
     if all(hasattr(obj, a) for a in ("names", "info", "get")):

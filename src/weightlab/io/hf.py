@@ -9,7 +9,7 @@ import torch
 from ..errors import CheckpointError, MissingDependencyError
 
 
-def _transformers():
+def transformers_module():
     try:
         import transformers
     except ImportError:
@@ -26,7 +26,7 @@ def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype = torch.float32, 
     weightlab dequantizes them itself, so no GPU kernel package is needed and the result saves
     and trains like any other model.
     """
-    tf = _transformers()
+    tf = transformers_module()
     tf.utils.logging.disable_progress_bar()  # weightlab shows its own progress
     p = Path(path).expanduser()
     if p.is_file() and p.suffix == ".gguf":
@@ -94,7 +94,7 @@ def _load_dequantized(tf, folder: Path, dtype: torch.dtype, auto=None):
 
 def load_encoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32, local_files_only: bool = True):
     """(model, tokenizer) of an encoder (BERT-like) folder; eval mode. Quantized folders load dense."""
-    tf = _transformers()
+    tf = transformers_module()
     tf.utils.logging.disable_progress_bar()
     if _is_quantized_folder(Path(path).expanduser()):
         return _load_dequantized(tf, Path(path).expanduser(), dtype, tf.AutoModel)
@@ -109,7 +109,7 @@ def load_encoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32, lo
 
 def load_tokenizer(path: str | os.PathLike, local_files_only: bool = True):
     """The tokenizer of an HF folder (for calibration and evaluation text without loading the model)."""
-    tf = _transformers()
+    tf = transformers_module()
     p = Path(path).expanduser()
     src = (dict(pretrained_model_name_or_path=str(p.parent), gguf_file=p.name) if p.suffix == ".gguf" and p.is_file()
            else dict(pretrained_model_name_or_path=str(path)))
@@ -123,7 +123,7 @@ def load_tokenizer(path: str | os.PathLike, local_files_only: bool = True):
 def load_config(path: str | os.PathLike, local_files_only: bool = True):
     """The transformers config of an HF folder or a .gguf file, without any quantization entry
     (weightlab reads quantized checkpoints dequantized, so the model built from it is a plain one)."""
-    tf = _transformers()
+    tf = transformers_module()
     p = Path(path).expanduser()
     src = (dict(pretrained_model_name_or_path=str(p.parent), gguf_file=p.name) if p.suffix == ".gguf" and p.is_file()
            else dict(pretrained_model_name_or_path=str(path)))

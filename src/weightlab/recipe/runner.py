@@ -18,7 +18,7 @@ from ..io.dtypes import parse_dtype
 from ..io.provenance import Provenance
 from ..io.reader import open_checkpoint
 from ..registry import MethodSpec, get_method
-from .models import resolve_model
+from ..io.refs import resolve_model
 from .schema import Recipe
 
 

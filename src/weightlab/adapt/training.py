@@ -98,7 +98,7 @@ class PairData:
 
 def load_data(source: str, tokenizer, seqlen: int):
     """(train, heldout) datasets from 'wiki', a .txt, or a .jsonl (text, or prompt/response pairs)."""
-    from .calib_data import load_text
+    from ..io.refs import load_text
 
     p = Path(source)
     if source not in ("wiki", "zoo:wiki") and p.suffix == ".jsonl" and p.is_file():
@@ -191,10 +191,10 @@ def tune(model, tokenizer, method: str = "lora", data: str = "wiki", *, rank: in
     them CPU processes and a numbered 'cuda:N' is refused (the launcher assigns the GPUs).
     """
     from .. import adapt
-    from .progress import progress as pbar
-    from .sample_loss import LossWeighting
+    from ..engine.progress import progress as pbar
+    from ..engine.sample_loss import LossWeighting
 
-    from .device import resolve_device
+    from ..engine.device import resolve_device
 
     dev = resolve_device(device) if device is not None else None  # before any work: one clear error
     torch.manual_seed(seed)
@@ -315,7 +315,7 @@ def _gather_losses(acc, logits, labels, weighting):
     """(losses, counts, rank) of the global batch for a reweighter across processes; None in one process."""
     if acc is None or acc.num_processes == 1 or weighting.role != "reweighter":
         return None
-    from .sample_loss import sequence_losses
+    from ..engine.sample_loss import sequence_losses
 
     with torch.no_grad():
         losses, counts = sequence_losses(logits.detach(), labels)
