@@ -24,10 +24,10 @@ def run(recipe: str = typer.Argument(..., help="recipe YAML: model, output and a
             console.print(f"step {i}: {spec.family}/{spec.name} {cfg.model_dump()}")
         console.print("[green]recipe is valid[/]")
         return
-    res = run_recipe(r, force=force)
+    res = run_recipe(r, force=force, log=lambda msg: console.print(msg, highlight=False, markup=False))
     for rep in res.reports:
         summ = rep["result"].get("summary", {}) if isinstance(rep["result"], dict) else {}
         console.print(f"step {rep['step']}: {rep['family']}/{rep['method']} -> "
                       + ", ".join(f"{k}={v}" for k, v in summ.items() if not isinstance(v, (list, dict))))
     if res.output:
-        console.print(f"[green]wrote[/] {res.output}")
+        console.print(f"[green]wrote[/] {res.output} (report: {res.output / 'report.html'})")
