@@ -57,9 +57,9 @@ def test_merge_equals_adapter_and_unmerge_restores(method, cfg):
     perturb(m)
     W_before = {n: l.weight_2d().detach().clone() for n, l in adapt.adapter_layers(m).items()}
     y_ad = m(x).logits
-    adapt.merge(m, unload=False)
+    adapt.fold(m, unload=False)
     assert torch.allclose(m(x).logits, y_ad, atol=1e-4)
-    adapt.unmerge(m)
+    adapt.unfold(m)
     for n, l in adapt.adapter_layers(m).items():
         W = l.weight_2d()
         assert (W - W_before[n]).norm() <= 1e-5 * W_before[n].norm(), n
@@ -71,7 +71,7 @@ def test_merge_equals_adapter_and_unmerge_restores(method, cfg):
         lin = nn.Linear(l.in_features, l.out_features, bias=False)
         lin.weight.data = l.merged_weight()
         assert (lin(xi) - ref).abs().max() <= 1e-5 * max(1.0, float(l.weight_2d().norm())), n
-    adapt.merge(m)  # unload: plain layers again
+    adapt.fold(m)  # unload: plain layers again
     assert not adapt.adapter_layers(m)
     assert torch.allclose(m(x).logits, y_ad, atol=1e-4)
 
@@ -141,7 +141,7 @@ def test_conv1d_and_conv2d():
     assert torch.allclose(net(x), y0)
     perturb(net)
     y = net(x)
-    adapt.merge(net)
+    adapt.fold(net)
     assert isinstance(net[0], Conv1D) and torch.allclose(net(x), y, atol=1e-5)
     conv = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1))
     xi = torch.randn(2, 3, 8, 8)
@@ -150,7 +150,7 @@ def test_conv1d_and_conv2d():
     assert torch.allclose(conv(xi), y0)
     perturb(conv)
     y = conv(xi)
-    adapt.merge(conv)
+    adapt.fold(conv)
     assert torch.allclose(conv(xi), y, atol=1e-5)
     with pytest.raises(ConfigError):
         adapt.attach(nn.Sequential(nn.Conv2d(3, 6, 3)), "sorsa", targets=["0"], r=2)
@@ -266,8 +266,8 @@ def test_bat_gradient_formula_and_inverse():
     lin[0].weight.data = W.clone()
     adapt.attach(lin, "bat", targets=["0"], r=r)
     lin[0].adapter.T.data = T.detach().clone()
-    adapt.merge(lin, unload=False)
-    adapt.unmerge(lin)
+    adapt.fold(lin, unload=False)
+    adapt.unfold(lin)
     assert (lin[0].weight_2d() - W).abs().max() < 1e-4
     with pytest.raises(ConfigError):
         adapt.attach(nn.Sequential(nn.Linear(10, 8)), "bat", targets=["0"], r=4)
@@ -312,3 +312,25 @@ def test_registry_lists_methods():
 
     names = {s.name for s in list_methods("adapt")}
     assert {"lora", "pissa", "sorsa", "bone", "bat", "gradnormlorp"} <= names
+
+
+def test_old_fold_names_still_work_and_warn():
+    import warnings
+
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    adapt.attach(m, "lora", r=2)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        adapt.merge(m)
+    assert any("adapt.fold" in str(x.message) for x in w)
+    assert isinstance(m[0], torch.nn.Linear)
+
+
+def test_package_level_verbs():
+    import weightlab as wl
+    from weightlab.adapt.training import tune
+    from weightlab.inspect.heads import analyze_heads
+    from weightlab.merge.api import load_merge_config
+
+    assert wl.tune is tune and wl.heads is analyze_heads and wl.load_merge_config is load_merge_config
+    assert callable(wl.neurons) and callable(wl.prune) and callable(wl.quantize)

@@ -105,7 +105,7 @@ def test_orthogonal_sum_acts_as_each_concept_on_its_subspace(tmp_path):
     assert torch.allclose(merged[0].merged_weight(), W + dW, atol=1e-6)
     x = torch.randn(8, 32)
     y_ad = merged(x)
-    adapt.merge(merged)
+    adapt.fold(merged)
     assert torch.allclose(merged(x), y_ad, atol=1e-5)
     del base
 
@@ -215,9 +215,9 @@ def test_compander_identity_merge_grads_count():
     for i in (0, 2):  # big latents saturate at the bound, never beyond it
         a, _ = m[i].method.hparams(m[i])
         assert m[i].method.weight(m[i]).abs().max() <= a
-    adapt.merge(m, unload=False)
+    adapt.fold(m, unload=False)
     assert torch.allclose(m(x), y_ad, atol=1e-5)
-    adapt.unmerge(m)
+    adapt.unfold(m)
     assert all(torch.equal(m[i].base_layer.weight, W[i]) for i in (0, 2))
 
 
@@ -263,7 +263,7 @@ def test_compander_fewer_near_zero_and_smaller_weights_on_digits():
         with torch.no_grad():
             acc = float((m(ds.x_test).argmax(1) == ds.y_test).float().mean())
             if meth == "compander":
-                adapt.merge(m)
+                adapt.fold(m)
             W = torch.cat([mod.weight.flatten() for mod in m.modules() if isinstance(mod, nn.Linear)])
         res[meth] = (acc, float((W.abs() < 1e-3).float().mean()), float(W.abs().max()))
     assert res["compander"][1] < 0.75 * res["plain"][1]
@@ -313,7 +313,7 @@ def test_contracon_identity_kernel_and_counts():
     want = conv + torch.sigmoid(ad.gate[1]) * blk
     assert torch.allclose(m.q_proj.merged_weight()[8:16], want.detach(), atol=1e-6)
     y_ad = m(x).detach()
-    adapt.merge(m)
+    adapt.fold(m)
     assert torch.allclose(m(x), y_ad, atol=1e-5)
     with pytest.raises(ConfigError, match="into heads"):
         adapt.attach(TinyTransformer(), "contracon", targets=["q_proj"], head_dim=5)

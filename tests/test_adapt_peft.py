@@ -50,5 +50,5 @@ def test_import_peft_lora(tmp_path):
     m = adapt.import_peft(tiny_llama(), tmp_path / "p")
     assert len(adapt.adapter_layers(m)) == 4
     assert torch.allclose(m(x).logits, y, atol=1e-5)
-    adapt.merge(m)
+    adapt.fold(m)
     assert torch.allclose(m(x).logits, y, atol=1e-4)

@@ -72,12 +72,12 @@ def test_merge_equals_adapter_and_unmerge_restores(method, cfg):
         lin = nn.Linear(l.in_features, l.out_features, bias=False)
         lin.weight.data = l.merged_weight()
         assert (lin(xi) - l(xi)).abs().max() <= 1e-5 * max(1.0, float(l.weight_2d().norm())), n
-    adapt.merge(m, unload=False)
+    adapt.fold(m, unload=False)
     assert torch.allclose(m(x).logits, y_ad, atol=1e-4)
-    adapt.unmerge(m)
+    adapt.unfold(m)
     for n, l in adapt.adapter_layers(m).items():  # exact where merge is not invertible (a kept copy)
         assert (l.weight_2d() - W_before[n]).norm() <= 1e-6 * W_before[n].norm(), n
-    adapt.merge(m)
+    adapt.fold(m)
     assert not adapt.adapter_layers(m)
     assert torch.allclose(m(x).logits, y_ad, atol=1e-4)
 
@@ -202,7 +202,7 @@ def test_dsee_prune_at_through_step_hooks_and_prune_merged():
     adapt.step_hooks(m, 6, 10)  # prunes once
     assert all(torch.equal(a, l.adapter.mask) for a, l in zip(masks, layers))
     perturb(m)
-    adapt.merge(m)
+    adapt.fold(m)
     rep = dsee.prune_merged(m, 0.5, ["q_proj", "v_proj"])
     W = [m.get_submodule(n).weight for n in rep]
     assert sum(int((w == 0).sum()) for w in W) == int(0.5 * sum(w.numel() for w in W))
@@ -444,7 +444,7 @@ def test_pst_merged_model_is_sparse_and_factor_free():
     adapt.attach(m, "pst", targets=["q_proj", "v_proj"], r=4, r_score=2)
     perturb(m, 0.5)
     y = m(x).logits
-    adapt.merge(m)
+    adapt.fold(m)
     sd = m.state_dict()
     assert not any("adapter" in k for k in sd)
     for k in [k for k in sd if k.endswith(("q_proj.weight", "v_proj.weight"))]:

@@ -1,20 +1,20 @@
 """Adapt family: trainable structure on weights. Methods register themselves on import (one file per method).
 
 ``attach(model, method, targets=..., **config)`` wraps target layers in one generic
-:class:`~weightlab.adapt.layer.AdapterLayer`; ``merge``/``unmerge``/``detach``; ``regularizers``
+:class:`~weightlab.adapt.layer.AdapterLayer`; ``fold``/``unfold``/``detach`` (``fold`` puts the adapter into the weights); ``regularizers``
 and ``backward_regularizers`` (SORSA's term after clipping); ``save``/``load`` weightlab adapter
 folders; ``export_peft``/``import_peft`` for PEFT LoRA folders; ``make_optimizer``.
 """
 from . import bat, bone, gradnormlorp, lora, pissa, sorsa  # noqa: F401  (register the methods)
 from . import dsee, pst, sara, sltrain  # noqa: F401  (sparse methods)
 from . import compander, contracon, mixturegrowth, orthogonal  # noqa: F401  (compositional methods)
-from .api import (adapter_layers, attach, backward_regularizers, count_trainable, detach, load, make_optimizer,
-                  merge, regularizer_values, regularizers, save, select_targets, step_hooks, trainable_parameters,
-                  unmerge)
+from .api import (adapter_layers, attach, backward_regularizers, count_trainable, detach, fold, load,
+                  make_optimizer, merge, regularizer_values, regularizers, save, select_targets, step_hooks,
+                  trainable_parameters, unfold, unmerge)
 from .layer import AdapterLayer, AdapterMethod
 from .peft_io import export_folder_peft, export_peft, import_peft
 
 __all__ = ["AdapterLayer", "AdapterMethod", "adapter_layers", "attach", "backward_regularizers", "count_trainable",
-           "detach", "export_folder_peft", "export_peft", "import_peft", "load", "make_optimizer", "merge",
+           "detach", "export_folder_peft", "export_peft", "fold", "import_peft", "load", "make_optimizer", "merge",
            "regularizer_values", "regularizers", "save", "select_targets", "step_hooks", "trainable_parameters",
-           "unmerge"]
+           "unfold", "unmerge"]

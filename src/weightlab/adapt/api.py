@@ -1,6 +1,6 @@
-"""attach / merge / unmerge / detach / regularizers / save / load for every adapter method.
+"""attach / fold / unfold / detach / regularizers / save / load for every adapter method.
 
-Exactness: ``merge`` computes W' = W + dW in float32 and rounds once to the layer's dtype. In
+Exactness: ``fold`` computes W' = W + dW in float32 and rounds once to the layer's dtype. In
 float32 the merged layer equals the adapter forward to float32 rounding (tests: atol 1e-5
 relative to ||W||). In bf16 the merged weight is W' rounded to bf16, so each weight carries up
 to 2^-9 relative error (one bf16 ulp) that the unmerged adapter forward (which adds the update
@@ -106,11 +106,11 @@ def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in trainable_parameters(model))
 
 
-def merge(model: nn.Module, unload: bool = True) -> nn.Module:
+def fold(model: nn.Module, unload: bool = True) -> nn.Module:
     """Fold every adapter into its layer (float32 math, one rounding to the weight's dtype).
 
     ``unload=True`` (default) puts the plain base layers back: a model with no adapter code and no
-    added latency. ``unload=False`` keeps the wrappers marked merged so ``unmerge`` can undo it.
+    added latency. ``unload=False`` keeps the wrappers marked merged so ``unfold`` can undo it.
     """
     for n, m in adapter_layers(model).items():
         if not m.merged:
@@ -126,8 +126,8 @@ def merge(model: nn.Module, unload: bool = True) -> nn.Module:
     return model
 
 
-def unmerge(model: nn.Module) -> nn.Module:
-    """Undo ``merge(model, unload=False)`` (exact in float64 math for additive deltas; Bat inverts (I+T))."""
+def unfold(model: nn.Module) -> nn.Module:
+    """Undo ``fold(model, unload=False)`` (exact in float64 math for additive deltas; Bat inverts (I+T))."""
     for m in adapter_layers(model).values():
         if m.merged:
             with torch.no_grad():
@@ -288,3 +288,19 @@ def load(model: nn.Module, path) -> nn.Module:
 
 def _exact(names: list[str]) -> str:
     return "(" + "|".join(re.escape(n) for n in names) + ")"
+
+
+def merge(model: nn.Module, unload: bool = True) -> nn.Module:
+    """Deprecated name of :func:`fold` (it collided with ``weightlab.merge``, the model-merging family)."""
+    import warnings
+
+    warnings.warn("weightlab.adapt.merge is now weightlab.adapt.fold", DeprecationWarning, stacklevel=2)
+    return fold(model, unload)
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Deprecated name of :func:`unfold`."""
+    import warnings
+
+    warnings.warn("weightlab.adapt.unmerge is now weightlab.adapt.unfold", DeprecationWarning, stacklevel=2)
+    return unfold(model)

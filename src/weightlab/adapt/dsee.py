@@ -213,7 +213,7 @@ def prune(model: nn.Module, sparsity: float = 0.2, others=None) -> dict[str, flo
 
 @torch.no_grad()
 def prune_merged(model: nn.Module, sparsity: float, targets) -> dict[str, float]:
-    """Global magnitude pruning of plain (merged) layers: sparse final weights after ``adapt.merge``."""
+    """Global magnitude pruning of plain (merged) layers: sparse final weights after ``adapt.fold``."""
     from .api import select_targets
 
     mods = {n: model.get_submodule(n) for n in select_targets(model, targets)}

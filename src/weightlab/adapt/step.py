@@ -27,7 +27,7 @@ class TuneStepConfig(MethodConfig):
           workdir=True)
 def tune_step(source, cfg: TuneStepConfig, workdir: Path, show_progress: bool | None = None):
     from ..engine.source import MappedSource, load_model_from
-    from .api import merge as fold
+    from .api import fold
     from .training import tune
 
     model, tok = load_model_from(source)

@@ -347,7 +347,7 @@ def _save_merged(model, tokenizer, path: Path) -> None:
     from ..io.atomic import AtomicFolder
 
     m = copy.deepcopy(model)
-    adapt.merge(m)
+    adapt.fold(m)
     with AtomicFolder(path, force=True) as tmp:
         m.save_pretrained(str(tmp))
         if tokenizer is not None:

@@ -25,7 +25,7 @@ def adapt_section(ctx):
     x = held.eval_batches(1, 2)[0]["input_ids"]
     with torch.no_grad():
         y_ad = model(x).logits
-        adapt.merge(model)
+        adapt.fold(model)
         y_m = model(x).logits
     merge_err = float((y_ad - y_m).abs().max())
     result = {"method": "lora", "rank": 8, "targets": ["q_proj", "v_proj"], "steps": STEPS,
@@ -34,6 +34,6 @@ def adapt_section(ctx):
               "merged_max_abs_logit_diff": merge_err, "seconds": res["seconds"]}
     md = (f"**Adapt.** LoRA r=8 on `q_proj`/`v_proj` ({res['trainable']:,} trainable parameters), {STEPS} steps of "
           f"{BATCH}x{SEQLEN} Wikipedia tokens in {res['seconds']:.1f} s: held-out loss "
-          f"{res['heldout_before']:.4f} -> {res['heldout_after']:.4f}. After `wl.adapt.merge` the plain model's "
+          f"{res['heldout_before']:.4f} -> {res['heldout_after']:.4f}. After `wl.adapt.fold` the plain model's "
           f"logits differ from the adapter forward by at most {merge_err:.1e} (float32).")
     return result, md
