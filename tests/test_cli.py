@@ -116,3 +116,40 @@ def test_recipe_refuses_output_over_input(folder, tmp_path):
     r = run_cli("run", recipe, "--force")
     assert r.returncode == 1 and "input" in r.stderr
     assert wl.open_checkpoint(folder).info("w").dtype == torch.float32
+
+
+def _all_options():
+    import typer.main
+
+    from weightlab.cli import app
+
+    def walk(c, path):
+        if hasattr(c, "commands"):
+            for n, sub in c.commands.items():
+                yield from walk(sub, f"{path} {n}")
+        else:
+            for p in c.params:
+                if getattr(p, "param_type_name", "") == "option":
+                    yield path.strip(), p
+
+    return list(walk(typer.main.get_command(app), ""))
+
+
+def test_one_meaning_per_short_flag_and_json_option():
+    meaning: dict[str, set] = {}
+    for cmd, p in _all_options():
+        longs = [o for o in p.opts if o.startswith("--")]
+        for short in (o for o in p.opts if len(o) == 2):
+            meaning.setdefault(short, set()).add(longs[0] if longs else short)
+        if "--json" in p.opts:
+            assert not p.is_flag and p.metavar == "FILE|-", f"{cmd}: --json must take FILE|-"
+    assert {k: v for k, v in meaning.items() if len(v) > 1} == {}
+    assert meaning["-o"] == {"--out"} and meaning["-p"] == {"--param"} and meaning["-b"] == {"--bits"}
+
+
+def test_json_to_stdout_bare_or_dash_and_to_a_file(folder, tmp_path, capsys):
+    for args in (["--json"], ["--json", "-"]):
+        assert main(["info", str(folder), *args]) == 0
+        assert json.loads(capsys.readouterr().out)["num_tensors"] > 0
+    assert main(["info", "--json", str(tmp_path / "i.json"), str(folder)]) == 0
+    assert json.loads((tmp_path / "i.json").read_text())["num_tensors"] > 0

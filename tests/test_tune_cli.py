@@ -100,8 +100,8 @@ def test_tune_prompt_response_loss_only_on_responses(base, tmp_path):
             cnt += len(r)
     out = tmp_path / "p"
     assert main(["tune", str(base / "model"), "--data", str(base / "pairs.jsonl"), "--adapter", "sorsa", "--steps",
-                 "3", "--seqlen", "64", "--batch-size", "2", "--rank", "4", "--reweight", "linupper", "-w",
-                 "burn_in=0", "-w", "temperature=0.5", "--no-merged", "-o", str(out)]) == 0
+                 "3", "--seqlen", "64", "--batch-size", "2", "--rank", "4", "--reweight", "linupper", "--reweight-param",
+                 "burn_in=0", "--reweight-param", "temperature=0.5", "--no-merged", "-o", str(out)]) == 0
     h = history(out)
     assert math.isclose(h["heldout_before"], tot / cnt, rel_tol=1e-5)
     assert h["loss_weighting"] == {"name": "loss-reweight", "params": {"strategy": "linupper", "temperature": 0.5,
@@ -141,15 +141,15 @@ def test_tune_cli_errors(base, tmp_path, capsys):
     assert main([*common, "--reweight", "el2n", "-o", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err
     assert "does not weight a training loss" in err and len(err.strip().splitlines()) == 1
-    assert main([*common, "-w", "temperature=1", "-o", str(tmp_path / "y")]) == 1
+    assert main([*common, "--reweight-param", "temperature=1", "-o", str(tmp_path / "y")]) == 1
     assert "--reweight NAME" in capsys.readouterr().err
-    assert main([*common, "--reweight", "linupper", "-w", "temperature=-1", "-o", str(tmp_path / "z")]) == 1
+    assert main([*common, "--reweight", "linupper", "--reweight-param", "temperature=-1", "-o", str(tmp_path / "z")]) == 1
     assert "temperature" in capsys.readouterr().err
     assert not any((tmp_path / n).exists() for n in "xyz")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [["--adapter", "lora"], ["--adapter", "sorsa", "--reweight", "linupper", "-w",
+@pytest.mark.parametrize("extra", [["--adapter", "lora"], ["--adapter", "sorsa", "--reweight", "linupper", "--reweight-param",
                                                            "burn_in=0"]])
 def test_two_processes_equal_one_process_with_the_global_batch(base, tmp_path, extra):
     import os

@@ -32,8 +32,10 @@ from . import internals  # noqa: E402,F401  (neurons, heads)
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors print one line (no traceback) and exit 1."""
+    from ._common import bare_json_means_stdout
+
     try:
-        rv = app(args=argv, standalone_mode=False)
+        rv = app(args=bare_json_means_stdout(sys.argv[1:] if argv is None else list(argv)), standalone_mode=False)
         return rv if isinstance(rv, int) else 0
     except WeightlabError as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)

@@ -45,3 +45,38 @@ def dtype_option():
     from ..engine.device import DTYPE_HELP
 
     return typer.Option("auto", "--dtype", help=DTYPE_HELP)
+
+
+def json_option(what: str = "the result"):
+    """The shared ``--json FILE|-`` option: one meaning everywhere (``-``, or a bare ``--json``, is stdout)."""
+    import typer
+
+    return typer.Option(None, "--json", metavar="FILE|-",
+                        help=f"write {what} as JSON to FILE, or to stdout with - (a bare --json means -)")
+
+
+def emit_json(obj, dest: str | None) -> bool:
+    """Write ``obj`` as JSON to ``dest`` (a file, atomically, or '-' for stdout). True when it went to stdout:
+    the command then prints nothing else there, so the output pipes into jq."""
+    if not dest:
+        return False
+    text = json.dumps(obj, indent=2, default=str, ensure_ascii=False) + "\n"
+    if dest == "-":
+        sys.stdout.write(text)
+        return True
+    from ..io.atomic import write_file_atomic
+
+    write_file_atomic(dest, text)
+    err_console.print(f"wrote {dest}", highlight=False, markup=False)
+    return False
+
+
+def bare_json_means_stdout(argv: list[str]) -> list[str]:
+    """``--json`` with no value (last, or followed by another option) is ``--json -``."""
+    out = []
+    for i, a in enumerate(argv):
+        out.append(a)
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if a == "--json" and (nxt is None or (nxt.startswith("-") and nxt != "-")):
+            out.append("-")
+    return out

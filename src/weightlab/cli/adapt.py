@@ -27,7 +27,7 @@ def tune(path: str = typer.Argument(..., help="causal-LM folder (HF) or zoo:NAME
          param: list[str] = typer.Option(None, "--param", "-p", help="adapter parameter KEY=VALUE"),
          reweight: str = typer.Option(None, "--reweight", help="per-sample loss weighting from the data family: "
                                       "linupper, quadratic, extremes (loss-reweight), dro, ldr-kl, aldr-kl"),
-         reweight_param: list[str] = typer.Option(None, "--reweight-param", "-w",
+         reweight_param: list[str] = typer.Option(None, "--reweight-param",
                                                   help="loss-weighting parameter KEY=VALUE (e.g. temperature=0.4, "
                                                        "burn_in=0)"),
          save_every: int = typer.Option(None, "--save-every", help="checkpoint every N steps (default steps/4)"),

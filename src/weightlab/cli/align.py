@@ -6,7 +6,7 @@ from pathlib import Path
 import typer
 
 from . import app
-from ._common import console, print_json
+from ._common import console, emit_json, json_option
 
 _REF_HELP = "zoo:DATASET-KIND-seedN (e.g. zoo:digits-mlp-seed0), a folder written by weightlab align, or an HF folder"
 _CLS_HELP = "zoo:DATASET-KIND-seedN, zoo:digits-KIND-base/ftI, or a classifier folder written by weightlab"
@@ -81,7 +81,7 @@ def connect(a: str = typer.Argument(..., help=f"model A: {_REF_HELP}"),
             report: str = typer.Option(None, "--report", help="write a self-contained HTML report here"),
             plot: str = typer.Option(None, "--plot", help="write the loss/accuracy plot (PNG) here"),
             max_tokens: int = typer.Option(4096, "--max-tokens", help="causal LMs: tokens of text evaluated"),
-            json_out: bool = typer.Option(False, "--json", help="print the result as JSON"),
+            json_out: str = json_option(),
             device: str = _device_opt()) -> None:
     """Linear mode connectivity: loss and accuracy along A -> B before and after weight matching, the barrier
     (reference: max L - (L(A)+L(B))/2; linear: height above the chord) and the singular-vector analysis."""
@@ -118,9 +118,8 @@ def connect(a: str = typer.Argument(..., help=f"model A: {_REF_HELP}"),
     if report:
         write_report(res, report, f"Linear mode connectivity: {a} -> {b}",
                      {"a": a, "b": b, "data": data or la.dataset or "wiki", "points": points})
-    if json_out:
-        print_json({**summary, "before_path": res.before.as_dict(),
-                    "after_path": res.after.as_dict() if res.after else None})
+    if emit_json({**summary, "before_path": res.before.as_dict(),
+                  "after_path": res.after.as_dict() if res.after else None}, json_out):
         return
     for tag in ("before", "after"):
         if tag not in summary:
@@ -197,7 +196,7 @@ def pleas_cmd(a: str = typer.Argument(..., help=f"model A: {_CLS_HELP}"),
               matching: str = typer.Option("activation", "--matching", help="activation or weight"),
               out: str = typer.Option(..., "--out", "-o", help="folder to create (the merged model; loads like A)"),
               force: bool = typer.Option(False, "--force"),
-              json_out: bool = typer.Option(False, "--json", help="print the report as JSON"),
+              json_out: str = json_option("the report"),
               device: str = _device_opt()) -> None:
     """PLeaS: match A's and B's units, merge each layer to n(1 + ratio) units, refit every layer by least squares."""
     import dataclasses
@@ -228,8 +227,7 @@ def pleas_cmd(a: str = typer.Argument(..., help=f"model A: {_CLS_HELP}"),
     merged = dataclasses.replace(la, config=classifier_config(res.model, la.dataset, la.config["kind"]))
     prov = Provenance(method="merge/pleas", params={"matching": matching, **report}, inputs=[a, b])
     save_aligned(merged, res.model, out, prov, [p for p in (la.path, lb.path) if p is not None], files, force=force)
-    if json_out:
-        print_json(report)
+    if emit_json(report, json_out):
         return
     acc = report["accuracy"]
     console.print(f"[green]merged[/] with ratio {r:.3f}: widths {res.widths}, {report['size']:.2f}x one model; test "
@@ -253,7 +251,7 @@ def atlas_cmd(base: str = typer.Argument(..., help=f"pre-trained model theta_0: 
               out: str = typer.Option(..., "--out", "-o",
                                       help="folder to create (the composed model; loads like BASE)"),
               force: bool = typer.Option(False, "--force"),
-              json_out: bool = typer.Option(False, "--json", help="print the report as JSON"),
+              json_out: str = json_option("the report"),
               device: str = _device_opt()) -> None:
     """aTLAS: theta_0 + sum of learned per-tensor coefficients x task vectors, fitted from zero on a small set."""
     import copy
@@ -286,8 +284,7 @@ def atlas_cmd(base: str = typer.Argument(..., help=f"pre-trained model theta_0: 
              "atlas-report.json": json.dumps(report, indent=1) + "\n"}
     prov = Provenance(method="merge/atlas", params={**cfg.model_dump(), **report}, inputs=[base, *finetunes])
     save_aligned(lb, composed, out, prov, [lm.path for lm in loaded if lm.path is not None], files, force=force)
-    if json_out:
-        print_json(report)
+    if emit_json(report, json_out):
         return
     acc = report["accuracy"]
     console.print(f"[green]composed[/] {len(fts)} task vectors with {report['coefficients_learned']} coefficients "

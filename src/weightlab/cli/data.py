@@ -9,7 +9,7 @@ from rich.table import Table
 
 from ..errors import ConfigError, OutputExistsError
 from . import app
-from ._common import console, device_option, print_json
+from ._common import console, device_option, emit_json, json_option
 
 _TRAINED = ("el2n", "grand", "forgetting")
 
@@ -58,7 +58,7 @@ def score_data(
                                                                   "(to test a score); adds a 'noisy' column and "
                                                                   "prints the AUROC for finding them"),
     force: bool = typer.Option(False, "--force", help="replace existing output files"),
-    json_out: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+    json_out: str = json_option("the summary"),
     device: str = device_option(),
 ) -> None:
     """Score every training sample (higher = harder / more likely mislabeled) and write a table.
@@ -135,8 +135,7 @@ def score_data(
         summary["auroc_noisy"] = auroc(table.scores, noisy)
     if kept is not None:
         summary["kept"] = int(kept.sum())
-    if json_out:
-        print_json(summary)
+    if emit_json(summary, json_out):
         return
     t = Table(show_header=False, box=None)
     t.add_row("method", f"{method} on {summary['dataset']} ({summary['samples']} samples, {summary['seconds']} s)")

@@ -8,7 +8,7 @@ import typer
 from ..errors import ConfigError
 from ..io.refs import resolve_model
 from . import app
-from ._common import console, print_json
+from ._common import console, emit_json, json_option
 
 FORMATS = ("gguf", "hf", "compressed-tensors")
 
@@ -27,7 +27,7 @@ def export(path: str = typer.Argument(..., help="model: HF folder, GPTQ/AWQ/comp
                                               "K-quant packer), llama-quantize, weightlab"),
            dtype: str = typer.Option(None, "--dtype", help="hf: store floating tensors in this dtype"),
            out: str = typer.Option(..., "--out", "-o"), force: bool = typer.Option(False, "--force"),
-           json_out: bool = typer.Option(False, "--json", help="print the report as JSON")) -> None:
+           json_out: str = json_option("the report")) -> None:
     """Export a model for serving: one GGUF file for llama.cpp, or a dense Hugging Face folder."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown --format '{fmt}'; choose one of {', '.join(FORMATS)}")
@@ -42,8 +42,7 @@ def export(path: str = typer.Argument(..., help="model: HF folder, GPTQ/AWQ/comp
         rep = export_hf(src, Path(out), force=force, dtype=dtype)
     else:
         rep = _compressed_tensors()
-    if json_out:
-        print_json(rep)
+    if emit_json(rep, json_out):
         return
     console.print(f"wrote {rep['path']}")
     for k, v in rep.items():

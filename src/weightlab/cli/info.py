@@ -7,16 +7,15 @@ from ..io.deployed import describe_line
 from ..io.describe import describe
 from ..io.refs import resolve_model
 from . import app
-from ._common import console, human, human_bytes, print_json
+from ._common import console, emit_json, human, human_bytes, json_option
 
 @app.command()
 def info(path: str = typer.Argument(..., help="checkpoint file or folder, or zoo:smollm2 / zoo:minilm"),
-         json_out: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+         json_out: str = json_option("everything info reports"),
          all_tensors: bool = typer.Option(False, "--all", help="list every tensor, not just the first 20")) -> None:
     """Format, tensor and parameter counts, dtypes, shards and architecture of a checkpoint."""
     d = describe(resolve_model(path))
-    if json_out:
-        print_json(d)
+    if emit_json(d, json_out):
         return
     t = Table(show_header=False, box=None)
     t.add_row("path", d["path"])

@@ -8,7 +8,7 @@ from rich.table import Table as RichTable
 
 from ..errors import ConfigError
 from . import app
-from ._common import console, device_option, err_console
+from ._common import console, device_option, err_console, json_option
 
 
 def _f(v, d=3) -> str:
@@ -24,8 +24,7 @@ def inspect_command(
     path: str = typer.Argument(..., help="checkpoint file or folder, or zoo:smollm2 / zoo:minilm"),
     base: str | None = typer.Option(None, "--base", help="compare with this base checkpoint (fine-tune / compression "
                                                           "diff: change norms and ranks, intruder dimensions)"),
-    json_out: str | None = typer.Option(None, "--json", metavar="FILE",
-                                        help="write {layers, diff, summary} as JSON ('-' for stdout)"),
+    json_out: str | None = json_option("{layers, diff, summary}"),
     report: str | None = typer.Option(None, "--report", metavar="FILE.html",
                                       help="write a self-contained HTML report (charts, sortable tables)"),
     k: int = typer.Option(10, "--k", help="top-k singular vectors checked for intruders"),

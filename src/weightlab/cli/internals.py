@@ -1,14 +1,13 @@
 """`weightlab neurons` (decode, search, clamp, compare MLP neurons) and `weightlab heads` (sinks, dormant heads)."""
 from __future__ import annotations
 
-import json
 
 import click
 import typer
 from typer.core import TyperGroup
 
 from . import app
-from ._common import console, device_option, dtype_option
+from ._common import console, device_option, dtype_option, emit_json, err_console, json_option
 
 
 class _ShowByDefault(TyperGroup):
@@ -51,8 +50,16 @@ def _write(path: str, text: str) -> None:
     write_file_atomic(path, text)
 
 
+_OUT = [console]
+
+
+def _route(json_out: str | None) -> None:
+    """With --json - the JSON owns stdout: the human-readable lines go to stderr."""
+    _OUT[0] = err_console if json_out == "-" else console
+
+
 def _say(text: str) -> None:
-    console.print(text, markup=False, highlight=False)
+    _OUT[0].print(text, markup=False, highlight=False)
 
 
 def _toks(tokens) -> str:
@@ -61,15 +68,16 @@ def _toks(tokens) -> str:
 
 @neurons_app.command("show")
 def show(path: str = typer.Argument(..., help="causal LM folder or zoo:smollm2"),
-         token: str = typer.Option(None, "--token", "-t", help="find neurons that decode to this word"),
+         token: str = typer.Option(None, "--token", help="find neurons that decode to this word"),
          layer: list[int] = typer.Option(None, "--layer", "-l", help="only these layers (repeatable)"),
          vector: str = typer.Option("down", "--vector", help="down (written to the residual stream), up or gate"),
          top_k: int = typer.Option(5, "--top-k"), limit: int = typer.Option(20, "--limit", help="neurons printed"),
          negative: bool = typer.Option(False, "--negative", help="decode -v: what a firing neuron suppresses"),
-         json_out: str = typer.Option(None, "--json", help="write [{layer, neuron, top_tokens, score}] here"),
+         json_out: str = json_option("[{layer, neuron, top_tokens, score}]"),
          report: str = typer.Option(None, "--report", help="write the printed neurons as an HTML table here"),
          device: str = device_option(), dtype: str = dtype_option()) -> None:
     """Decode every MLP neuron through the final norm and LM head; with --token, best matches first."""
+    _route(json_out)
     from ..inspect.internals_html import render_neurons
     from ..inspect.neurons import NeuronsConfig, decode_neurons, token_variants
 
@@ -87,8 +95,7 @@ def show(path: str = typer.Argument(..., help="causal LM folder or zoo:smollm2")
         _say(f"{r['layer']:>5} {r['neuron']:>6} {r['score']:>12.4f}  {_toks(r['top_tokens'])}")
     if json_out:
         rows = best if token else nmap.rows(tok)
-        _write(json_out, json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
-        _say(f"wrote {len(rows)} neurons to {json_out}")
+        emit_json(rows, json_out)
     if report:
         _write(report, render_neurons(best, note=f"{vector} vectors through the final norm and LM head; score: {what}"))
 
@@ -97,12 +104,13 @@ def show(path: str = typer.Argument(..., help="causal LM folder or zoo:smollm2")
 def clamp(path: str = typer.Argument(..., help="causal LM folder or zoo:smollm2"),
           neuron: list[str] = typer.Option(..., "--neuron", "-n", help="LAYER:INDEX (repeatable)"),
           value: float = typer.Option(..., "--value", "-v", help="activation forced at every position"),
-          prompt: str = typer.Option(..., "--prompt", "-p"),
+          prompt: str = typer.Option(..., "--prompt"),
           max_new_tokens: int = typer.Option(20, "--max-new-tokens"),
-          watch: list[str] = typer.Option(None, "--watch", "-w", help="also show this word's probability (repeatable)"),
-          json_out: str = typer.Option(None, "--json", help="write the comparison here"),
+          watch: list[str] = typer.Option(None, "--watch", help="also show this word's probability (repeatable)"),
+          json_out: str = json_option("the comparison"),
           device: str = device_option(), dtype: str = dtype_option()) -> None:
     """Clamp neurons during generation; print next-token probabilities and greedy text with and without."""
+    _route(json_out)
     from ..inspect.neurons import clamp_neurons, parse_neuron, token_variants
 
     targets = [parse_neuron(s) for s in neuron]
@@ -121,7 +129,7 @@ def clamp(path: str = typer.Argument(..., help="causal LM folder or zoo:smollm2"
         _say(f"{side:>6} next token: {tops}")
         _say(f"{side:>6} text: {r[side]['text']!r}")
     if json_out:
-        _write(json_out, json.dumps(r, indent=1, ensure_ascii=False) + "\n")
+        emit_json(r, json_out)
 
 
 @neurons_app.command("compare")
@@ -129,9 +137,10 @@ def compare(path_a: str = typer.Argument(..., help="first causal LM"),
             path_b: str = typer.Argument(..., help="second causal LM of the same architecture and vocabulary"),
             vector: str = typer.Option("up", "--vector", help="up (as the paper), down or gate"),
             layer: list[int] = typer.Option(None, "--layer", "-l"),
-            json_out: str = typer.Option(None, "--json"),
+            json_out: str = json_option(),
             device: str = device_option(), dtype: str = dtype_option()) -> None:
     """Share of neurons whose top decoded token is the same in both models."""
+    _route(json_out)
     from ..inspect.neurons import NeuronsConfig, compare_neurons
 
     policy = _policy(device, dtype)
@@ -141,7 +150,7 @@ def compare(path_a: str = typer.Argument(..., help="first causal LM"),
     _say(f"{r['same_top_token']:.2%} of {r['neurons']:,} {vector} neurons keep their top token ({r['seconds']:.1f} s)")
     _say("per layer: " + " ".join(f"{k}:{v:.0%}" for k, v in r["per_layer"].items()))
     if json_out:
-        _write(json_out, json.dumps(r, indent=1) + "\n")
+        emit_json(r, json_out)
 
 
 @app.command("heads")
@@ -155,9 +164,10 @@ def heads(path: str = typer.Argument(..., help="causal LM folder or zoo:smollm2"
           sink: float = typer.Option(0.5, "--sink-threshold"),
           dormant: float = typer.Option(0.01, "--dormant-threshold"),
           report: str = typer.Option(None, "--report", help="write an HTML map here"),
-          json_out: str = typer.Option(None, "--json", help="write every row here"),
+          json_out: str = json_option("every row"),
           device: str = device_option(), dtype: str = dtype_option()) -> None:
     """Attention sinks, value drains, residual peaks and active/dormant heads per text domain."""
+    _route(json_out)
     from ..inspect.heads import HeadsConfig, analyze_heads
     from ..inspect.internals_html import render_heads
     from ..registry import get_method
@@ -187,4 +197,4 @@ def heads(path: str = typer.Argument(..., help="causal LM folder or zoo:smollm2"
         _write(report, render_heads(rep))
         _say(f"wrote {report}")
     if json_out:
-        _write(json_out, json.dumps(rep.as_dict(), indent=1) + "\n")
+        emit_json(rep.as_dict(), json_out)

@@ -19,7 +19,7 @@ def _value(text: str):
 def merge(
     args: list[str] = typer.Argument(None, help="CONFIG.yaml OUT_DIR, or with --method: the model paths"),
     method: str = typer.Option(None, "--method", "-m", help="merge method (flag form): linear, ties, dare, ..."),
-    base: str = typer.Option(None, "--base", "-b", help="base model (flag form)"),
+    base: str = typer.Option(None, "--base", help="base model (flag form)"),
     out: str = typer.Option(None, "--out", "-o", help="output folder (flag form)"),
     weight: list[float] = typer.Option(None, "--weight", "-w", help="per-model weight, once per model"),
     density: float = typer.Option(None, "--density", help="share of each task vector kept (ties, dare)"),

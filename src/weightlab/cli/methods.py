@@ -5,17 +5,16 @@ from rich.table import Table
 
 from ..registry import list_methods
 from . import app
-from ._common import console, print_json
+from ._common import console, emit_json, json_option
 
 
 @app.command()
-def methods(family: str = typer.Option(None, "--family", "-f", help="inspect, adapt, merge, compress or data"),
-            json_out: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+def methods(family: str = typer.Option(None, "--family", help="inspect, adapt, merge, compress or data"),
+            json_out: str = json_option("the methods")) -> None:
     """List every registered method with its paper, memory regime and defaults."""
     specs = list_methods(family)
-    if json_out:
-        print_json([{"family": s.family, "name": s.name, "kind": s.kind, "regime": s.regime.value,
-                     "paper": s.paper, "summary": s.summary, "defaults": s.defaults()} for s in specs])
+    if emit_json([{"family": s.family, "name": s.name, "kind": s.kind, "regime": s.regime.value,
+                   "paper": s.paper, "summary": s.summary, "defaults": s.defaults()} for s in specs], json_out):
         return
     t = Table("family", "method", "kind", "regime", "paper", "what it does")
     for s in specs:

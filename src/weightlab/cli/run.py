@@ -9,7 +9,7 @@ from ._common import console
 
 @app.command()
 def run(recipe: str = typer.Argument(..., help="recipe YAML: model, output and a list of steps"),
-        output: str = typer.Option(None, "--output", "-o", help="output folder (overrides the recipe's)"),
+        output: str = typer.Option(None, "--out", "-o", "--output", help="output folder (overrides the recipe's)"),
         force: bool = typer.Option(False, "--force", help="replace an existing output folder"),
         dry_run: bool = typer.Option(False, "--dry-run", help="validate the recipe and stop")) -> None:
     """Run a recipe: every step is resolved and validated before anything runs."""
