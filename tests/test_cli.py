@@ -153,3 +153,16 @@ def test_json_to_stdout_bare_or_dash_and_to_a_file(folder, tmp_path, capsys):
         assert json.loads(capsys.readouterr().out)["num_tensors"] > 0
     assert main(["info", "--json", str(tmp_path / "i.json"), str(folder)]) == 0
     assert json.loads((tmp_path / "i.json").read_text())["num_tensors"] > 0
+
+
+def test_quiet_prints_nothing_but_json_and_errors(folder, capsys, monkeypatch):
+    from weightlab.cli._common import console
+
+    monkeypatch.setattr(console, "quiet", False)
+    monkeypatch.setenv("WEIGHTLAB_PROGRESS", "1")
+    assert main(["--quiet", "info", str(folder)]) == 0
+    assert capsys.readouterr().out == ""
+    assert main(["-q", "info", str(folder), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_tensors"] > 0
+    assert main(["-q", "info", str(folder / "missing")]) == 1
+    assert "error" in capsys.readouterr().err

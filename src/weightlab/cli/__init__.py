@@ -22,8 +22,16 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")) -> None:
-    pass
+                                       help="Print the version and exit."),
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars and no messages; errors and "
+                                                                  "--json output still print")) -> None:
+    if quiet:
+        import os
+
+        from ._common import console
+
+        os.environ["WEIGHTLAB_PROGRESS"] = "0"
+        console.quiet = True
 
 
 from . import adapt, align, data, demo, export, info, inspect, merge, methods, prune, quantize, run, signature, zoo  # noqa: E402,F401,E501  (commands register on the app)
