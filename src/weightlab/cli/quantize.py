@@ -228,8 +228,9 @@ def compensate(path: str = typer.Argument(..., help="the compressed model folder
     result = {**rep.as_dict(), "before": before, "after": after, "original": osrc.name}
     if adapter:
         save_peft_adapter(out, rep.adapters, base_model=str(src), rank=rank,
-                          task_type="CAUSAL_LM" if _kind(ck.config or {}) == "causal-lm" else "FEATURE_EXTRACTION")
-        (Path(out) / "compensate-report.json").write_text(json.dumps(result, indent=1))
+                          task_type="CAUSAL_LM" if _kind(ck.config or {}) == "causal-lm" else "FEATURE_EXTRACTION",
+                          force=force, inputs=[src, osrc],
+                          extra_files={"compensate-report.json": json.dumps(result, indent=1)})
     else:
         prov = Provenance(method=f"compress/compensate/{method}",
                           params={k: v for k, v in result.items() if k != "layers"}, inputs=[str(src), str(osrc)])

@@ -173,23 +173,32 @@ def peft_state_dict(adapters: dict, dtype=torch.float32) -> dict[str, torch.Tens
 
 
 def save_peft_adapter(out: str | os.PathLike, adapters: dict, base_model: str | None = None, rank: int | None = None,
-                      task_type: str | None = "CAUSAL_LM", conv1d: bool = False, dtype=torch.float32) -> Path:
-    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (PEFT LoRA, scaling 1)."""
+                      task_type: str | None = "CAUSAL_LM", conv1d: bool = False, dtype=torch.float32, *,
+                      force: bool = False, inputs=(), extra_files: dict | None = None) -> Path:
+    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (PEFT LoRA, scaling 1), atomically.
+
+    ``base_model`` is recorded by name only (a local path would not mean anything on another machine).
+    """
     from safetensors.torch import save_file
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    from ..io.atomic import AtomicFolder
+
     r = rank or max(B.shape[1] for B, _ in adapters.values())
     ranks = {n: B.shape[1] for n, (B, _) in adapters.items()}
+    if base_model is not None and Path(base_model).expanduser().exists():
+        base_model = Path(base_model).expanduser().resolve().name
     cfg = {"peft_type": "LORA", "r": r, "lora_alpha": r, "lora_dropout": 0.0, "bias": "none",
            "target_modules": sorted({n.rsplit(".", 1)[-1] for n in adapters}), "fan_in_fan_out": conv1d,
            "base_model_name_or_path": base_model, "task_type": task_type, "inference_mode": True,
            "init_lora_weights": True, "use_rslora": False, "modules_to_save": None,
            "rank_pattern": {n: k for n, k in ranks.items() if k != r},
            "alpha_pattern": {n: k for n, k in ranks.items() if k != r}}
-    save_file(peft_state_dict(adapters, dtype), str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=1))
-    return out
+    with AtomicFolder(out, force=force, inputs=inputs) as tmp:
+        save_file(peft_state_dict(adapters, dtype), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=1))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return Path(out)
 
 
 def load_peft_adapter(path: str | os.PathLike) -> dict:
