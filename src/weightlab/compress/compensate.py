@@ -248,18 +248,16 @@ class CompensateStepConfig(PlacementFields):
 @register("compress", "compensate", kind="transform", config=CompensateStepConfig, regime=Regime.LAYERWISE,
           paper="EoRA: Training-free Compensation for Compressed LLM with Eigenspace Low-Rank Approximation "
                 "(Liu et al., 2024)",
-          summary="recipe step: add merged rank-r EoRA (or plain SVD) corrections of a compressed causal LM")
-def compensate_step(source, cfg: CompensateStepConfig, show_progress: bool | None = None):
-    from ..engine.source import MappedSource, load_model_from
-    from ..io.hf import load_causal_lm
-    from ..io.refs import resolve_model
+          summary="recipe step: add merged rank-r EoRA (or plain SVD) corrections of a compressed causal LM",
+          workdir=True)
+def compensate_step(source, cfg: CompensateStepConfig, workdir, show_progress: bool | None = None):
+    """The `weightlab compensate` job on the model the previous step wrote (sequential for causal LMs)."""
+    from ..io.reader import open_checkpoint
+    from .jobs import compensate_job, step_folder, step_placement
 
-    dev, dt = cfg.placement()
-    model, tok = load_model_from(source, dt)
-    orig, _ = load_causal_lm(resolve_model(cfg.original), dtype=dt)
-    compensate(model, orig, cfg.method, cfg.rank, calib=cfg.calib, tokenizer=tok, nsamples=cfg.nsamples, device=dev,
-               seqlen=cfg.seqlen, seed=cfg.seed, sampling=cfg.sampling, show_progress=show_progress)
-    del orig
-    sd = model.state_dict()
-    return MappedSource(source, lambda name, t: sd[name].to(t.dtype) if name in sd else t)
-
+    _, result = compensate_job(step_folder(source), workdir / "compensated", cfg.original, cfg.method, cfg.rank,
+                               calib=cfg.calib, nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed,
+                               sampling=cfg.sampling, no_eval=True, force=True, **step_placement(cfg))
+    out = open_checkpoint(workdir / "compensated")
+    out.report = {k: v for k, v in (result or {}).items() if k != "layers"}
+    return out

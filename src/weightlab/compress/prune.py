@@ -214,21 +214,18 @@ class PruneStepConfig(PlacementFields):
 
 @register("compress", "prune", kind="transform", config=PruneStepConfig, regime=Regime.LAYERWISE,
           paper="(recipe step running a pruning rule; see the rules' papers)",
-          summary="recipe step: prune a causal LM checkpoint with any rule, pattern and allocation")
-def prune_step(source, cfg: PruneStepConfig, show_progress: bool | None = None):
-    from ..engine.source import MappedSource, load_model_from
+          summary="recipe step: prune a causal LM checkpoint with any rule, pattern and allocation", workdir=True)
+def prune_step(source, cfg: PruneStepConfig, workdir, show_progress: bool | None = None):
+    """The `weightlab prune` job on the model the previous step wrote (sequential for causal LMs)."""
+    from ..io.reader import open_checkpoint
+    from .jobs import prune_job, step_folder, step_placement
 
-    dev, dt = cfg.placement()
-    model, tok = load_model_from(source, dt)
-    rep = prune(model, cfg.method, cfg.sparsity, pattern=cfg.pattern, allocation=cfg.allocation, calib=cfg.calib,
-                tokenizer=tok, nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed, sampling=cfg.sampling,
-                show_progress=show_progress, device=dev, **cfg.params)
-    from .deploy import prune_card
-
-    card = prune_card(model, rep.layers)
-    pruned = model.state_dict()
-    out = MappedSource(source, lambda name, t: pruned[name].to(t.dtype) if name in pruned else t)
-    out.card = card  # the recipe runner puts the measured sparsity in the model card
+    _, result = prune_job(step_folder(source), workdir / "pruned", cfg.method, cfg.sparsity, pattern=cfg.pattern,
+                          allocation=cfg.allocation, calib=cfg.calib, nsamples=cfg.nsamples, seqlen=cfg.seqlen,
+                          seed=cfg.seed, sampling=cfg.sampling, no_eval=True, params=cfg.params, fmt=cfg.format,
+                          force=True, **step_placement(cfg))
+    out = open_checkpoint(workdir / "pruned")
+    out.report = {k: v for k, v in (result or {}).items() if k != "layers"}
     return out
 
 

@@ -238,30 +238,16 @@ class QuantizeStepConfig(PlacementFields):
 @register("compress", "quantize", kind="transform", config=QuantizeStepConfig, regime=Regime.LAYERWISE,
           paper="(recipe step running a quantizer; see the quantizers' papers)",
           summary="recipe step: quantize a causal LM checkpoint (RTN, GPTQ, PB-LLM, StatsQ); writes dequantized "
-                  "weights or compressed-tensors")
-def quantize_step(source, cfg: QuantizeStepConfig, show_progress: bool | None = None):
-    from ..engine.source import MappedSource, load_model_from
-    from . import deploy
+                  "weights or compressed-tensors", workdir=True)
+def quantize_step(source, cfg: QuantizeStepConfig, workdir, show_progress: bool | None = None):
+    """The `weightlab quantize` job on the model the previous step wrote (sequential for causal LMs)."""
+    from ..io.reader import open_checkpoint
+    from .jobs import quantize_job, step_folder, step_placement
 
-    ct = cfg.format == "compressed-tensors"
-    sym = ct if cfg.sym is None else cfg.sym
-    bits = cfg.bits if cfg.bits is not None else get_method("compress", cfg.method).extra.get("default_bits", 4)
-    if ct:
-        deploy.check_request(cfg.method, bits, cfg.group_size, cfg.params)
-    dev, dt = cfg.placement()
-    model, tok = load_model_from(source, dt)
-    scale_dtype = "float16"
-    if ct:
-        layers = target_layers(model)
-        deploy.check_request(cfg.method, bits, cfg.group_size, cfg.params, deploy.linear_in_features(layers))
-        scale_dtype = {"bfloat16": "bfloat16", "float16": "float16"}.get(
-            str(source.info(f"{next(iter(layers))}.weight").dtype).removeprefix("torch."), "float16")
-    rep = quantize(model, cfg.method, bits, cfg.group_size, sym=sym, scale_dtype=scale_dtype, calib=cfg.calib,
-                   tokenizer=tok, nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed, sampling=cfg.sampling,
-                   show_progress=show_progress, device=dev, keep_zeros=cfg.keep_zeros, **cfg.params)
-    if ct:
-        return deploy.CompressedTensorsSource(rep.quantized, model, source)
-    sd = model.state_dict()
-    out = MappedSource(source, lambda name, t: sd[name].to(t.dtype) if name in sd else t)
-    out.card = deploy.hf_quant_card(rep, sym)
+    _, result = quantize_job(step_folder(source), workdir / "quantized", cfg.method, cfg.bits, cfg.group_size,
+                             sym=cfg.sym, keep_zeros=cfg.keep_zeros, calib=cfg.calib, nsamples=cfg.nsamples,
+                             seqlen=cfg.seqlen, seed=cfg.seed, sampling=cfg.sampling, no_eval=True, fmt=cfg.format,
+                             params=cfg.params, force=True, **step_placement(cfg))
+    out = open_checkpoint(workdir / "quantized")
+    out.report = {k: v for k, v in (result or {}).items() if k != "layers"}
     return out

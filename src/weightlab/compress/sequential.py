@@ -30,6 +30,10 @@ class PlacementFields(MethodConfig):
 
     device: str = Field("auto", description="auto (first accelerator, else cpu), cpu, cuda, cuda:N or mps")
     dtype: str = Field("auto", description="forward dtype: auto, bf16, fp16 or fp32")
+    sequential: bool | None = Field(None, description="onload one block at a time (default for causal LMs when "
+                                                      "the method allows it); false: the whole model in memory")
+    offload_activations: bool = Field(False, description="keep calibration activations on the CPU")
+    max_memory: str | None = Field(None, description="memory budget checked before any work, e.g. 8GB")
 
     def placement(self, checkpoint_dtype_: torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
         return device_policy(self.device, self.dtype, checkpoint_dtype_)

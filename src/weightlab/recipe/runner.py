@@ -262,7 +262,7 @@ def _materialize(new, entry: Path, work: Path, plan: Plan, i: int, card: dict, s
     prov = Provenance(method="recipe", params={**recipe.model_dump(), "steps": [
         s.model_dump() for s in recipe.steps[:i]]}, inputs=[str(p) for p in plan.inputs], card=card)
     write_source(new, entry, provenance=prov, inputs=plan.inputs, force=True, max_shard_size=recipe.max_shard_size,
-                 dtype=recipe.dtype, extra_files=getattr(new, "extra_files", None), show_progress=show_progress)
+                 extra_files=getattr(new, "extra_files", None), show_progress=show_progress)
 
 
 def _assemble(plan: Plan, out: Path, entries: list[Path], res: RunResult, force: bool) -> None:
@@ -270,7 +270,17 @@ def _assemble(plan: Plan, out: Path, entries: list[Path], res: RunResult, force:
 
     model = next((e for e, (s, _) in zip(reversed(entries), reversed(plan.steps)) if s.kind == "transform"), None)
     with AtomicFolder(out, force=force, inputs=plan.inputs) as tmp:
-        if model is not None:
+        if model is not None and plan.recipe.dtype is not None:  # the recipe's dtype is for the written model
+            cards = [r.card for r in res.steps if r.card]
+            prov = Provenance(method="recipe", params=plan.recipe.model_dump(), inputs=[str(p) for p in plan.inputs],
+                              card=_card(None, cards))
+            with open_checkpoint(model) as ck:
+                write_source(ck, tmp / "model", provenance=prov, template=model, inputs=plan.inputs,
+                             max_shard_size=plan.recipe.max_shard_size, dtype=plan.recipe.dtype)
+            for f in (tmp / "model").iterdir():
+                os.replace(f, tmp / f.name)
+            (tmp / "model").rmdir()
+        elif model is not None:
             for f in model.iterdir():
                 if f.is_file() and f.name != RECORD:
                     shutil.copy2(f, tmp / f.name)
