@@ -22,10 +22,11 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from ..engine.calibration import each_block, layerwise, set_weight_matrix, weight_matrix, weight_view
+from ..engine.calibration import set_weight_matrix, weight_matrix, weight_view
 from ..errors import ConfigError, WeightlabError
 from ..registry import Regime, register
 from ..tensor.eora import eora, svd_lowrank, weighted_error
+from .driver import for_each_layer
 from .prune import _blocks_of, target_layers, to_batches
 from .sequential import PlacementFields
 
@@ -116,17 +117,11 @@ def compensate(compressed: nn.Module, original, method: str = "eora", rank: int 
         if after_block is not None:
             after_block(i, name, block)
 
-    if method == "svd":
-        if onload is not None or device is not None:
-            each_block(compressed, lambda i, name, ls: do_layers(ls, None), layer_filter=lambda n: n in layers,
-                       device=device, onload=onload, after_block=finished, show_progress=show_progress)
-        else:
-            do_layers(layers, None)
-    else:
-        batches = to_batches(calib, tokenizer, nsamples, seqlen, seed, sampling)
-        layerwise(compressed, batches, lambda i, name, ls, stats: do_layers(ls, stats), hessian=True,
-                  layer_filter=lambda n: n in layers, show_progress=show_progress, device=device, onload=onload,
-                  after_block=finished, dist=dist, shards=shards, offload_activations=offload_activations)
+    stats = method != "svd"
+    for_each_layer(compressed, layers, do_layers, stats=stats, hessian=stats,
+                   batches=to_batches(calib, tokenizer, nsamples, seqlen, seed, sampling) if stats else None,
+                   label=f"compensate/{method}", device=device, onload=onload, after_block=finished, dist=dist,
+                   shards=shards, offload_activations=offload_activations, show_progress=show_progress)
     restore(list(kept))
     report.seconds = time.perf_counter() - t0
     return report

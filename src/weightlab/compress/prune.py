@@ -16,12 +16,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..engine.calibration import (each_block, find_blocks, layerwise, prunable_layers, set_weight_matrix,
-                                  weight_matrix, weight_view)
-from ..engine.progress import progress
+from ..engine.calibration import find_blocks, prunable_layers, set_weight_matrix, weight_matrix, weight_view
 from ..errors import ConfigError
 from ..registry import Regime, get_method, register
 from ..tensor.pruning import parse_pattern
+from .driver import for_each_layer
 from .rules import LayerContext
 from .sequential import PlacementFields
 
@@ -150,17 +149,9 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pat
             report.layers.append({"name": n, "shape": list(w.shape), "target": per_layer[n], "numel": w.numel(),
                                   "zeros": zeros, "sparsity": zeros / w.numel()})
 
-    if not needs & {"norms", "hessian"}:  # no activation statistics: walk the layers (or blocks) directly
-        if onload is not None or device is not None:
-            each_block(model, lambda i, name, ls: prune_layers(ls, None), layer_filter=lambda n: n in layers,
-                       device=device, onload=onload, after_block=after_block, show_progress=show_progress)
-        else:
-            prune_layers(dict(progress(list(layers.items()), f"prune/{spec.name}", enabled=show_progress)), None)
-    else:
-        layerwise(model, batches, lambda i, name, ls, stats: prune_layers(ls, stats),
-                  hessian="hessian" in needs, layer_filter=lambda n: n in layers, show_progress=show_progress,
-                  device=device, onload=onload, after_block=after_block, dist=dist, shards=shards,
-                  offload_activations=offload_activations)
+    for_each_layer(model, layers, prune_layers, stats=bool(needs & {"norms", "hessian"}), hessian="hessian" in needs,
+                   batches=batches, label=f"prune/{spec.name}", device=device, onload=onload, after_block=after_block,
+                   dist=dist, shards=shards, offload_activations=offload_activations, show_progress=show_progress)
     report.seconds = time.perf_counter() - t0
     return report
 

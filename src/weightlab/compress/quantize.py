@@ -20,10 +20,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..engine.calibration import LayerStats, each_block, layerwise, set_weight_matrix, weight_matrix
-from ..engine.progress import progress
+from ..engine.calibration import LayerStats, set_weight_matrix, weight_matrix
 from ..errors import ConfigError
 from ..registry import KINDS, Regime, get_method, register
+from .driver import for_each_layer
 from .packed import layout_of, pack_layer
 from .prune import _blocks_of, target_layers, to_batches
 from .sequential import PlacementFields
@@ -140,17 +140,11 @@ def quantize(model: nn.Module, method: str = "rtn", bits: int | None = None, gro
                                   "rel_error": (_sq_sum(w, w_hat) / max(sq, 1e-30)) ** 0.5,
                                   "kept_zeros": int(keep.sum()) if keep is not None else 0})
 
-    if "hessian" not in needs:
-        if onload is not None or device is not None:
-            each_block(model, lambda i, name, ls: do_layers(ls, None), layer_filter=lambda n: n in layers,
-                       device=device, onload=onload, after_block=after_block, show_progress=show_progress)
-        else:
-            do_layers(dict(progress(list(layers.items()), f"quantize/{spec.name}", enabled=show_progress)), None)
-    else:
-        batches = to_batches(calib, tokenizer, nsamples, seqlen, seed, sampling)
-        layerwise(model, batches, lambda i, name, ls, stats: do_layers(ls, stats), hessian=True,
-                  layer_filter=lambda n: n in layers, show_progress=show_progress, device=device, onload=onload,
-                  after_block=after_block, dist=dist, shards=shards, offload_activations=offload_activations)
+    stats = "hessian" in needs
+    for_each_layer(model, layers, do_layers, stats=stats, hessian=stats,
+                   batches=to_batches(calib, tokenizer, nsamples, seqlen, seed, sampling) if stats else None,
+                   label=f"quantize/{spec.name}", device=device, onload=onload, after_block=after_block, dist=dist,
+                   shards=shards, offload_activations=offload_activations, show_progress=show_progress)
     report.seconds = time.perf_counter() - t0
     return report
 
