@@ -166,3 +166,21 @@ def test_quiet_prints_nothing_but_json_and_errors(folder, capsys, monkeypatch):
     assert json.loads(capsys.readouterr().out)["num_tensors"] > 0
     assert main(["-q", "info", str(folder / "missing")]) == 1
     assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command,option,family,kinds", [
+    ("prune", "--method", "compress", ("prune",)), ("prune", "--allocation", "compress", ("allocate",)),
+    ("quantize", "--method", "compress", ("quantize",)), ("tune", "--adapter", "adapt", ("adapter",)),
+    ("score-data", "--method", "data", ("score",)), ("tune", "--reweight", "data", ("reweighter", "loss"))])
+def test_cli_choice_lists_name_every_registered_method(command, option, family, kinds):
+    """The help's choice lists are checked against the registry (generating them at startup would import every
+    family for every command, ~0.8 s)."""
+    import re
+
+    from weightlab.registry import list_methods
+
+    helps = [p.help for cmd, p in _all_options() if cmd == command and option in p.opts]
+    assert helps, f"{command} {option}"
+    listed = set(re.findall(r"[a-z][a-z0-9-]*", helps[0]))
+    want = {s.name for s in list_methods(family) if s.kind in kinds}
+    assert want and not want - listed, f"{command} {option} does not list {sorted(want - listed)}"

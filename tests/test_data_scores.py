@@ -240,7 +240,7 @@ def test_data_methods_registered():
     specs = {s.name: s for s in wl.list_methods("data")}
     assert set(specs) >= {"el2n", "grand", "forgetting", "prototype", "loss-reweight", "dro", "ldr-kl", "aldr-kl"}
     for s in specs.values():
-        assert s.kind == "whole" and s.regime == wl.Regime.WHOLE_MODEL and s.extra["role"] in (
-            "score", "reweighter", "loss")
+        assert s.regime == wl.Regime.WHOLE_MODEL and s.kind in ("score", "reweighter", "loss")
+    assert specs["el2n"].kind == "score" and specs["dro"].kind == "reweighter" and specs["ldr-kl"].kind == "loss"
     assert specs["loss-reweight"].defaults()["temperature"] == 0.4
     assert specs["ldr-kl"].defaults() == {"lambda": 10.0, "margin": 0.1, "normalize": "softplus", "reduction": "mean"}

@@ -45,7 +45,7 @@ def _acc(sd, ev):
 
 def test_registered_with_the_paper_defaults():
     spec = get_method("merge", "learned-soup")
-    assert spec.fn is learned_soup and spec.kind == "whole"
+    assert spec.fn is learned_soup and spec.kind == "merge-model"
     d = spec.defaults()
     assert (d["lr"], d["weight_decay"], d["epochs"], d["batch_size"]) == (0.05, 0.0, 5, 256)
 

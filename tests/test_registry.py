@@ -58,3 +58,37 @@ def test_every_module_that_registers_a_method_is_discovered():
                                               check=True).stdout)
     assert not sorted(names - set(mods))
     assert "robust-weight-signature" in methods
+
+
+def test_each_kind_has_a_typed_contract():
+    import pytest
+
+    from weightlab.registry import KINDS, QuantizerContract, Registry, list_methods
+
+    for s in list_methods():
+        assert isinstance(s.contract, KINDS[s.kind].contract), s.name
+    gptq = next(s for s in list_methods("compress") if s.name == "gptq")
+    assert isinstance(gptq.contract, QuantizerContract) and gptq.contract.needs == ("hessian",)
+    assert gptq.contract.zero_level and gptq.contract.default_bits == 4
+    reg = Registry()
+    with pytest.raises(ValueError, match="declares only"):  # an unknown fact is an error at import, not ignored
+        reg.register("compress", "x", paper="p", summary="s", kind="quantize", default_bitz=3)(lambda ctx: None)
+
+
+def test_verb_results_share_as_dict_and_save(tmp_path):
+    import json
+
+    import pytest
+    import torch
+
+    import weightlab as wl
+    from weightlab.errors import OutputExistsError
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    rep = wl.prune(model, "magnitude", 0.5, show_progress=False)
+    p = rep.save(tmp_path / "prune.json")
+    assert json.loads(p.read_text()) == json.loads(json.dumps(rep.as_dict(), default=str))
+    with pytest.raises(OutputExistsError):
+        rep.save(p)
+    q = wl.quantize(model, "rtn", 4, group_size=8, show_progress=False)
+    assert json.loads(q.save(tmp_path / "q.json").read_text())["bits"] == 4

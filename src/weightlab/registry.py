@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any, Callable
 
@@ -17,14 +17,74 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from .errors import ConfigError
 
 FAMILIES = ("inspect", "adapt", "merge", "compress", "data", "align")
+
+
+@dataclass(frozen=True)
+class NoContract:
+    """A kind whose methods declare nothing beyond name, paper, config and regime."""
+
+
+@dataclass(frozen=True)
+class StepContract:
+    workdir: bool = False  # the runner passes a scratch folder (workdir=...)
+    first_step: bool = False  # makes the model (merge): only as a recipe's first step
+
+
+@dataclass(frozen=True)
+class MergeRuleContract:
+    requires_base: bool = False
+    min_models: int = 1
+    raw_inputs: bool = False  # the rule reads the inputs in their own dtype (no compute-dtype cast)
+    device_capable: bool = False  # may compute on an accelerator (--device)
+    prepare: Callable | None = None  # prepare(inputs, cfg) -> state, once before streaming
+
+
+@dataclass(frozen=True)
+class MergeModelContract:
+    job_runner: Callable | None = None  # runs a MergeJob itself (greedy soup): job_runner(job, cfg, out, force, ...)
+
+
+@dataclass(frozen=True)
+class PruneRuleContract:
+    needs: Any = ()  # statistics: "norms", "hessian", "gradients"
+    prepare: Callable | None = None  # a whole-model pass before the layers (D-Pruner)
+
+
+@dataclass(frozen=True)
+class QuantizerContract:
+    default_bits: int = 4
+    bits_range: tuple = (2, 8)
+    needs: Any = ()  # ("hessian",) or a function of the config
+    zero_level: bool = True  # 0 is on the grid: a pruned model's zeros can stay exact
+
+
+@dataclass(frozen=True)
+class AdapterContract:
+    layers: str = ""  # the layer kinds it attaches to, for `weightlab methods`
+    trainable: str = ""  # trainable parameters per layer
+
+
+@dataclass(frozen=True)
+class Kind:
+    what: str
+    contract: type = NoContract
+
+
 KINDS = {
-    "transform": "takes a tensor source, returns a new source (lazily)",
-    "report": "takes a tensor source, returns a JSON-able dict",
-    "merge": "per-tensor rule f(tensors, base, ctx) -> tensor, run by the merge engine",
-    "whole": "works on in-memory models or state dicts (training, search)",
-    "prune": "per-layer pruning rule f(ctx) -> (weight, mask), run by compress.prune",
-    "allocate": "per-layer sparsity allocation f(layers, sparsity, ...) -> {layer: sparsity}",
-    "quantize": "per-layer quantizer f(ctx) -> integer layer, run by compress.quantize",
+    "transform": Kind("recipe step that changes the model: f(source, cfg, ...) -> source", StepContract),
+    "report": Kind("recipe step that reads the model: f(source, cfg, ...) -> JSON-able dict", StepContract),
+    "merge": Kind("per-tensor merge rule f(tensors, base, ctx) -> tensor, run by the merge engine",
+                  MergeRuleContract),
+    "merge-model": Kind("whole-model merge with its own loop (soups, alignment merges, signatures)",
+                        MergeModelContract),
+    "prune": Kind("per-layer pruning rule f(ctx) -> (weight, mask), run by compress.prune", PruneRuleContract),
+    "allocate": Kind("per-layer sparsity allocation f(layers, sparsity, ...) -> {layer: sparsity}"),
+    "quantize": Kind("per-layer quantizer f(ctx) -> integer layer, run by compress.quantize", QuantizerContract),
+    "adapter": Kind("adapter method (an AdapterMethod class) that adapt.attach puts on layers", AdapterContract),
+    "score": Kind("per-sample data score from a model or training run"),
+    "reweighter": Kind("per-sample loss reweighting during training"),
+    "loss": Kind("robust per-token loss that replaces the plain mean"),
+    "whole": Kind("works on in-memory models (training, search, analysis)"),
 }
 
 
@@ -55,7 +115,7 @@ class MethodSpec:
     summary: str
     kind: str = "transform"  # see KINDS
     aliases: tuple[str, ...] = field(default_factory=tuple)
-    extra: dict = field(default_factory=dict)  # family-specific facts, e.g. a merge's "requires_base"
+    contract: Any = field(default_factory=NoContract)  # the kind's typed facts (KINDS[kind].contract)
 
     def make_config(self, params: dict | None = None) -> BaseModel:
         try:
@@ -90,19 +150,25 @@ class Registry:
         regime: Regime = Regime.STREAMING,
         kind: str = "transform",
         aliases: tuple[str, ...] = (),
-        **extra,
+        **facts,
     ) -> Callable[[Callable], Callable]:
         if family not in FAMILIES:
             raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
+        try:
+            contract = KINDS[kind].contract(**facts)
+        except TypeError:
+            allowed = [f.name for f in fields(KINDS[kind].contract)]
+            raise ValueError(f"{family}/{name}: a '{kind}' method declares only {allowed or 'nothing'}, "
+                             f"got {sorted(facts)}") from None
 
         def deco(fn: Callable) -> Callable:
             key = (family, name)
             if key in self._methods and self._methods[key].fn is not fn:
                 raise ValueError(f"method {family}/{name} is registered twice")
             self._methods[key] = MethodSpec(family, name, fn, config, Regime(regime), paper, summary, kind,
-                                           tuple(aliases), dict(extra))
+                                           tuple(aliases), contract)
             for a in aliases:
                 self._aliases[(family, a)] = name
             return fn

@@ -40,7 +40,7 @@ def bat_delta(W: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
     return _unblocks(Wb @ T[:, None] + T[:, None])
 
 
-@register("adapt", "bat", kind="whole", regime=Regime.WHOLE_MODEL, config=BatConfig,
+@register("adapt", "bat", kind="adapter", regime=Regime.WHOLE_MODEL, config=BatConfig,
           paper="Kang 2024, Bone/Bat: Block-Affine Adaptation of Large Language Models (arXiv 2409.15371 v4+, "
                 "weight-guided form); PEFT MiSS init_weights='bat'",
           summary="weight-guided block affine update W_ab T_a + T_a (zero init), out*r parameters",

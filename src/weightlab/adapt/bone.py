@@ -34,7 +34,7 @@ def tiled_identity(r: int, in_f: int, dtype=torch.float32) -> torch.Tensor:
     return E
 
 
-@register("adapt", "bone", kind="whole", regime=Regime.WHOLE_MODEL, config=BoneConfig,
+@register("adapt", "bone", kind="adapter", regime=Regime.WHOLE_MODEL, config=BoneConfig,
           paper="Kang 2024, Bone: Block-Affine Adaptation of Large Language Models (arXiv 2409.15371 v4+); "
                 "PEFT MiSS",
           summary="shared r x out block tiled along the input (additive, zero init), r*out parameters",

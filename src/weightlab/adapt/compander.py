@@ -71,7 +71,7 @@ class CompanderConfig(MethodConfig):
     learn_hparams: bool = True  # the paper's learned-hyperparameter variant
 
 
-@register("adapt", "compander", kind="whole", regime=Regime.WHOLE_MODEL, config=CompanderConfig,
+@register("adapt", "compander", kind="adapter", regime=Regime.WHOLE_MODEL, config=CompanderConfig,
           paper="Cakaj, Mehnert, Yang 2023, Weight Compander: A Simple Weight Reparameterization for "
                 "Regularization (IJCNN 2023, arXiv 2306.16993); the function is weightlab's choice",
           summary="w = f(v; a, k): odd, bounded (|w| < a), slope k at 0 pushing weights off zero; learnable a, k",

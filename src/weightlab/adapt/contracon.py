@@ -53,7 +53,7 @@ def reweight(W: torch.Tensor, kernels: torch.Tensor, bias: torch.Tensor, gate: t
     return (conv + torch.sigmoid(gate)[None, :, None, None] * img).reshape(W.shape)
 
 
-@register("adapt", "contracon", kind="whole", regime=Regime.WHOLE_MODEL, config=ContraconConfig,
+@register("adapt", "contracon", kind="adapter", regime=Regime.WHOLE_MODEL, config=ContraconConfig,
           paper="Roy et al. 2023, Exemplar-Free Continual Transformer with Convolutions (ICCV 2023); "
                 "reference code CVIR/contracon",
           summary="per-task, per-head k x k convolution of frozen Q/K/V weights plus a sigmoid skip gate",

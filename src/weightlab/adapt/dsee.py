@@ -91,7 +91,7 @@ def omega_support(W: torch.Tensor, cfg: DseeConfig, r: int) -> torch.Tensor:
     return _sparse.top_support(S0.abs(), n)
 
 
-@register("adapt", "dsee", kind="whole", regime=Regime.WHOLE_MODEL, config=DseeConfig,
+@register("adapt", "dsee", kind="adapter", regime=Regime.WHOLE_MODEL, config=DseeConfig,
           paper="Chen et al. 2021, DSEE: Dually Sparsity-Embedded Efficient Tuning of Pre-trained Language "
                 "Models (arXiv 2111.00160)",
           summary="low-rank B@A plus a fixed sparse update (GreBsmo support), then global magnitude pruning of W",

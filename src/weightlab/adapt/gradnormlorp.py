@@ -32,7 +32,7 @@ class GradNormLoRPConfig(MethodConfig):
     seed: int | None = None
 
 
-@register("adapt", "gradnormlorp", kind="whole", regime=Regime.WHOLE_MODEL, config=GradNormLoRPConfig,
+@register("adapt", "gradnormlorp", kind="adapter", regime=Regime.WHOLE_MODEL, config=GradNormLoRPConfig,
           paper="Huang et al. 2024, Gradient Weight-normalized Low-rank Projection for Efficient LLM Training "
                 "(arXiv 2412.19616)",
           summary="weight-normalized low-rank update (m, A, B) trained with a low-rank projected AdamW",

@@ -30,7 +30,7 @@ def lora_scale(alpha: float, r: int, rslora: bool) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
 
 
-@register("adapt", "lora", kind="whole", regime=Regime.WHOLE_MODEL, config=LoraConfig,
+@register("adapt", "lora", kind="adapter", regime=Regime.WHOLE_MODEL, config=LoraConfig,
           paper="Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models (arXiv 2106.09685); "
                 "rsLoRA: Kalajdzievski 2023 (arXiv 2312.03732)",
           summary="trainable low-rank update s*B@A on frozen weights (rslora: s = alpha/sqrt(r))",

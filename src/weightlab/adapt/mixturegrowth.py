@@ -176,8 +176,7 @@ def grow_coefficients(C: torch.Tensor, n_seed: int, how: str = "orthogonal", eta
           paper="Pham et al. 2024, MixtureGrowth: Growing Neural Networks by "
                 "Recombining Learned Parameters (WACV 2024); reference code chaudatascience/mixturegrowth",
           summary="layers as linear combinations of templates; grow a network with new coefficients over the "
-                  "trained templates (MixtureMLP + grow; not an adapter for attach)",
-          layers="MixtureLinear", trainable="templates + coefficients (+ bias)", adapter=False)
+                  "trained templates (MixtureMLP + grow; not an adapter for attach)")
 def grow(model: nn.Module, cfg: GrowConfig | None = None, **params) -> nn.Module:
     """Switch on every MixtureLinear's off-diagonal members with coefficients from the growth rule; in place."""
     if isinstance(model, MethodConfig):

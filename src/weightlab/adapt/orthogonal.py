@@ -60,7 +60,7 @@ def concept_basis(in_f: int, r: int, concept: int, seed: int, basis: str = "orth
     return random_orthogonal(in_f, seed)[:, concept * r:(concept + 1) * r].t().contiguous()
 
 
-@register("adapt", "orthogonal", kind="whole", regime=Regime.WHOLE_MODEL, config=OrthogonalConfig,
+@register("adapt", "orthogonal", kind="adapter", regime=Regime.WHOLE_MODEL, config=OrthogonalConfig,
           paper="Po, Yang, Aberman, Wetzstein 2024, Orthogonal Adaptation for Modular Customization of Diffusion "
                 "Models (CVPR 2024)",
           summary="LoRA with a frozen input factor from a disjoint slice of one shared random orthogonal basis; "

@@ -26,7 +26,7 @@ class PissaConfig(MethodConfig):
     seed: int = 0
 
 
-@register("adapt", "pissa", kind="whole", regime=Regime.WHOLE_MODEL, config=PissaConfig,
+@register("adapt", "pissa", kind="adapter", regime=Regime.WHOLE_MODEL, config=PissaConfig,
           paper="Meng, Wang, Zhang 2024, PiSSA: Principal Singular Values and Singular Vectors Adaptation "
                 "(arXiv 2404.02948)",
           summary="LoRA initialized with the top-r SVD of W, frozen residual (exact or randomized SVD)",

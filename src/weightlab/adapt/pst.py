@@ -62,7 +62,7 @@ class TopMask(torch.autograd.Function):
         return g, None
 
 
-@register("adapt", "pst", kind="whole", regime=Regime.WHOLE_MODEL, config=PstConfig,
+@register("adapt", "pst", kind="adapter", regime=Regime.WHOLE_MODEL, config=PstConfig,
           paper="Li et al. 2022, Parameter-Efficient Sparsity for Large Language Models Fine-Tuning "
                 "(IJCAI 2022, arXiv 2205.11005)",
           summary="sparse fine-tuning: mask from low-rank + structured importance (STE), cubic sparsity schedule",

@@ -63,7 +63,7 @@ def count(W: torch.Tensor, eps: float = 2e-3, fraction: float | None = None) -> 
     return int(fraction * W.numel()) if fraction is not None else int((W.abs() < eps).sum())
 
 
-@register("adapt", "sara", kind="whole", regime=Regime.WHOLE_MODEL, config=SaraConfig,
+@register("adapt", "sara", kind="adapter", regime=Regime.WHOLE_MODEL, config=SaraConfig,
           paper="Hu et al. 2024, SaRA: High-Efficient Diffusion Model Fine-tuning with Progressive Sparse "
                 "Low-Rank Adaptation (arXiv 2409.06633)",
           summary="train only the entries with |w| < eps (no dense gradients), nuclear-norm term, re-selection",

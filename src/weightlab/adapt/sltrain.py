@@ -108,7 +108,7 @@ def densify(model: nn.Module) -> nn.Module:
     return model
 
 
-@register("adapt", "sltrain", kind="whole", regime=Regime.WHOLE_MODEL, config=SLTrainConfig,
+@register("adapt", "sltrain", kind="adapter", regime=Regime.WHOLE_MODEL, config=SLTrainConfig,
           paper="Han et al. 2024, SLTrain: a sparse plus low-rank approach for parameter and memory efficient "
                 "pretraining (arXiv 2406.02214)",
           summary="W0 + s*B@A + S with S on a fixed random support; also SLTrainLinear for pretraining",

@@ -25,7 +25,7 @@ class SorsaConfig(MethodConfig):
     lr_base: float = 3e-5
 
 
-@register("adapt", "sorsa", kind="whole", regime=Regime.WHOLE_MODEL, config=SorsaConfig,
+@register("adapt", "sorsa", kind="adapter", regime=Regime.WHOLE_MODEL, config=SorsaConfig,
           paper="Cao 2024, SORSA: Singular Values and Orthonormal Regularized Singular Vectors Adaptation of "
                 "Large Language Models (arXiv 2409.00055)",
           summary="trainable U, S, V of the top-r SVD, frozen residual, orthonormal regularizer after clipping",

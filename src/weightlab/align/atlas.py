@@ -111,7 +111,7 @@ def _entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1).mean()
 
 
-@register("merge", "atlas", kind="whole", config=AtlasConfig, regime=Regime.WHOLE_MODEL,
+@register("merge", "atlas", kind="merge-model", config=AtlasConfig, regime=Regime.WHOLE_MODEL,
           paper="Knowledge Composition using Task Vectors with Learned Anisotropic Scaling (Zhang et al., 2024)",
           summary="learn one coefficient per task vector and tensor (from zero) on a small labelled or unlabelled set")
 def atlas(base: nn.Module, finetunes: list, train, cfg: AtlasConfig | None = None,

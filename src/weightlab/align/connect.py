@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from pydantic import Field
 
+from ..engine.result import Result
 from ..errors import ConfigError
 from ..registry import MethodConfig, Regime, register
 
@@ -63,7 +64,7 @@ def barriers(lambdas: list[float], values: list[float]) -> dict[str, float]:
 
 
 @dataclass
-class Path:
+class Path(Result):
     lambdas: list[float]
     metrics: list[dict[str, float]]  # evaluator output at each point
     barrier: dict[str, dict[str, float]] = field(default_factory=dict)  # metric -> {reference, linear}

@@ -163,7 +163,7 @@ def _solve(X: torch.Tensor, Y: torch.Tensor, ridge: float) -> torch.Tensor:
     return torch.linalg.solve(G, Xb.T @ Y).T
 
 
-@register("merge", "pleas", kind="whole", config=PleasConfig, regime=Regime.WHOLE_MODEL,
+@register("merge", "pleas", kind="merge-model", config=PleasConfig, regime=Regime.WHOLE_MODEL,
           paper="PLeaS -- Merging Models with Permutations and Least Squares (Nasery et al., 2025)",
           summary="partial permutation merge to a chosen width, then a least-squares refit of every layer")
 def pleas(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor, cfg: PleasConfig | None = None,

@@ -22,6 +22,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
+from ..engine.result import Result
 from ..engine.calibration import set_weight_matrix, weight_matrix, weight_view
 from ..errors import ConfigError, WeightlabError
 from ..registry import Regime, register
@@ -32,7 +33,7 @@ from .sequential import PlacementFields
 
 
 @dataclass
-class CompensateReport:
+class CompensateReport(Result):
     method: str
     rank: int
     merged: bool

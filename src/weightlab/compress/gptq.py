@@ -25,7 +25,7 @@ class GPTQConfig(MethodConfig):
           paper="GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers "
                 "(Frantar et al., 2023)",
           summary="column-by-column rounding with inverse-Hessian error feedback; groups, act-order, static groups",
-          quantizer=True, default_bits=4, needs=("hessian",))
+          default_bits=4, needs=("hessian",))
 def gptq(ctx: QuantContext):
     c = ctx.cfg
     # take_H: the statistics hand their Hessian over, so it is damped and factored in place

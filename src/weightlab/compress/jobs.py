@@ -212,8 +212,10 @@ def prune_job(path, out, method: str = "wanda", sparsity: float = 0.5, *, patter
     params = dict(params or {})
     src, ck, kind = open_job(path, out, force)
     spec = get_method("compress", method)
-    needs = set(spec.extra.get("needs", ()))
-    whole_only = "gradients" in needs or "prepare" in spec.extra or allocation == "rd"
+    if spec.kind != "prune":
+        raise ConfigError(f"compress/{spec.name} is not a pruning rule")
+    needs = set(spec.contract.needs)
+    whole_only = "gradients" in needs or spec.contract.prepare is not None or allocation == "rd"
     dev, dt = dev_dt(ck, device, dtype)
     if wants_sequential(sequential, kind, whole_only):
         if kind == "zoo-mlp":
@@ -272,12 +274,14 @@ def quantize_job(path, out, method: str = "gptq", bits: int | None = None, group
     params = dict(params or {})
     ct = deploy.check_format(fmt) == "compressed-tensors"
     sym = ct if sym is None else sym
-    bits_eff = bits if bits is not None else get_method("compress", method).extra.get("default_bits", 4)
+    spec = get_method("compress", method)
+    if spec.kind != "quantize":
+        raise ConfigError(f"compress/{spec.name} is not a quantizer")
+    bits_eff = bits if bits is not None else spec.contract.default_bits
     if ct:  # the cheap refusals first, before loading the model
         deploy.check_request(method, bits_eff, group_size, params)
     src, ck, kind = open_job(path, out, force, llm_only=True)
-    spec = get_method("compress", method)
-    cfg_needs = spec.extra.get("needs", ())
+    cfg_needs = spec.contract.needs
     hessian = "hessian" in set(cfg_needs(spec.make_config(params)) if callable(cfg_needs) else cfg_needs)
     seq = wants_sequential(sequential, kind, whole_only=bool(packed))
     if packed and seq:

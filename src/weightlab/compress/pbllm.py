@@ -104,7 +104,7 @@ def _needs(cfg: PBLLMConfig):
 @register("compress", "pbllm", kind=QUANT_KIND, config=PBLLMConfig, regime=Regime.LAYERWISE,
           paper="PB-LLM: Partially Binarized Large Language Models (Shang et al., ICLR 2024)",
           summary="binarize all but a salient fraction (kept in 8 bits); optimal scale; GPTQ-style reconstruction",
-          quantizer=True, zero_level=False, default_bits=1, bits_range=(1, 1), needs=_needs)
+          zero_level=False, default_bits=1, bits_range=(1, 1), needs=_needs)
 def pbllm(ctx: QuantContext):
     c = ctx.cfg
     return pbllm_ptq(ctx.weight, ctx.stats.H if ctx.stats is not None else None, c.salient, c.high_bit, c.score,

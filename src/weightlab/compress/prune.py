@@ -16,6 +16,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from ..engine.result import Result
 from ..engine.calibration import find_blocks, prunable_layers, set_weight_matrix, weight_matrix, weight_view
 from ..errors import ConfigError
 from ..registry import Regime, get_method, register
@@ -29,7 +30,7 @@ HONEST_NOTE = ("Pruned weights are stored as zeros in a dense model: unstructure
 
 
 @dataclass
-class PruneReport:
+class PruneReport(Result):
     method: str
     target_sparsity: float
     pattern: str | None
@@ -115,8 +116,8 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pat
     for n, m in layers.items():
         if nm is not None and weight_view(m).shape[1] % nm[1]:
             raise ConfigError(f"layer {n} has {weight_view(m).shape[1]} inputs, not a multiple of {nm[1]}")
-    needs = set(spec.extra.get("needs", ()))
-    if onload is not None and ("gradients" in needs or "prepare" in spec.extra or allocation == "rd"):
+    needs = set(spec.contract.needs)
+    if onload is not None and ("gradients" in needs or spec.contract.prepare is not None or allocation == "rd"):
         why = "the RD allocation" if allocation == "rd" else f"{spec.name}'s whole-model gradient pass"
         raise ConfigError(f"{why} needs the whole model in memory; run it without sequential onloading "
                           "(--whole-model)")
@@ -134,8 +135,8 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, *, pat
         from .gradients import gradient_moments
 
         extra["moments"] = gradient_moments(model, batches, layers, show_progress)
-    if "prepare" in spec.extra:
-        extra.update(spec.extra["prepare"](model, layers, cfg, tokenizer=tokenizer, batches=batches, nsamples=nsamples,
+    if spec.contract.prepare is not None:
+        extra.update(spec.contract.prepare(model, layers, cfg, tokenizer=tokenizer, batches=batches, nsamples=nsamples,
                                            seqlen=seqlen, seed=seed, sampling=sampling, show_progress=show_progress))
     report = PruneReport(spec.name, sparsity, pattern, alloc.name)
 

@@ -7,7 +7,7 @@ target layer's weight becomes its dequantized value (a "fake-quantized" dense mo
 transformers user can load). The integer form of every layer is kept in the report
 (``report.quantized``) for the packed format (compress/packed.py).
 
-A quantizer is registered as ``register("compress", name, kind=QUANT_KIND, ...)`` with a
+A quantizer is registered as ``register("compress", name, kind="quantize", ...)`` with a
 function ``fn(ctx: QuantContext) -> AffineQuant | PBQuant | StatsQuant``.
 """
 from __future__ import annotations
@@ -20,16 +20,16 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from ..engine.result import Result
 from ..engine.calibration import LayerStats, set_weight_matrix, weight_matrix
 from ..errors import ConfigError
-from ..registry import KINDS, Regime, get_method, register
+from ..registry import Regime, get_method, register
 from .driver import for_each_layer
 from .packed import layout_of, pack_layer
 from .prune import _blocks_of, target_layers, to_batches
 from .sequential import PlacementFields
 
-# The registry has no "quantize" kind yet; until it does, quantizers are "whole" methods marked quantizer=True.
-QUANT_KIND = "quantize" if "quantize" in KINDS else "whole"
+QUANT_KIND = "quantize"
 
 
 @dataclass
@@ -48,7 +48,7 @@ class QuantContext:
 
 
 @dataclass
-class QuantReport:
+class QuantReport(Result):
     method: str
     bits: int
     group_size: int
@@ -75,7 +75,7 @@ class QuantReport:
 def quantizers() -> list:
     from ..registry import list_methods
 
-    return [s for s in list_methods("compress") if s.extra.get("quantizer")]
+    return [s for s in list_methods("compress") if s.kind == "quantize"]
 
 
 def quantize(model: nn.Module, method: str = "rtn", bits: int | None = None, group_size: int = 128, *,
@@ -100,12 +100,12 @@ def quantize(model: nn.Module, method: str = "rtn", bits: int | None = None, gro
     onload = model if hasattr(model, "load_block") else None
     model = onload.model if onload is not None else model
     spec = get_method("compress", method)
-    if not spec.extra.get("quantizer"):
+    if spec.kind != "quantize":
         raise ConfigError(f"compress/{spec.name} is not a quantizer; quantizers: "
                           + ", ".join(s.name for s in quantizers()))
     cfg = spec.make_config(method_params)
-    bits = spec.extra.get("default_bits", 4) if bits is None else bits
-    lo, hi = spec.extra.get("bits_range", (2, 8))
+    bits = spec.contract.default_bits if bits is None else bits
+    lo, hi = spec.contract.bits_range
     if not isinstance(bits, int) or not lo <= bits <= hi:
         raise ConfigError(f"{spec.name}: bits must be an integer in [{lo}, {hi}], got {bits!r}")
     if scale_dtype not in ("float16", "float32", "bfloat16"):
@@ -115,7 +115,7 @@ def quantize(model: nn.Module, method: str = "rtn", bits: int | None = None, gro
         layers = {n: m for n, m in layers.items() if layer_filter(n)}
     if not layers:
         raise ConfigError("the model has no Linear/Conv layers to quantize")
-    needs = spec.extra.get("needs", ())
+    needs = spec.contract.needs
     needs = set(needs(cfg) if callable(needs) else needs)
     report = QuantReport(spec.name, bits, group_size)
 
@@ -154,7 +154,7 @@ def _zeros_to_keep(name: str, w: torch.Tensor, spec) -> torch.Tensor | None:
     n = int(keep.sum())
     if n == 0:
         return None
-    if not spec.extra.get("zero_level", True):
+    if not spec.contract.zero_level:
         from .deploy import MIN_SPARSITY
 
         if n / w.numel() >= MIN_SPARSITY:

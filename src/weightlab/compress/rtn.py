@@ -14,6 +14,6 @@ class RTNConfig(MethodConfig):
           paper="GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers "
                 "(Frantar et al., 2023), RTN baseline",
           summary="round-to-nearest min-max integer grid, per channel or per group, sym/asym, 2-8 bits",
-          quantizer=True, default_bits=4, needs=())
+          default_bits=4, needs=())
 def rtn(ctx: QuantContext):
     return rtn_solve(ctx.weight, ctx.bits, ctx.group_size, ctx.sym, ctx.scale_dtype)

@@ -128,7 +128,7 @@ class StatsQConfig(MethodConfig):
 @register("compress", "statsq", kind=QUANT_KIND, config=StatsQConfig, regime=Regime.STREAMING,
           paper="Oscillation-free Quantization for Low-bit Vision Transformers (Liu et al., ICML 2023)",
           summary="StatsQ: per-row scale 2 mean|W|, 2^b half-integer levels (no zero), STE + CGA for QAT",
-          quantizer=True, zero_level=False, default_bits=4, needs=())
+          zero_level=False, default_bits=4, needs=())
 def statsq(ctx: QuantContext):
     W = ctx.weight
     s = statsq_scale(W).to(SCALE_DTYPES[ctx.scale_dtype]).float()

@@ -16,7 +16,7 @@ def score_dataset(method: str, data, *, show_progress: bool | None = None, devic
     'cuda', 'cuda:N', 'mps'; None = the CPU) is where the models train / k-means runs.
     """
     spec = get_method("data", method)
-    if spec.extra.get("role") != "score":
+    if spec.kind != "score":
         raise ConfigError(f"data/{spec.name} is not a per-sample score; scores are: {', '.join(SCORE_METHODS)}")
     kwargs = {k: params.pop(k) for k in ("model_fn", "embeddings") if k in params}
     cfg = spec.make_config(params)

@@ -69,7 +69,7 @@ class DROReweighter:
         self.log_u = None if v is None else torch.tensor(float(v), dtype=torch.float64)
 
 
-@register("data", "dro", paper=PAPER, config=DROConfig, regime=Regime.WHOLE_MODEL, kind="whole", role="reweighter",
+@register("data", "dro", paper=PAPER, config=DROConfig, regime=Regime.WHOLE_MODEL, kind="reweighter",
           summary="KL-regularised DRO instance weights softmax(loss / r) (the weighting of DONE, not its attack)")
 def dro(cfg: DROConfig | None = None, **params) -> DROReweighter:
     return DROReweighter(cfg, **params)

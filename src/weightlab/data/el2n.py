@@ -25,7 +25,7 @@ def el2n_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: 
     return _el2n(predict_logits(model, x, batch_size), y)
 
 
-@register("data", "el2n", paper=PAPER, config=El2nConfig, regime=Regime.WHOLE_MODEL, kind="whole", role="score",
+@register("data", "el2n", paper=PAPER, config=El2nConfig, regime=Regime.WHOLE_MODEL, kind="score",
           summary="error L2-norm of softmax vs one-hot early in training, mean over runs (high = hard / mislabeled)")
 def el2n(data, cfg: El2nConfig | None = None, *, model_fn: ModelFn | None = None,
          show_progress: bool | None = None, device=None) -> ScoreTable:

@@ -66,8 +66,7 @@ class ForgettingConfig(TrainedScoreConfig):
     epochs: int = Field(20, ge=1, description="training epochs during which forgetting events are counted")
 
 
-@register("data", "forgetting", paper=PAPER, config=ForgettingConfig, regime=Regime.WHOLE_MODEL, kind="whole",
-          role="score", summary="forgetting events (correct -> wrong) during training; never learned = inf")
+@register("data", "forgetting", paper=PAPER, config=ForgettingConfig, regime=Regime.WHOLE_MODEL, kind="score", summary="forgetting events (correct -> wrong) during training; never learned = inf")
 def forgetting(data, cfg: ForgettingConfig | None = None, *, model_fn: ModelFn | None = None,
                show_progress: bool | None = None, device=None) -> ScoreTable:
     """Forgetting score of every training sample: mean over `runs` of the events in one run (+inf if never learned).

@@ -66,7 +66,7 @@ def grand_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, chunk_si
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
-@register("data", "grand", paper=PAPER, config=GrandConfig, regime=Regime.WHOLE_MODEL, kind="whole", role="score",
+@register("data", "grand", paper=PAPER, config=GrandConfig, regime=Regime.WHOLE_MODEL, kind="score",
           summary="per-sample loss-gradient norm over all parameters (torch.func), mean over runs (high = hard)")
 def grand(data, cfg: GrandConfig | None = None, *, model_fn: ModelFn | None = None,
           show_progress: bool | None = None, device=None) -> ScoreTable:

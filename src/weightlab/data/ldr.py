@@ -81,13 +81,13 @@ class ALDRKLLoss(nn.Module):
         return _reduce(loss, c.reduction)
 
 
-@register("data", "ldr-kl", paper=PAPER, config=LDRKLConfig, regime=Regime.WHOLE_MODEL, kind="whole", role="loss",
+@register("data", "ldr-kl", paper=PAPER, config=LDRKLConfig, regime=Regime.WHOLE_MODEL, kind="loss",
           summary="label-distributionally robust KL loss lam*log mean_k exp((c*1{k!=y}+z_k-z_y)/lam), normalised logits")
 def ldr_kl_loss(cfg: LDRKLConfig | None = None, **params) -> LDRKLLoss:
     return LDRKLLoss(cfg, **params)
 
 
-@register("data", "aldr-kl", paper=PAPER, config=ALDRKLConfig, regime=Regime.WHOLE_MODEL, kind="whole", role="loss",
+@register("data", "aldr-kl", paper=PAPER, config=ALDRKLConfig, regime=Regime.WHOLE_MODEL, kind="loss",
           summary="adaptive LDR-KL: a per-sample temperature that shrinks as the model grows confident")
 def aldr_kl_loss(cfg: ALDRKLConfig | None = None, num_samples: int = 0, **params) -> ALDRKLLoss:
     return ALDRKLLoss(num_samples, cfg, **params)

@@ -66,8 +66,7 @@ class LossReweighter:
         self.step = int(state["step"])
 
 
-@register("data", "loss-reweight", paper=PAPER, config=LossReweightConfig, regime=Regime.WHOLE_MODEL, kind="whole",
-          role="reweighter", summary="per-sample weights softmax(f(h(loss))/r) (LinUpper, Quadratic, Extremes) "
+@register("data", "loss-reweight", paper=PAPER, config=LossReweightConfig, regime=Regime.WHOLE_MODEL, kind="reweighter", summary="per-sample weights softmax(f(h(loss))/r) (LinUpper, Quadratic, Extremes) "
                                      "with burn-in, as a weighted training loss")
 def loss_reweight(cfg: LossReweightConfig | None = None, **params) -> LossReweighter:
     """A LossReweighter for a training loop (see the module docstring)."""

@@ -31,8 +31,7 @@ class PrototypeConfig(MethodConfig):
     seed: int = 0
 
 
-@register("data", "prototype", paper=PAPER, config=PrototypeConfig, regime=Regime.WHOLE_MODEL, kind="whole",
-          role="score", summary="cosine distance to the nearest k-means centroid of normalised embeddings (no labels)")
+@register("data", "prototype", paper=PAPER, config=PrototypeConfig, regime=Regime.WHOLE_MODEL, kind="score", summary="cosine distance to the nearest k-means centroid of normalised embeddings (no labels)")
 def prototype(data, cfg: PrototypeConfig | None = None, *, embeddings: torch.Tensor | None = None,
               show_progress: bool | None = None, device=None) -> ScoreTable:
     """Prototype scores. `data` is a dataset (name, CSV, zoo Dataset, ScoringData) or an (N, D) tensor

@@ -1,6 +1,6 @@
 """Per-sample causal-LM losses, and the data family's reweighters and robust losses inside a training loop.
 
-A data method says what it is by its registered role (``get_method("data", name).extra["role"]``):
+A data method says what it is by its registered role (its registered kind, ``get_method("data", name).kind``):
 
 - "reweighter": per-sample losses -> weighted loss sum_i w_i L_i (loss-reweight, dro). A sample
   is one sequence; L_i is its mean token cross-entropy over the tokens that carry labels.
@@ -56,7 +56,7 @@ def resolve(name: str, params: dict | None = None):
     except ConfigError:
         for s in list_methods("data"):
             field = s.config.model_fields.get("strategy")
-            if s.extra.get("role") in ROLES and field is not None and "strategy" not in params:
+            if s.kind in ROLES and field is not None and "strategy" not in params:
                 try:
                     s.config(strategy=name)
                 except Exception:
@@ -64,8 +64,8 @@ def resolve(name: str, params: dict | None = None):
                 params["strategy"] = name
                 return s, params
         raise
-    if spec.extra.get("role") not in ROLES:
-        usable = sorted(s.name for s in list_methods("data") if s.extra.get("role") in ROLES)
+    if spec.kind not in ROLES:
+        usable = sorted(s.name for s in list_methods("data") if s.kind in ROLES)
         raise ConfigError(f"data method '{spec.name}' scores samples, it does not weight a training loss; "
                           f"use one of: {', '.join(usable)}")
     return spec, params
@@ -82,7 +82,7 @@ class LossWeighting:
 
     def __init__(self, name: str, params: dict | None = None, *, num_samples: int = 0):
         spec, params = resolve(name, params)
-        self.name, self.role = spec.name, spec.extra["role"]
+        self.name, self.role = spec.name, spec.kind
         cfg = spec.make_config(params)
         kw = {}
         if "num_samples" in inspect.signature(spec.fn).parameters:

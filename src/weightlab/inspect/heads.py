@@ -35,6 +35,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from ..engine.result import Result
 from ..engine.progress import progress
 from ..errors import ConfigError
 from ..registry import MethodConfig, Regime, register
@@ -252,7 +253,7 @@ def replay_loss(model, ids, saved, layer: int, head: int | None) -> float:
 
 
 @dataclass
-class HeadsReport:
+class HeadsReport(Result):
     """Rows per (domain, layer, head) and per (domain, layer), plus a summary per domain."""
 
     heads: list[dict]

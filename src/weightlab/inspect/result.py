@@ -41,6 +41,18 @@ class InspectResult(Table):
     def to_dict(self) -> dict:
         return {"layers": list(self), "diff": list(self.diff), "summary": self.summary}
 
+    def as_dict(self) -> dict:  # the verbs' common name
+        return _jsonable(self.to_dict())
+
+    def save(self, path: str | os.PathLike, *, force: bool = False) -> Path:
+        """``to_json`` into ``path`` (atomically); an existing file needs ``force``."""
+        from ..errors import OutputExistsError
+
+        if Path(path).exists() and not force:
+            raise OutputExistsError(f"'{path}' already exists; pass force=True to replace it")
+        self.to_json(path)
+        return Path(path)
+
     def to_json(self, path: str | os.PathLike | None = None, indent: int | None = 1) -> str:
         text = json.dumps(_jsonable(self.to_dict()), indent=indent, allow_nan=False)
         if path is not None:

@@ -82,8 +82,8 @@ def run_merge(job: MergeJob, out: str | os.PathLike | None = None, *, force: boo
     """Run a merge. ``models``/``base`` may override the job's paths with opened sources or state dicts."""
     spec = get_method("merge", job.method)
     device = _device(spec, job.device)  # before opening anything: an unavailable device is one clear error
-    if "job_runner" in spec.extra:  # whole-model merges with their own loop (greedy soup)
-        return spec.extra["job_runner"](job, spec.make_config(job.params), out, force, show_progress)
+    if getattr(spec.contract, "job_runner", None):  # whole-model merges with their own loop (greedy soup)
+        return spec.contract.job_runner(job, spec.make_config(job.params), out, force, show_progress)
     if spec.kind != "merge":
         raise ConfigError(f"merge/{spec.name} is not a per-tensor merge rule; call it from Python "
                           f"(weightlab.merge.{spec.fn.__name__})")
@@ -92,10 +92,10 @@ def run_merge(job: MergeJob, out: str | os.PathLike | None = None, *, force: boo
     cdtype = None if job.compute_dtype == "auto" else _dtype(job.compute_dtype, "compute_dtype")
     srcs = [_as_source(m) for m in (models if models is not None else [m.path for m in job.models])]
     base_src = _as_source(base) if base is not None else (_as_source(job.base) if job.base else None)
-    if spec.extra.get("requires_base") and base_src is None:
+    if spec.contract.requires_base and base_src is None:
         raise ConfigError(f"merge method '{spec.name}' needs a base model (the common starting point)")
-    if spec.extra.get("min_models", 1) > len(srcs):
-        raise ConfigError(f"merge method '{spec.name}' needs at least {spec.extra['min_models']} models")
+    if spec.contract.min_models > len(srcs):
+        raise ConfigError(f"merge method '{spec.name}' needs at least {spec.contract.min_models} models")
     plan = plan_tensors(srcs, base_src, [m.name_map for m in job.models])
     inputs = MergeInputs(srcs, base_src, plan, cdtype)
     inputs.densities = [m.density for m in job.models]
@@ -110,7 +110,7 @@ def run_merge(job: MergeJob, out: str | os.PathLike | None = None, *, force: boo
                                   max_shard_size=job.max_shard_size, dtype=out_dtype)
     t0 = time.perf_counter()
     try:
-        state = spec.extra["prepare"](inputs, cfg) if "prepare" in spec.extra else {}
+        state = spec.contract.prepare(inputs, cfg) if spec.contract.prepare else {}
         result, bad = _stream(spec, cfg, job, inputs, state, writer, out_dtype, show_progress, device)
         if bad:
             raise TensorValueError(f"NaN/Inf in {len(bad)} input tensor(s): {', '.join(bad[:8])}"
@@ -146,7 +146,7 @@ def _device(spec, name: str | None) -> torch.device | None:
     name = (name or "cpu").strip().lower()
     if name == "cpu":
         return None
-    if not spec.extra.get("device_capable"):
+    if not getattr(spec.contract, "device_capable", False):
         if name == "auto":
             return None
         resolve_device(name)  # a missing device is reported as such first
@@ -160,7 +160,7 @@ def _device(spec, name: str | None) -> torch.device | None:
 def _device_capable_rules():
     from ..registry import REGISTRY
 
-    return [s for s in REGISTRY.list("merge") if s.extra.get("device_capable")]
+    return [s for s in REGISTRY.list("merge") if s.contract.device_capable]
 
 
 def _stream(spec, cfg, job, inputs: MergeInputs, state, writer, out_dtype, show_progress, device=None):
@@ -168,7 +168,7 @@ def _stream(spec, cfg, job, inputs: MergeInputs, state, writer, out_dtype, show_
     weights = [m.weight for m in job.models]
     densities = [m.density for m in job.models]
     ref = inputs.base if inputs.base is not None else inputs.models[0]
-    raw = bool(spec.extra.get("raw_inputs"))
+    raw = spec.contract.raw_inputs
     result: dict[str, torch.Tensor] = {}
     bad: list[str] = []
 

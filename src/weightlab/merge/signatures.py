@@ -54,7 +54,7 @@ class SignatureConfig(MethodConfig):
     patterns: list[str] | None = None
 
 
-@register("merge", "robust-weight-signature", kind="whole", config=SignatureConfig, regime=Regime.STREAMING,
+@register("merge", "robust-weight-signature", kind="merge-model", config=SignatureConfig, regime=Regime.STREAMING,
           aliases=("rws", "signature"),
           paper="Robust Weight Signature: Gaining Robustness as Easy as Patching Weights? (Cai et al., 2023)",
           summary="extract / apply / compose / remove the shallow-layer robustness update (weightlab signature)")

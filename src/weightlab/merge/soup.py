@@ -71,7 +71,7 @@ def run_greedy_soup_job(job, cfg: GreedySoupConfig, out, force: bool, show_progr
     return MergeResult(path, None, report)
 
 
-@register("merge", "greedy-soup", kind="whole", config=GreedySoupConfig, regime=Regime.WHOLE_MODEL,
+@register("merge", "greedy-soup", kind="merge-model", config=GreedySoupConfig, regime=Regime.WHOLE_MODEL,
           job_runner=run_greedy_soup_job,
           paper="Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing "
                 "inference time (Wortsman et al., 2022)",
@@ -246,7 +246,7 @@ def run_learned_soup_job(job, cfg: "LearnedSoupConfig", out, force: bool, show_p
     return MergeResult(path, None, report)
 
 
-@register("merge", "learned-soup", kind="whole", config=LearnedSoupConfig, regime=Regime.WHOLE_MODEL,
+@register("merge", "learned-soup", kind="merge-model", config=LearnedSoupConfig, regime=Regime.WHOLE_MODEL,
           job_runner=run_learned_soup_job,
           paper="Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing "
                 "inference time (Wortsman et al., 2022), appendix: learned soup",

@@ -93,9 +93,9 @@ def plan_recipe(recipe: Recipe) -> Plan:
             parse_dtype(recipe.dtype)
         except ValueError as e:
             problems.append(f"dtype: {e}")
-    first_makes_model = bool(steps) and steps[0][0].extra.get("first_step", False)
+    first_makes_model = bool(steps) and steps[0][0].contract.first_step
     for i, (spec, cfg) in enumerate(steps, 1):
-        if spec.extra.get("first_step") and i > 1:
+        if spec.contract.first_step and i > 1:
             problems.append(f"step {i}: {spec.family}/{spec.name} makes the model; it can only be the first step")
         later_transforms = any(s.kind == "transform" for s, _ in steps[i:])
         # packed compressed-tensors weights are an end product: no later step can change them
@@ -123,7 +123,7 @@ def plan_recipe(recipe: Recipe) -> Plan:
     for p in inputs:
         open_checkpoint(p).close()  # header checks now, not after an hour of work
     plan = Plan(recipe, model_path, steps, inputs)
-    needs_out = plan.writes_model or any(s.extra.get("workdir") for s, _ in steps)
+    needs_out = plan.writes_model or any(s.contract.workdir for s, _ in steps)
     if needs_out and not recipe.output:
         raise ConfigError("the recipe writes a model or files but has no 'output' folder (set output: or pass -o)")
     if recipe.output:
@@ -213,7 +213,7 @@ def _run(plan: Plan, out: Path, cache: Path, force: bool, show_progress, log) ->
         work = cache / f"work-{i:02d}"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir()
-        kw = {"show_progress": show_progress, **({"workdir": work} if spec.extra.get("workdir") else {})}
+        kw = {"show_progress": show_progress, **({"workdir": work} if spec.contract.workdir else {})}
         log(f"step {i}: {spec.family}/{spec.name} ...")
         t0 = time.perf_counter()
         if spec.kind == "transform":
