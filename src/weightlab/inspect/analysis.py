@@ -35,7 +35,7 @@ from ..registry import MethodConfig
 from ..tensor import spectral as S
 from ..tensor.filters import filter_quality
 from .plan import _Item, as_source, plan  # noqa: F401  (as_source re-exported)
-from .result import InspectResult, Table, _atomic_write, _jsonable  # noqa: F401  (re-exported)
+from .result import InspectResult, Table, _jsonable  # noqa: F401  (re-exported)
 from .summary import diff_summary, spectral_summary
 
 SMALL_TAIL = 10

@@ -385,8 +385,8 @@ def _short(name: str, n: int = 46) -> str:
 def write_report(result, path: str | os.PathLike, *, title: str | None = None,
                  plot_layers: list[str] | None = None, sections: list[str] | None = None) -> Path:
     """Write the report atomically; returns its path."""
-    from .result import _atomic_write
+    from ..io.atomic import write_file_atomic
 
     p = Path(path)
-    _atomic_write(p, render(result, title=title, plot_layers=plot_layers, sections=sections))
+    write_file_atomic(p, render(result, title=title, plot_layers=plot_layers, sections=sections))
     return p

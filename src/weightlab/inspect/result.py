@@ -56,7 +56,7 @@ class InspectResult(Table):
     def to_json(self, path: str | os.PathLike | None = None, indent: int | None = 1) -> str:
         text = json.dumps(_jsonable(self.to_dict()), indent=indent, allow_nan=False)
         if path is not None:
-            _atomic_write(Path(path), text + "\n")
+            write_file_atomic(Path(path), text + "\n")
         return text
 
     def write_html(self, path: str | os.PathLike, *, title: str | None = None,
@@ -92,5 +92,3 @@ def _jsonable(obj):
     return obj
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    write_file_atomic(path, text)

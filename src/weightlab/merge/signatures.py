@@ -124,10 +124,9 @@ def save(sig: StateDict, path: str | os.PathLike, levels: int | None = None, mod
             tensors[n] = t.contiguous()
     meta = {"weightlab.kind": "robust-weight-signature", "weightlab.quant": json.dumps(qmeta),
             **{k: str(v) for k, v in (metadata or {}).items()}}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
-    return path
+    from ..io.atomic import write_file_atomic
+
+    return write_file_atomic(path, writer=lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def load(path: str | os.PathLike) -> StateDict:
