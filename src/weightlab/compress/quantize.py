@@ -236,7 +236,8 @@ class QuantizeStepConfig(PlacementFields):
 def quantize_step(source, cfg: QuantizeStepConfig, workdir, show_progress: bool | None = None):
     """The `weightlab quantize` job on the model the previous step wrote (sequential for causal LMs)."""
     from ..io.reader import open_checkpoint
-    from .jobs import quantize_job, step_folder, step_placement
+    from ..engine.source import step_folder
+    from .jobs import quantize_job, step_placement
 
     _, result = quantize_job(step_folder(source), workdir / "quantized", cfg.method, cfg.bits, cfg.group_size,
                              sym=cfg.sym, keep_zeros=cfg.keep_zeros, calib=cfg.calib, nsamples=cfg.nsamples,

@@ -1,11 +1,14 @@
 """Evaluation on real data: held-out perplexity of causal LMs."""
 from __future__ import annotations
 
+import copy
 import math
+import re
 import time
 
 import torch
 
+from ..io.refs import load_text
 from .progress import progress
 
 
@@ -129,3 +132,53 @@ def streamed_perplexity(path, tokenizer, text: str, *, seqlen: int = 512, max_to
         om.close()
     return {"perplexity": math.exp(nll / count), "tokens": count, "windows": n_windows, "seqlen": seqlen,
             "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def model_kind(config: dict) -> str:
+    """causal-lm, encoder or zoo-mlp, from a checkpoint's config."""
+    arch = (config.get("architectures") or [""])[0]
+    if config.get("model_type") == "weightlab-zoo-mlp":
+        return "zoo-mlp"
+    return "causal-lm" if arch.endswith("ForCausalLM") else "encoder"
+
+
+def eval_sentences(text: str, n: int = 200) -> list[str]:
+    out = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if len(s.split()) >= 5]
+    return out[:n]
+
+
+def load_with_evaluator(kind, src, ck, eval_data="wiki", eval_tokens=16384, no_eval=False, dtype=None):
+    """(model, tokenizer, evaluate) for a checkpoint of ``kind``; evaluate(model) -> quality dict, or None.
+
+    Causal LMs: held-out perplexity; encoders: embedding similarity to the model as loaded; zoo MLPs:
+    test accuracy."""
+    if kind == "zoo-mlp":
+        from ..zoo import MLP, accuracy, load_dataset
+
+        data = load_dataset((ck.config or {}).get("dataset", "digits"))
+        sd = ck.state_dict()
+        hidden = tuple(sd[k].shape[0] for k in sd if k.endswith("weight"))[:-1]
+        model = MLP(data.num_features, hidden, data.num_classes)
+        model.load_state_dict(sd)
+        return model.eval(), None, None if no_eval else (
+            lambda m: {"accuracy": round(accuracy(m, data.x_test, data.y_test), 4)})
+    kw = {"dtype": dtype} if dtype else {}
+    if kind == "causal-lm":
+        from ..engine.evaluate import perplexity
+        from ..io.hf import load_causal_lm
+
+        model, tok = load_causal_lm(src, **kw)
+        text = None if no_eval else load_text(eval_data, "heldout")
+
+        def ev(m):
+            r = perplexity(m, tok, text, max_tokens=eval_tokens)
+            return {"perplexity": round(r["perplexity"], 3), "tokens": r["tokens"]}
+
+        return model, tok, None if no_eval else ev
+    from ..engine.evaluate import embedding_similarity
+    from ..io.hf import load_encoder
+
+    model, tok = load_encoder(src, **kw)
+    dense = copy.deepcopy(model)
+    sentences = eval_sentences(load_text(eval_data, "heldout")) if not no_eval else []
+    return model, tok, None if no_eval else (lambda m: embedding_similarity(m, dense, tok, sentences))

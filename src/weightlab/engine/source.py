@@ -94,3 +94,13 @@ def load_model_from(source, dtype: torch.dtype = torch.float32):
             if name in sd:
                 sd[name].copy_(source.get(name).to(sd[name].dtype))
     return model, tok
+
+
+def step_folder(source) -> Path:
+    """The folder a recipe step reads: the runner hands every step a written checkpoint."""
+    from ..errors import ConfigError
+
+    path = root_path(source)
+    if path is None or getattr(source, "inner", None) is not None:
+        raise ConfigError("this step reads a model folder; run it in a recipe (the runner writes each step's model)")
+    return path
