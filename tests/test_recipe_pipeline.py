@@ -32,7 +32,8 @@ def test_two_fine_tunes_to_a_served_4_bit_model(fine_tunes, tmp_path):
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "out"
     steps = [_merge(fine_tunes),
-             {"family": "adapt", "method": "tune", "params": {"steps": 3, "batch_size": 2, "seqlen": 32, "rank": 4}},
+             {"family": "adapt", "method": "tune",
+              "params": {"steps": 3, "batch_size": 2, "seqlen": 32, "rank": 4, "peft": True}},
              {"family": "compress", "method": "prune", "params": {"method": "wanda", "pattern": "2:4", **CAL}},
              {"family": "compress", "method": "quantize",
               "params": {"method": "gptq", "bits": 4, "group_size": 32, "format": "compressed-tensors", **CAL}},
@@ -53,6 +54,8 @@ def test_two_fine_tunes_to_a_served_4_bit_model(fine_tunes, tmp_path):
     # the tune step really trained (loss moved) and its adapter is kept; eval and export are in the output
     tune = res.steps[1].result
     assert tune["heldout_after"] != tune["heldout_before"] and (out / "step-02-adapter").is_dir()
+    peft_cfg = json.loads((out / "step-02-adapter-peft" / "adapter_config.json").read_text())
+    assert peft_cfg["peft_type"] == "LORA" and peft_cfg["r"] == 4
     ppl = json.loads((out / "report-05-inspect-perplexity.json").read_text())
     assert 1 < ppl["perplexity"] < 1e4
     assert (out / "model-q8_0.gguf").stat().st_size > 0

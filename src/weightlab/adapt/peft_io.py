@@ -29,6 +29,7 @@ def _write_peft(entries, out_dir, *, r: int, alpha: float, rslora: bool, fan_in_
     from safetensors.torch import save_file
 
     from ..io.atomic import AtomicFolder
+    from ..io.modelcard import public_name
 
     sd = {}
     for name, B, A in entries:
@@ -39,7 +40,9 @@ def _write_peft(entries, out_dir, *, r: int, alpha: float, rslora: bool, fan_in_
     conf = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(r), "lora_alpha": float(alpha),
             "lora_dropout": 0.0, "use_rslora": bool(rslora), "fan_in_fan_out": bool(fan_in_fan_out),
             "bias": "none", "target_modules": sorted(n for n, _, _ in entries), "init_lora_weights": True,
-            "base_model_name_or_path": base_model, "inference_mode": True, "modules_to_save": None}
+            # a name, never a local path: the adapter is shared beyond this machine
+            "base_model_name_or_path": public_name(base_model) if base_model else None, "inference_mode": True,
+            "modules_to_save": None}
     with AtomicFolder(out_dir, force=force) as tmp:
         save_file(sd, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(conf, indent=2))

@@ -19,6 +19,7 @@ class TuneStepConfig(MethodConfig):
     seed: int = 0
     device: str | None = None
     params: dict = Field(default_factory=dict, description="the adapter method's own parameters")
+    peft: bool = Field(False, description="also keep the adapter as a PEFT folder (output: step-NN-adapter-peft)")
 
 
 @register("adapt", "tune", kind="transform", config=TuneStepConfig, regime=Regime.WHOLE_MODEL,
@@ -34,9 +35,16 @@ def tune_step(source, cfg: TuneStepConfig, workdir: Path, show_progress: bool | 
     res = tune(model, tok, cfg.method, cfg.data, rank=cfg.rank, steps=cfg.steps, lr=cfg.lr,
                batch_size=cfg.batch_size, seqlen=cfg.seqlen, seed=cfg.seed, out=workdir / "tune", merged=False,
                progress=show_progress, method_config=cfg.params or None, device=cfg.device)
+    artifacts = {"adapter": workdir / "tune" / "adapter"}
+    if cfg.peft:
+        from ..engine.source import root_path
+        from .peft_io import export_folder_peft
+
+        export_folder_peft(artifacts["adapter"], workdir / "adapter-peft", base=str(root_path(source)))
+        artifacts["adapter-peft"] = workdir / "adapter-peft"
     fold(model)  # the adapter becomes part of the weights; later steps see a plain model
     sd = {n: t.detach().cpu() for n, t in model.state_dict().items()}
     out = MappedSource(source, lambda name, t: sd[name].to(t.dtype) if name in sd else t)
     out.report = {k: v for k, v in res.items() if k != "history"}
-    out.artifacts = {"adapter": workdir / "tune" / "adapter"}
+    out.artifacts = artifacts
     return out
