@@ -184,3 +184,26 @@ def test_cli_choice_lists_name_every_registered_method(command, option, family, 
     listed = set(re.findall(r"[a-z][a-z0-9-]*", helps[0]))
     want = {s.name for s in list_methods(family) if s.kind in kinds}
     assert want and not want - listed, f"{command} {option} does not list {sorted(want - listed)}"
+
+
+@pytest.mark.parametrize("args,needle", [
+    ([], "Usage: weightlab"), (["prune"], "Missing argument"), (["info", "--bogus", "x"], "No such option"),
+    (["nosuchcmd"], "No such command"), (["prune", "x", "--sparsity", "abc", "-o", "y"], "Invalid value"),
+    (["neurons"], "Usage: weightlab neurons")])
+def test_usage_errors_print_usage_and_exit_2_without_traceback(args, needle, capsys):
+    assert main(args) == 2
+    cap = capsys.readouterr()
+    text = cap.out + cap.err  # typer's rich help prints to stdout, errors to stderr
+    assert needle in text and "Traceback" not in text
+
+
+def test_names_from_files_are_not_rich_markup(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    save_file({"[/]": torch.zeros(2), "[bold]x": torch.zeros(3)}, str(tmp_path / "m.safetensors"))
+    assert main(["info", str(tmp_path / "m.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "[/]" in out and "[bold]x" in out
+    (tmp_path / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"[a]\":1}")
+    assert main(["info", str(tmp_path / "bad.safetensors")]) == 1
+    assert "bad.safetensors" in capsys.readouterr().err

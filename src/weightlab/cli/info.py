@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from ..io.deployed import describe_line
 from ..io.describe import describe
@@ -17,7 +18,7 @@ def info(path: str = typer.Argument(..., help="checkpoint file or folder, or zoo
     d = describe(resolve_model(path))
     if emit_json(d, json_out):
         return
-    t = Table(show_header=False, box=None)
+    t = _Plain(show_header=False, box=None)
     t.add_row("path", d["path"])
     t.add_row("format", d["format"])
     if d["quantization"]:
@@ -34,7 +35,14 @@ def info(path: str = typer.Argument(..., help="checkpoint file or folder, or zoo
         t.add_row("made by", f"weightlab {d['made_by']['method']}")
     console.print(t)
     rows = d["tensors"] if all_tensors else d["tensors"][:20]
-    tt = Table("name", "shape", "dtype", title=f"tensors ({len(rows)} of {d['num_tensors']})")
+    tt = _Plain("name", "shape", "dtype", title=Text(f"tensors ({len(rows)} of {d['num_tensors']})"))
     for r in rows:
         tt.add_row(r["name"], "x".join(map(str, r["shape"])) or "scalar", r["dtype"])
     console.print(tt)
+
+
+class _Plain(Table):
+    """A table whose cells are shown as given: names from files are not rich markup ('[/]' is a valid name)."""
+
+    def add_row(self, *cells, **kw):
+        super().add_row(*(Text(str(c)) for c in cells), **kw)
