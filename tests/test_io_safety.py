@@ -152,3 +152,46 @@ def test_killed_writer_leaves_no_final_folder(tmp_path):
     assert len(leftovers) == 1  # the dead writer's hidden temp folder...
     wl.save_state_dict({"a": torch.zeros(1)}, tmp_path / "m")  # ...is cleaned by the next writer
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def _raw_safetensors(path, header: bytes, data: bytes = b""):
+    import struct
+
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    return path
+
+
+@pytest.mark.parametrize("header,data,needle", [
+    (b'{"a":{"dtype":"F32","shape":[' + b"9" * 5000 + b'],"data_offsets":[0,4]}}', b"\0" * 4, "not valid JSON"),
+    (b'{"a":' + b"[" * 50000 + b"]" * 50000 + b"}", b"", "not valid JSON"),
+    (b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+     b"\0" * 4, "names a tensor twice"),
+    (b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}', b"\0" * 8, "unused bytes before"),
+    (b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', b"\0" * 12, "trailing bytes"),
+    (b'{"\\ud800":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', b"\0" * 4, "lone surrogate"),
+    (b'{"a\\u0000b":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', b"\0" * 4, "NUL character"),
+    (b'{"a":{"dtype":"F32","shape":[0,99999999999999999999],"data_offsets":[0,0]}}', b"", "implausibly large"),
+])
+def test_hostile_headers_get_typed_errors(tmp_path, header, data, needle):
+    """What the safetensors library refuses (duplicates, gaps, trailing bytes) or Python chokes on (huge ints,
+    deep nesting) is one CorruptCheckpointError naming the file, before any tensor is read."""
+    from weightlab.errors import CorruptCheckpointError
+    from weightlab.io.reader import open_checkpoint
+
+    p = _raw_safetensors(tmp_path / "x.safetensors", header, data)
+    with pytest.raises(CorruptCheckpointError, match=needle) as e:
+        open_checkpoint(p)
+    assert "x.safetensors" in str(e.value)
+
+
+def test_huge_integers_in_config_json_are_a_typed_error(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from weightlab.errors import CorruptCheckpointError
+    from weightlab.io.reader import open_checkpoint
+
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text('{"hidden_size": ' + "9" * 5000 + "}")
+    with pytest.raises(CorruptCheckpointError, match="config.json"):
+        open_checkpoint(tmp_path).config

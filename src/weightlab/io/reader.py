@@ -270,8 +270,9 @@ class Checkpoint:
 def _read_json(path: Path) -> dict:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptCheckpointError(f"cannot parse JSON: {e}", path) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
+        # ValueError: integers of over 4,300 digits; RecursionError: absurd nesting
+        raise CorruptCheckpointError(f"cannot parse JSON: {str(e)[:200] or type(e).__name__}", path) from None
     if not isinstance(obj, dict):
         raise CorruptCheckpointError("expected a JSON object", path)
     return obj

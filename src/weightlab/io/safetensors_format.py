@@ -59,8 +59,12 @@ def parse_header(prefix: bytes, file_size: int, path: str | Path = "<bytes>") ->
         raise ValueError("prefix does not contain the whole header")
     raw = prefix[8:8 + n]
     try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except _Duplicate as e:
+        raise CorruptCheckpointError("safetensors header names a tensor twice (the safetensors library refuses "
+                                     "it too)", path, str(e)) from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
+        # ValueError: an integer of over 4,300 digits (Python's int-conversion limit)
         raise CorruptCheckpointError(f"safetensors header is not valid JSON ({e.__class__.__name__})", path) from None
     if not isinstance(obj, dict):
         raise CorruptCheckpointError("safetensors header is not a JSON object", path)
@@ -83,16 +87,45 @@ def parse_header(prefix: bytes, file_size: int, path: str | Path = "<bytes>") ->
     for begin, end, name in spans:
         if begin < pos:
             raise CorruptCheckpointError("data_offsets overlap another tensor", path, name)
+        if begin > pos:  # the safetensors library refuses holes: the tensors must tile the data region
+            raise CorruptCheckpointError(f"{begin - pos} unused bytes before this tensor's data (a gap in the data "
+                                         "region; the safetensors library refuses such files)", path, name)
         pos = end
     if pos > data_size:
         last = max(spans, key=lambda s: s[1])[2]
         raise TruncatedCheckpointError(
             f"tensor data ends at byte {pos} of the data region but the file holds only {data_size} "
             "(truncated download or copy; re-fetch the file)", path, last)
+    if pos < data_size:
+        raise CorruptCheckpointError(f"{data_size - pos} bytes after the last tensor's data (trailing bytes; the "
+                                     "safetensors library refuses such files)", path)
     return SafetensorsHeader(entries, metadata, 8 + n)
 
 
+class _Duplicate(Exception):
+    pass
+
+
+def _no_duplicates(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Duplicate(k)
+        out[k] = v
+    return out
+
+
+MAX_DIM = 2 ** 62  # beyond this no byte count or torch size is representable
+
+
 def _entry(name: str, spec: object, path: str | Path) -> TensorEntry:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a \ud800 escape: no file or library can store it
+        raise CorruptCheckpointError("tensor name is not valid Unicode (a lone surrogate escape)", path,
+                                     name.encode("utf-8", "backslashreplace").decode()) from None
+    if "\x00" in name:
+        raise CorruptCheckpointError("tensor name contains a NUL character", path, name.replace("\x00", "\\0"))
     if not isinstance(spec, dict):
         raise CorruptCheckpointError("tensor entry is not an object", path, name)
     dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
@@ -100,6 +133,8 @@ def _entry(name: str, spec: object, path: str | Path) -> TensorEntry:
         raise CorruptCheckpointError(f"unsupported or missing dtype {dtype!r}", path, name)
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise CorruptCheckpointError(f"shape must be a list of non-negative integers, got {shape!r}", path, name)
+    if any(d > MAX_DIM for d in shape) or math.prod(d for d in shape if d) > MAX_DIM:
+        raise CorruptCheckpointError(f"shape {shape} is implausibly large (corrupt header)", path, name)
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(type(o) is int and o >= 0 for o in offsets) or offsets[1] < offsets[0]):
         raise CorruptCheckpointError(f"data_offsets must be [begin, end] with begin <= end, got {offsets!r}", path, name)
