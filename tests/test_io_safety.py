@@ -195,3 +195,13 @@ def test_huge_integers_in_config_json_are_a_typed_error(tmp_path):
     (tmp_path / "config.json").write_text('{"hidden_size": ' + "9" * 5000 + "}")
     with pytest.raises(CorruptCheckpointError, match="config.json"):
         open_checkpoint(tmp_path).config
+
+
+def test_a_fifo_named_safetensors_is_refused_not_read(tmp_path):
+    import os
+
+    from weightlab.cli import main
+
+    os.mkfifo(tmp_path / "model.safetensors")  # opening it for reading would block forever
+    assert main(["info", str(tmp_path / "model.safetensors")]) == 1
+    assert main(["info", str(tmp_path)]) == 1

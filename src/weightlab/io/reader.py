@@ -279,6 +279,8 @@ def _read_json(path: Path) -> dict:
 
 
 def _open_file(path: Path):
+    if not path.is_file():  # never open a FIFO or device: reading it could block forever
+        raise UnsupportedFormatError("not a regular file (a pipe, socket or device?)", path)
     if path.suffix == ".safetensors":
         return _SafetensorsFile(path)
     if path.suffix in TORCH_SUFFIXES:
@@ -332,6 +334,8 @@ def open_checkpoint(path: str | os.PathLike, *, decode: bool = True) -> Checkpoi
     p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointError("no such file or folder", p)
+    if not (p.is_file() or p.is_dir()):  # a FIFO or device would block the reader forever
+        raise UnsupportedFormatError("not a regular file or folder (a pipe, socket or device?)", p)
     if p.is_file():
         b = _open_file(p)
         if p.suffix == ".gguf":
@@ -366,7 +370,7 @@ def open_checkpoint(path: str | os.PathLike, *, decode: bool = True) -> Checkpoi
             meta = dict(b.header.metadata) if isinstance(b, _SafetensorsFile) else {}
             break
     else:
-        st = sorted(p.glob("*.safetensors"))
+        st = sorted(f for f in p.glob("*.safetensors") if f.is_file())
         if len(st) == 1:
             fmt = "safetensors-folder"
             b = _open_file(st[0])
