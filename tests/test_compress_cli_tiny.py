@@ -94,3 +94,28 @@ def test_placement_errors_before_any_work(tiny, tmp_path, capsys, monkeypatch):
     assert main(["prune", tiny, "--whole-model", "--device", "cpu", "-o", str(tmp_path / "x")]) == 1
     assert "runs in one process" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["prune", "-m", "wanda", "--pattern", "2:4", "--sparsity", "0.7"], "would be ignored"),
+    (["prune", "-m", "wanda", "--pattern", "2-4"], "pattern must look like"),
+    (["prune", "-m", "rtn"], "not a pruning rule"),
+    (["prune", "-m", "wanda", "--sparsity", "1.5"], "sparsity must be in"),
+    (["prune", "-m", "wanda", "--allocation", "wanda"], "not an allocation"),
+    (["prune", "-m", "wanda", "-p", "alpha=3"], "invalid parameters"),
+    (["quantize", "-m", "gptq", "-b", "9", "--format", "hf"], "bits must be"),
+    (["quantize", "-m", "wanda"], "not a quantizer"),
+    (["quantize", "-m", "rtn", "-g", "0", "--format", "hf"], "group size"),
+])
+def test_options_are_checked_before_the_model_is_read(args, needle, tmp_path, capsys):
+    # the model path does not even exist: the option error must come first (no load, no "before" evaluation)
+    assert main([args[0], str(tmp_path / "no-model"), *args[1:], "-o", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert needle in err and "no such file" not in err
+
+
+def test_a_pattern_sets_the_sparsity(tiny, tmp_path):
+    assert main(["prune", tiny, "-m", "magnitude", "--pattern", "1:4", *COMMON, "--no-eval",
+                 "-o", str(tmp_path / "p")]) == 0
+    rep = json.loads((tmp_path / "p" / "prune-report.json").read_text())
+    assert rep["target_sparsity"] == 0.25 and abs(rep["achieved_sparsity"] - 0.25) < 1e-6

@@ -12,7 +12,8 @@ _DEV, _DT, _SEQ, _OFF, _MAXMEM = placement_options()
 @app.command()
 def prune(path: str = typer.Argument(..., help="model folder (HF causal LM or encoder, or a zoo classifier folder)"),
           method: str = typer.Option("wanda", "--method", "-m", help="magnitude, wanda, sparsegpt, gblm, dpruner"),
-          sparsity: float = typer.Option(0.5, "--sparsity", "-s"),
+          sparsity: float = typer.Option(None, "--sparsity", "-s", help="share of weights to prune (default 0.5; "
+                                         "an N:M pattern sets it to N/M)"),
           pattern: str = typer.Option(None, "--pattern", help="N:M pattern, e.g. 2:4"),
           allocation: str = typer.Option("uniform", "--allocation", help="uniform, global, lamp, dimap, rd"),
           calib: str = typer.Option("wiki", "--calib", help="wiki or a .txt/.jsonl file"),

@@ -119,7 +119,7 @@ def _seq_prune_card(sparsity, pattern, kind) -> dict:
     exactly the target share of every layer, so the target is the sparsity the model will have."""
     from .deploy import sparsity_card
 
-    card = sparsity_card(0.5 if pattern == "2:4" else sparsity, pattern)
+    card = sparsity_card(sparsity, pattern)
     if kind == "causal-lm":
         card.update(library_name="transformers", pipeline_tag="text-generation")
     return card
@@ -134,7 +134,55 @@ def step_placement(cfg) -> dict:
                 offload_activations=cfg.offload_activations, max_memory=cfg.max_memory)
 
 
-def prune_job(path, out, method: str = "wanda", sparsity: float = 0.5, *, pattern: str | None = None,
+def check_prune_request(method: str, sparsity: float | None, pattern: str | None, allocation: str,
+                        params: dict) -> float:
+    """Every prune option checked before anything is loaded; returns the sparsity to use (N/M for a pattern)."""
+    from ..registry import get_method
+    from ..tensor.pruning import parse_pattern
+
+    spec = get_method("compress", method)
+    if spec.kind != "prune":
+        raise ConfigError(f"compress/{spec.name} is not a pruning rule (weightlab methods --family compress)")
+    spec.make_config(params)
+    alloc = get_method("compress", allocation)
+    if alloc.kind != "allocate":
+        raise ConfigError(f"'{allocation}' is not an allocation; use uniform, global, lamp, dimap or rd")
+    try:
+        nm = parse_pattern(pattern)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if nm is not None:
+        implied = nm[0] / nm[1]
+        if sparsity is not None and abs(sparsity - implied) > 1e-9:
+            raise ConfigError(f"pattern {pattern} prunes {nm[0]} of every {nm[1]} weights (sparsity {implied:g}); "
+                              f"sparsity {sparsity:g} would be ignored - drop it")
+        if allocation != "uniform":
+            raise ConfigError("an N:M pattern fixes the sparsity of every layer; use allocation uniform")
+        sparsity = implied
+    sparsity = 0.5 if sparsity is None else sparsity
+    if not 0 <= sparsity < 1:
+        raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}")
+    return sparsity
+
+
+def check_quant_request(method: str, bits: int | None, group_size: int, params: dict) -> int:
+    """Every quantize option checked before anything is loaded; returns the bits to use."""
+    from ..registry import get_method
+
+    spec = get_method("compress", method)
+    if spec.kind != "quantize":
+        raise ConfigError(f"compress/{spec.name} is not a quantizer (weightlab methods --family compress)")
+    spec.make_config(params)
+    bits = spec.contract.default_bits if bits is None else bits
+    lo, hi = spec.contract.bits_range
+    if not isinstance(bits, int) or not lo <= bits <= hi:
+        raise ConfigError(f"{spec.name}: bits must be an integer in [{lo}, {hi}], got {bits!r}")
+    if group_size == 0 or group_size < -1:
+        raise ConfigError(f"group size must be a positive number of columns or -1 (per channel), got {group_size}")
+    return bits
+
+
+def prune_job(path, out, method: str = "wanda", sparsity: float | None = None, *, pattern: str | None = None,
               allocation: str = "uniform", calib: str = "wiki", nsamples: int = 32, seqlen: int = 512, seed: int = 0,
               sampling: str = "random", eval_data: str = "wiki", eval_tokens: int = 16384, no_eval: bool = False,
               params: dict | None = None, fmt: str = "hf", device: str = "auto", dtype: str = "auto",
@@ -150,10 +198,9 @@ def prune_job(path, out, method: str = "wanda", sparsity: float = 0.5, *, patter
 
     check_format(fmt)
     params = dict(params or {})
+    sparsity = check_prune_request(method, sparsity, pattern, allocation, params)
     src, ck, kind = open_job(path, out, force)
     spec = get_method("compress", method)
-    if spec.kind != "prune":
-        raise ConfigError(f"compress/{spec.name} is not a pruning rule")
     needs = set(spec.contract.needs)
     whole_only = "gradients" in needs or spec.contract.prepare is not None or allocation == "rd"
     dev, dt = dev_dt(ck, device, dtype)
@@ -214,10 +261,8 @@ def quantize_job(path, out, method: str = "gptq", bits: int | None = None, group
     params = dict(params or {})
     ct = deploy.check_format(fmt) == "compressed-tensors"
     sym = ct if sym is None else sym
+    bits_eff = check_quant_request(method, bits, group_size, params)
     spec = get_method("compress", method)
-    if spec.kind != "quantize":
-        raise ConfigError(f"compress/{spec.name} is not a quantizer")
-    bits_eff = bits if bits is not None else spec.contract.default_bits
     if ct:  # the cheap refusals first, before loading the model
         deploy.check_request(method, bits_eff, group_size, params)
     src, ck, kind = open_job(path, out, force, llm_only=True)

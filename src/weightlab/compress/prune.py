@@ -191,7 +191,7 @@ def _distortion_fn(model: nn.Module, layers: dict, batches: list):
 
 class PruneStepConfig(PlacementFields):
     method: str = "wanda"
-    sparsity: float = Field(0.5, ge=0, lt=1)
+    sparsity: float | None = Field(None, ge=0, lt=1, description="default 0.5; an N:M pattern sets it to N/M")
     pattern: str | None = None
     allocation: str = "uniform"
     calib: str = "wiki"
