@@ -191,3 +191,37 @@ def test_merged_llama_loads_in_transformers(tmp_path):
         if k in expect:
             assert torch.equal(v, expect[k]), k
     assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 64)
+
+
+@pytest.mark.parametrize("yaml_text,needle", [
+    ("merge_method: linear\nmodels: [{model: M0, parameters: {weight: abc}}, {model: M1}]\n",
+     "models[0].weight must be a number"),
+    ("merge_method: ties\nbase_model: M0\nmodels: [{model: M0}, {model: M1, parameters: {density: 1.5}}]\n",
+     "models[1].density must be in"),
+    ("merge_method: linear\nmodels: [{model: M0, parameters: [1, 2]}, {model: M1}]\n",
+     "models[0].parameters must be a mapping"),
+    ("merge_method: linear\nparameters: [1]\nmodels: [{model: M0}, {model: M1}]\n", "parameters must be a mapping"),
+])
+def test_mergekit_scalars_are_one_clear_line(tmp_path, yaml_text, needle):
+    from weightlab.cli import main
+
+    paths = _models(tmp_path, 2)
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(yaml_text.replace("M0", str(paths[0])).replace("M1", str(paths[1])))
+    with pytest.raises(wl.ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        load_merge_config(cfg)
+    assert main(["merge", str(cfg), str(tmp_path / "out")]) == 1 and not (tmp_path / "out").exists()
+
+
+def test_zero_weight_sum_and_bad_shard_size_refused_before_any_output(tmp_path):
+    from weightlab.merge.engine import run_merge
+    from weightlab.merge.job import MergeJob
+
+    paths = _models(tmp_path, 2)
+    for job, needle in ((MergeJob(method="linear", models=[{"path": str(paths[0]), "weight": 1.0},
+                                                          {"path": str(paths[1]), "weight": -1.0}]), "sum to zero"),
+                        (MergeJob(method="linear", models=[str(p) for p in paths], max_shard_size="lots"),
+                         "max_shard_size")):
+        with pytest.raises(wl.ConfigError, match=needle):
+            run_merge(job, tmp_path / "out")
+        assert not (tmp_path / "out").exists()

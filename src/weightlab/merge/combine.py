@@ -52,3 +52,12 @@ def weighted_sum(deltas: list[torch.Tensor], weights: list[float], normalize: bo
         if abs(s) >= 1e-8:
             out /= s
     return out
+
+
+def nonzero_weight_sum(cfg, weights: list[float]) -> None:
+    """A normalized weighted sum divides by the weights' sum: refuse a zero sum before merging anything."""
+    from ..errors import ConfigError
+
+    if getattr(cfg, "normalize", False) and abs(sum(weights)) < 1e-12:
+        raise ConfigError(f"the model weights {weights} sum to zero, and normalize divides by that sum; change "
+                          "the weights or set normalize: false")

@@ -26,7 +26,7 @@ from ..errors import ConfigError, TensorValueError
 from ..io.dtypes import parse_dtype
 from ..io.provenance import Provenance
 from ..io.reader import Checkpoint, open_checkpoint
-from ..io.writer import CheckpointWriter
+from ..io.writer import CheckpointWriter, parse_size
 from ..registry import get_method
 from .context import TensorContext
 from .job import MergeJob
@@ -88,6 +88,12 @@ def run_merge(job: MergeJob, out: str | os.PathLike | None = None, *, force: boo
         raise ConfigError(f"merge/{spec.name} is not a per-tensor merge rule; call it from Python "
                           f"(weightlab.merge.{spec.fn.__name__})")
     cfg = spec.make_config(job.params)
+    if spec.contract.check is not None:  # before any input is opened or any output exists
+        spec.contract.check(cfg, [m.weight for m in job.models])
+    try:
+        parse_size(job.max_shard_size)  # a bad shard size is one error now, not after streaming
+    except ValueError as e:
+        raise ConfigError(f"max_shard_size: {e}") from None
     out_dtype = _dtype(job.dtype, "dtype")
     cdtype = None if job.compute_dtype == "auto" else _dtype(job.compute_dtype, "compute_dtype")
     srcs = [_as_source(m) for m in (models if models is not None else [m.path for m in job.models])]

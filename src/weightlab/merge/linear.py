@@ -7,6 +7,7 @@ import torch
 
 from ..registry import MethodConfig, Regime, register
 from .chunked import weighted_sum_into
+from .combine import nonzero_weight_sum
 
 
 class LinearConfig(MethodConfig):
@@ -17,9 +18,7 @@ class LinearConfig(MethodConfig):
           paper="Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing "
                 "inference time (Wortsman et al., 2022)",
           summary="weighted average of the models (uniform soup with equal weights)", min_models=1,
-          raw_inputs=True)
+          raw_inputs=True, check=nonzero_weight_sum)
 def linear(tensors, base, ctx):
-    if ctx.cfg.normalize and abs(sum(ctx.weights)) < 1e-12:
-        raise ValueError("linear merge weights sum to zero; set normalize: false or change the weights")
     out = torch.empty(tensors[0].shape, dtype=ctx.output_dtype(tensors))
     return weighted_sum_into(out, tensors, ctx.weights, ctx.compute_dtype(tensors), normalize=ctx.cfg.normalize)

@@ -34,6 +34,28 @@ def _scalar(value, where: str):
     return value
 
 
+def _number(value, where: str, lo: float | None = None, hi: float | None = None) -> float:
+    """A mergekit scalar as a float, with one clear line when it is not a number or out of range."""
+    value = _scalar(value, where)
+    if isinstance(value, bool):
+        raise ConfigError(f"mergekit config: {where} must be a number, got {value!r}")
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"mergekit config: {where} must be a number, got {value!r}") from None
+    if (lo is not None and not x > lo) or (hi is not None and x > hi) or x != x:
+        raise ConfigError(f"mergekit config: {where} must be in ({lo}, {hi}], got {value!r}")
+    return x
+
+
+def _mapping(value, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"mergekit config: {where} must be a mapping of names to values, got {value!r}")
+    return value
+
+
 def from_mergekit(data: dict) -> MergeJob:
     problems = []
     unknown = sorted(set(data) - TOP_KEYS)
@@ -48,13 +70,13 @@ def from_mergekit(data: dict) -> MergeJob:
         raise ConfigError("mergekit config: " + "; ".join(problems))
     wl_method, fixed, default_normalize = METHODS[method]
     base = data.get("base_model")
-    gparams = data.get("parameters") or {}
+    gparams = _mapping(data.get("parameters"), "parameters")
     bad = sorted(set(gparams) - GLOBAL_PARAMS)
     if bad:
         raise ConfigError(f"mergekit config: unsupported parameter(s) {bad} (supported: {sorted(GLOBAL_PARAMS)})")
     params = dict(fixed)
     if method != "linear":
-        params["lambda"] = float(_scalar(gparams.get("lambda", 1.0), "parameters.lambda"))
+        params["lambda"] = _number(gparams.get("lambda", 1.0), "parameters.lambda")
     params["normalize"] = bool(_scalar(gparams.get("normalize", default_normalize), "parameters.normalize"))
     if method.startswith("dare"):
         params["rescale"] = "l1" if _scalar(gparams.get("rescale", True), "parameters.rescale") else "none"
@@ -73,19 +95,21 @@ def from_mergekit(data: dict) -> MergeJob:
         if "+" in path and not _exists(path):
             raise ConfigError(f"mergekit config: models[{i}] '{path}' looks like model+LoRA, which is not supported "
                               "yet; merge the adapter into the model first")
-        mp = entry.get("parameters") or {}
+        mp = _mapping(entry.get("parameters"), f"models[{i}].parameters")
         bad = sorted(set(mp) - MODEL_PARAMS)
         if bad:
             raise ConfigError(f"mergekit config: models[{i}].parameters has unsupported key(s) {bad}")
         if method != "linear" and base is not None and path == str(base):
             continue  # mergekit skips the base among the task-vector models
-        ref = {"path": path, "weight": float(_scalar(mp.get("weight", 1.0), f"models[{i}].weight"))}
+        ref = {"path": path, "weight": _number(mp.get("weight", 1.0), f"models[{i}].weight")}
         if "density" in mp:
-            ref["density"] = float(_scalar(mp["density"], f"models[{i}].density"))
+            ref["density"] = _number(mp["density"], f"models[{i}].density", 0, 1)
         models.append(ref)
     dtype = data.get("out_dtype") or data.get("dtype")
-    return MergeJob(method=wl_method, models=models, base=str(base) if base is not None else None, params=params,
-                    dtype=dtype, source_format="mergekit")
+    from ..configfile import build
+
+    return build(MergeJob, dict(method=wl_method, models=models, base=str(base) if base is not None else None,
+                                params=params, dtype=dtype, source_format="mergekit"), "mergekit config")
 
 
 def _exists(path: str) -> bool:

@@ -6,6 +6,7 @@ from pydantic import Field
 import torch
 
 from ..registry import MethodConfig, Regime, register
+from .combine import nonzero_weight_sum
 from .chunked import weighted_sum_into
 
 
@@ -15,7 +16,7 @@ class TaskArithmeticConfig(MethodConfig):
 
 
 @register("merge", "task-arithmetic", kind="merge", config=TaskArithmeticConfig, regime=Regime.STREAMING,
-          aliases=("task_arithmetic",), requires_base=True, raw_inputs=True,
+          aliases=("task_arithmetic",), requires_base=True, raw_inputs=True, check=nonzero_weight_sum,
           paper="Editing models with task arithmetic (Ilharco et al., 2023)",
           summary="base + lambda * sum of weighted task vectors; a negative weight negates (forgets) a task")
 def task_arithmetic(tensors, base, ctx):
