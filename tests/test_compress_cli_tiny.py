@@ -119,3 +119,19 @@ def test_a_pattern_sets_the_sparsity(tiny, tmp_path):
                  "-o", str(tmp_path / "p")]) == 0
     rep = json.loads((tmp_path / "p" / "prune-report.json").read_text())
     assert rep["target_sparsity"] == 0.25 and abs(rep["achieved_sparsity"] - 0.25) < 1e-6
+
+
+def test_nan_in_the_input_is_refused_before_any_work(tiny, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    import shutil
+
+    shutil.copytree(tiny, bad)
+    sd = load_file(str(bad / "model.safetensors"))
+    sd["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    for cmd in (["prune", str(bad), "-m", "magnitude"], ["quantize", str(bad), "-m", "rtn", "--format", "hf"]):
+        assert main([*cmd, "--no-eval", "-o", str(tmp_path / "o")]) == 1
+        assert "model.layers.1.mlp.up_proj.weight" in capsys.readouterr().err
+        assert not (tmp_path / "o").exists()

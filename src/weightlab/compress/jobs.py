@@ -33,6 +33,21 @@ def open_job(path, out, force: bool, *, llm_only: bool = False):
     return src, ck, kind
 
 
+def check_finite(ck, src) -> None:
+    """NaN/Inf anywhere in the input is one error before any compute or output, naming the tensors."""
+    import torch
+
+    from ..errors import TensorValueError
+
+    bad = []
+    for name in ck.names():
+        if ck.info(name).dtype.is_floating_point and not bool(torch.isfinite(ck.get(name)).all()):
+            bad.append(name)
+    if bad:
+        raise TensorValueError(f"{src}: NaN/Inf in {len(bad)} tensor(s): {', '.join(bad[:8])}"
+                               + (" ..." if len(bad) > 8 else "") + "; fix the checkpoint first")
+
+
 def wants_sequential(flag: bool | None, kind: str, whole_only: bool) -> bool:
     """Explicit choice, else: causal LMs onload block by block unless the method needs the whole model."""
     if flag is not None:
@@ -200,6 +215,7 @@ def prune_job(path, out, method: str = "wanda", sparsity: float | None = None, *
     params = dict(params or {})
     sparsity = check_prune_request(method, sparsity, pattern, allocation, params)
     src, ck, kind = open_job(path, out, force)
+    check_finite(ck, src)
     spec = get_method("compress", method)
     needs = set(spec.contract.needs)
     whole_only = "gradients" in needs or spec.contract.prepare is not None or allocation == "rd"
@@ -266,6 +282,7 @@ def quantize_job(path, out, method: str = "gptq", bits: int | None = None, group
     if ct:  # the cheap refusals first, before loading the model
         deploy.check_request(method, bits_eff, group_size, params)
     src, ck, kind = open_job(path, out, force, llm_only=True)
+    check_finite(ck, src)
     cfg_needs = spec.contract.needs
     hessian = "hessian" in set(cfg_needs(spec.make_config(params)) if callable(cfg_needs) else cfg_needs)
     seq = wants_sequential(sequential, kind, whole_only=bool(packed))
@@ -350,6 +367,7 @@ def compensate_job(path, out, original, method: str = "eora", rank: int = 16, *,
                           "stored as compressed-tensors; use --format hf (merged, dense) or --adapter (a LoRA "
                           "adapter beside the quantized model)")
     src, ck, kind = open_job(path, out, force, llm_only=True)
+    check_finite(ck, src)
     osrc = resolve_model(str(original))
     check_not_input(Path(out), [osrc])
     if wants_sequential(sequential, kind, whole_only=adapter):
