@@ -205,3 +205,53 @@ def test_a_fifo_named_safetensors_is_refused_not_read(tmp_path):
     os.mkfifo(tmp_path / "model.safetensors")  # opening it for reading would block forever
     assert main(["info", str(tmp_path / "model.safetensors")]) == 1
     assert main(["info", str(tmp_path)]) == 1
+
+
+def test_force_replacement_is_atomic_and_a_kill_between_renames_is_repaired(tmp_path):
+    import os
+
+    from weightlab.io.atomic import AtomicFolder, _exchange
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "v").write_text("1")
+    with AtomicFolder(out, force=True) as tmp:
+        (tmp / "v").write_text("2")
+    assert (out / "v").read_text() == "2"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # nothing left beside it
+    # the fallback path killed between its two renames: NAME missing, the old folder parked under a dead PID
+    dead = 2 ** 22 + 12345
+    while True:
+        try:
+            os.kill(dead, 0)
+            dead += 1
+        except ProcessLookupError:
+            break
+    parked = tmp_path / f".out.weightlab-old-{dead}-abcd1234"
+    os.rename(out, parked)
+    with AtomicFolder(tmp_path / "other") as tmp:  # any writer beside it repairs only its own name
+        pass
+    assert not out.exists()
+    with AtomicFolder(out, force=True) as tmp:  # the next writer of NAME puts the old output back first
+        assert (out / "v").read_text() == "2"
+        (tmp / "v").write_text("3")
+    assert (out / "v").read_text() == "3" and not parked.exists()
+    assert _exchange(tmp_path / "out", tmp_path / "other") in (True, False)
+
+
+def test_sigterm_removes_the_temporary_folder(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import time, sys\nfrom weightlab.cli import _terminate_as_interrupt\nfrom weightlab.io.atomic import "
+            "AtomicFolder\n_terminate_as_interrupt()\ntry:\n    with AtomicFolder(sys.argv[1]) as tmp:\n"
+            "        print('ready', flush=True)\n        time.sleep(60)\nexcept KeyboardInterrupt:\n    sys.exit(130)\n")
+    p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "out")], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    assert any(x.name.startswith(".out.weightlab-tmp-") for x in tmp_path.iterdir())
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=30) == 130
+    time.sleep(0.1)
+    assert list(tmp_path.iterdir()) == []

@@ -56,6 +56,19 @@ def _click_exceptions():
     return tuple(exits), tuple(helps), tuple(errors), tuple(aborts)
 
 
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (kill, a scheduler's timeout) unwinds like Ctrl-C, so temporary output folders are removed."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. an embedding application): leave its handlers alone
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors print one line (no traceback) and exit 1; usage errors print the usage and
     exit 2."""
@@ -64,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     from ._common import bare_json_means_stdout
 
     exit_exc, help_exc, click_exc, abort_exc = _click_exceptions()
+    _terminate_as_interrupt()
     try:
         rv = app(args=bare_json_means_stdout(sys.argv[1:] if argv is None else list(argv)), prog_name="weightlab",
                  standalone_mode=False)

@@ -2,6 +2,10 @@
 
 A crash, a kill or a full disk leaves at most a hidden ``.NAME.weightlab-tmp-PID-*`` folder
 (removed by the next writer once PID is gone), never a half-written folder under NAME.
+Replacing an existing NAME (``force``) swaps the two folders in one atomic rename where the
+kernel offers it (Linux renameat2 RENAME_EXCHANGE); elsewhere the old folder is first renamed
+to ``.NAME.weightlab-old-PID-*``, and a writer that finds one from a dead process with no NAME
+puts it back (a kill between the two renames loses nothing) or, with NAME present, removes it.
 """
 from __future__ import annotations
 
@@ -47,7 +51,11 @@ class AtomicFolder:
         if self.out.exists():
             if not self.force:
                 raise OutputExistsError(f"output '{self.out}' appeared while writing; nothing was replaced")
-            old = self.out.parent / f".{self.out.name}.weightlab-old-{uuid.uuid4().hex[:8]}"
+            if _exchange(self.tmp, self.out):  # one atomic step: NAME is never missing
+                shutil.rmtree(self.tmp, ignore_errors=True) if self.tmp.is_dir() else self.tmp.unlink()
+                self.done = True
+                return self.out
+            old = self.out.parent / f".{self.out.name}.weightlab-old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             os.rename(self.out, old)
         try:
             os.rename(self.tmp, self.out)
@@ -79,13 +87,35 @@ class AtomicFolder:
 
 
 def _clean_stale(out: Path) -> None:
-    for p in out.parent.glob(f".{out.name}.weightlab-tmp-*"):
-        try:
-            pid = int(p.name.rsplit("-", 2)[1])
-        except (ValueError, IndexError):
-            continue
-        if pid != os.getpid() and not _alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
+    for kind in ("tmp", "old"):
+        for p in out.parent.glob(f".{out.name}.weightlab-{kind}-*"):
+            try:
+                pid = int(p.name.rsplit("-", 2)[1])
+            except (ValueError, IndexError):
+                continue
+            if pid == os.getpid() or _alive(pid):
+                continue
+            if kind == "old" and not out.exists():  # killed between the two renames: restore the old output
+                os.rename(p, out)
+            else:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), exchange) == 0
 
 
 def _alive(pid: int) -> bool:
