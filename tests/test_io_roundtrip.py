@@ -126,3 +126,25 @@ def test_duplicate_tensor_name_rejected(tmp_path):
             w.add("a", torch.zeros(2))
             w.add("a", torch.zeros(2))
     assert not (tmp_path / "m").exists()
+
+
+def test_config_json_records_the_dtype_actually_stored(tmp_path):
+    import json
+
+    import torch
+
+    import weightlab as wl
+    from weightlab.cli import main
+
+    tpl = tmp_path / "tpl"
+    tpl.mkdir()
+    (tpl / "config.json").write_text(json.dumps({"architectures": ["Toy"], "torch_dtype": "float32"}))
+    src = wl.save_state_dict({"w": torch.randn(4, 4), "step": torch.tensor(3)}, tmp_path / "m", template=tpl)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {src}\noutput: {tmp_path / 'bf16'}\nsteps: [{{family: compress, method: cast, "
+                      "params: {dtype: bfloat16}}]\n")
+    assert main(["run", str(recipe)]) == 0
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert main(["merge", "--method", "linear", str(src), str(src), "--dtype", "float16", "-o",
+                 str(tmp_path / "f16")]) == 0
+    assert json.loads((tmp_path / "f16" / "config.json").read_text())["torch_dtype"] == "float16"

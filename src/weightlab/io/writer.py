@@ -67,6 +67,7 @@ class CheckpointWriter:
         self._shards: list[tuple[Path, list[str]]] = []  # finished shard files and their tensors
         self._entries: list[tuple[str, str, tuple[int, ...], int, int]] = []
         self._names: set[str] = set()
+        self._float_numel: dict = {}  # floating dtype -> elements stored (config.json records the dominant one)
         self._data_path: Path | None = None
         self._data = None
         self._pos = 0
@@ -97,6 +98,8 @@ class CheckpointWriter:
         if nbytes:
             self._data.write(t.reshape(-1).view(torch.uint8).numpy().data)
         self._entries.append((name, TORCH_TO_ST[t.dtype], tuple(t.shape), self._pos, self._pos + nbytes))
+        if t.is_floating_point():
+            self._float_numel[t.dtype] = self._float_numel.get(t.dtype, 0) + t.numel()
         self._pos += nbytes
         self.total_size += nbytes
         self._names.add(name)
@@ -149,6 +152,7 @@ class CheckpointWriter:
                 if (src / fname).is_file():
                     shutil.copy2(src / fname, self.tmp / fname)
             self._drop_stale_quantization(self.tmp / "config.json")
+            self._record_dtype(self.tmp / "config.json")
         if self.readme:
             (self.tmp / "README.md").write_text(self.provenance.readme())
         for fname, content in self.extra_files.items():
@@ -158,6 +162,25 @@ class CheckpointWriter:
         self._folder.publish()
         self._closed = True
         return self.out
+
+    def _record_dtype(self, config: Path) -> None:
+        """config.json says the dtype the weights are stored in (cast / --dtype changed it; transformers
+        loads with ``dtype="auto"`` from it)."""
+        if not self._float_numel or not config.is_file() or any(n.endswith(_PACKED_SUFFIXES) for n in self._names):
+            return
+        try:
+            cfg = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        if not isinstance(cfg, dict):
+            return
+        stored = str(max(self._float_numel, key=self._float_numel.get)).removeprefix("torch.")
+        keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
+        if all(cfg.get(k) == stored for k in keys):
+            return
+        for k in keys:
+            cfg[k] = stored
+        config.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
 
     def _drop_stale_quantization(self, config: Path) -> None:
         """A template from a quantized folder (GPTQ, AWQ, compressed-tensors) whose tensors were read
