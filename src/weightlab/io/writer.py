@@ -175,7 +175,10 @@ class CheckpointWriter:
         if not isinstance(cfg, dict):
             return
         stored = str(max(self._float_numel, key=self._float_numel.get)).removeprefix("torch.")
-        keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
+        # the keys the config has; a config without one gets torch_dtype only when this write chose the dtype
+        keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or (["torch_dtype"] if self.dtype is not None else [])
+        if not keys:
+            return
         if all(cfg.get(k) == stored for k in keys):
             return
         for k in keys:
