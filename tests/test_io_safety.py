@@ -255,3 +255,36 @@ def test_sigterm_removes_the_temporary_folder(tmp_path):
     assert p.wait(timeout=30) == 130
     time.sleep(0.1)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_single_file_outputs_never_overwrite_inputs_and_need_force(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from weightlab.cli import main
+
+    m = tmp_path / "m.safetensors"
+    save_file({"w": torch.randn(8, 8)}, str(m))
+    before = m.read_bytes()
+    # the input itself as --json / --report: refused even with --force, and the input is untouched
+    assert main(["inspect", str(m), "--json", str(m), "--force"]) == 1
+    assert main(["inspect", str(m), "--report", str(m), "--force"]) == 1
+    assert m.read_bytes() == before
+    out = tmp_path / "r.json"
+    out.write_text("keep me")
+    assert main(["inspect", str(m), "--json", str(out)]) == 1 and out.read_text() == "keep me"
+    assert main(["inspect", str(m), "--json", str(out), "--force"]) == 0 and out.read_text() != "keep me"
+
+
+def test_adapter_export_never_replaces_its_input(tmp_path):
+    import torch
+
+    from weightlab import adapt
+    from weightlab.cli import main
+
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    adapt.attach(net, "lora", r=2)
+    adapt.save(net, tmp_path / "ad")
+    before = sorted(p.name for p in (tmp_path / "ad").iterdir())
+    assert main(["adapter", "export", str(tmp_path / "ad"), "-o", str(tmp_path / "ad"), "--force"]) == 1
+    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == before

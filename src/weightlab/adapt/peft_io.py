@@ -25,7 +25,7 @@ PEFT_CONFIG = "adapter_config.json"
 
 
 def _write_peft(entries, out_dir, *, r: int, alpha: float, rslora: bool, fan_in_fan_out: bool,
-                base_model: str | None, force: bool, dtype: torch.dtype | None) -> Path:
+                base_model: str | None, force: bool, dtype: torch.dtype | None, inputs=()) -> Path:
     from safetensors.torch import save_file
 
     from ..io.atomic import AtomicFolder
@@ -43,7 +43,7 @@ def _write_peft(entries, out_dir, *, r: int, alpha: float, rslora: bool, fan_in_
             # a name, never a local path: the adapter is shared beyond this machine
             "base_model_name_or_path": public_name(base_model) if base_model else None, "inference_mode": True,
             "modules_to_save": None}
-    with AtomicFolder(out_dir, force=force) as tmp:
+    with AtomicFolder(out_dir, force=force, inputs=inputs) as tmp:
         save_file(sd, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(conf, indent=2))
     return Path(out_dir)
@@ -143,7 +143,7 @@ def export_folder_peft(adapter_dir, out_dir, *, base: str | None = None, svd_ran
     entries, r, alpha, rslora, fifo = _entries(spec.name, cfg, per, svd_rank)
     dtype = None if spec.name == "lora" else tensors[next(iter(tensors))].dtype
     return _write_peft(entries, out_dir, r=r, alpha=alpha, rslora=rslora, fan_in_fan_out=fifo,
-                       base_model=conf.get("base_model"), force=force, dtype=dtype)
+                       base_model=conf.get("base_model"), force=force, dtype=dtype, inputs=[adapter_dir])
 
 
 def import_peft(model: nn.Module, adapter_dir) -> nn.Module:

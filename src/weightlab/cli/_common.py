@@ -80,3 +80,33 @@ def bare_json_means_stdout(argv: list[str]) -> list[str]:
         if a == "--json" and (nxt is None or (nxt.startswith("-") and nxt != "-")):
             out.append("-")
     return out
+
+
+def force_option():
+    import typer
+
+    return typer.Option(False, "--force", help="replace existing output files")
+
+
+def check_outputs(paths, inputs, force: bool) -> None:
+    """Single-file outputs follow the folders' rule, checked before any work: never an input (or inside
+    one), and an existing file only with --force. ``inputs``: paths or model references (zoo:...)."""
+    from pathlib import Path
+
+    from ..errors import OutputExistsError
+    from ..io.atomic import check_not_input
+    from ..io.refs import resolve_model
+
+    resolved = []
+    for i in inputs:
+        if i:
+            try:
+                resolved.append(resolve_model(str(i)))
+            except Exception:  # an unresolvable reference fails later with its own error
+                resolved.append(Path(str(i)))
+    for p in paths:
+        if not p or p == "-":
+            continue
+        check_not_input(Path(p), resolved)
+        if Path(p).exists() and not force:
+            raise OutputExistsError(f"'{p}' already exists; pass --force to replace it")

@@ -8,7 +8,7 @@ from rich.table import Table as RichTable
 
 from ..errors import ConfigError
 from . import app
-from ._common import console, device_option, err_console, json_option
+from ._common import check_outputs, console, device_option, err_console, force_option, json_option
 
 
 def _f(v, d=3) -> str:
@@ -42,6 +42,7 @@ def inspect_command(
                                        help="causal LMs: add feature neurons to the report: those decoding to WORD, "
                                             "or with 'all' the most confident neuron of every layer"),
     device: str = device_option(),
+    force: bool = force_option(),
 ) -> None:
     """Per weight matrix: norms, ranks, power-law alpha of the eigenvalue spectrum (WeightWatcher's method),
     KS distance, MP spikes and warnings; conv filter quality; with --base, what changed.
@@ -56,6 +57,7 @@ def inspect_command(
 
     if report is not None and Path(report).is_dir():
         raise ConfigError(f"--report '{report}' is a folder; give a file name such as report.html")
+    check_outputs([json_out, report], [path, base], force)
     dev = resolve_inspect_device(device, None)  # an unavailable device is one error line before any work
     if (heads or neurons) and not report:
         raise ConfigError("--heads/--neurons add sections to the HTML report: give --report FILE.html too")

@@ -7,7 +7,8 @@ import typer
 from typer.core import TyperGroup
 
 from . import app
-from ._common import console, device_option, dtype_option, emit_json, err_console, json_option
+from ._common import (check_outputs, console, device_option, dtype_option, emit_json, err_console, force_option,
+                      json_option)
 
 
 class _ShowByDefault(TyperGroup):
@@ -73,11 +74,12 @@ def show(path: str = typer.Argument(..., help="causal LM folder or zoo:smollm2")
          vector: str = typer.Option("down", "--vector", help="down (written to the residual stream), up or gate"),
          top_k: int = typer.Option(5, "--top-k"), limit: int = typer.Option(20, "--limit", help="neurons printed"),
          negative: bool = typer.Option(False, "--negative", help="decode -v: what a firing neuron suppresses"),
-         json_out: str = json_option("[{layer, neuron, top_tokens, score}]"),
+         json_out: str = json_option("[{layer, neuron, top_tokens, score}]"), force: bool = force_option(),
          report: str = typer.Option(None, "--report", help="write the printed neurons as an HTML table here"),
          device: str = device_option(), dtype: str = dtype_option()) -> None:
     """Decode every MLP neuron through the final norm and LM head; with --token, best matches first."""
     _route(json_out)
+    check_outputs([json_out, report], [path], force)
     from ..inspect.internals_html import render_neurons
     from ..inspect.neurons import NeuronsConfig, decode_neurons, token_variants
 
@@ -107,10 +109,11 @@ def clamp(path: str = typer.Argument(..., help="causal LM folder or zoo:smollm2"
           prompt: str = typer.Option(..., "--prompt"),
           max_new_tokens: int = typer.Option(20, "--max-new-tokens"),
           watch: list[str] = typer.Option(None, "--watch", help="also show this word's probability (repeatable)"),
-          json_out: str = json_option("the comparison"),
+          json_out: str = json_option("the comparison"), force: bool = force_option(),
           device: str = device_option(), dtype: str = dtype_option()) -> None:
     """Clamp neurons during generation; print next-token probabilities and greedy text with and without."""
     _route(json_out)
+    check_outputs([json_out], [path], force)
     from ..inspect.neurons import clamp_neurons, parse_neuron, token_variants
 
     targets = [parse_neuron(s) for s in neuron]
@@ -137,10 +140,11 @@ def compare(path_a: str = typer.Argument(..., help="first causal LM"),
             path_b: str = typer.Argument(..., help="second causal LM of the same architecture and vocabulary"),
             vector: str = typer.Option("up", "--vector", help="up (as the paper), down or gate"),
             layer: list[int] = typer.Option(None, "--layer", "-l"),
-            json_out: str = json_option(),
+            json_out: str = json_option(), force: bool = force_option(),
             device: str = device_option(), dtype: str = dtype_option()) -> None:
     """Share of neurons whose top decoded token is the same in both models."""
     _route(json_out)
+    check_outputs([json_out], [path_a, path_b], force)
     from ..inspect.neurons import NeuronsConfig, compare_neurons
 
     policy = _policy(device, dtype)
@@ -164,10 +168,11 @@ def heads(path: str = typer.Argument(..., help="causal LM folder or zoo:smollm2"
           sink: float = typer.Option(0.5, "--sink-threshold"),
           dormant: float = typer.Option(0.01, "--dormant-threshold"),
           report: str = typer.Option(None, "--report", help="write an HTML map here"),
-          json_out: str = json_option("every row"),
+          json_out: str = json_option("every row"), force: bool = force_option(),
           device: str = device_option(), dtype: str = dtype_option()) -> None:
     """Attention sinks, value drains, residual peaks and active/dormant heads per text domain."""
     _route(json_out)
+    check_outputs([json_out, report], [path], force)
     from ..inspect.heads import HeadsConfig, analyze_heads
     from ..inspect.internals_html import render_heads
     from ..registry import get_method

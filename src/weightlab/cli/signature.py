@@ -8,7 +8,7 @@ from ..io.provenance import Provenance
 from ..io.reader import open_checkpoint
 from ..io.refs import resolve_model
 from . import app
-from ._common import console
+from ._common import check_outputs, console, force_option
 
 sig_app = typer.Typer(help="Robust Weight Signatures: extract, apply (compose), remove.", no_args_is_help=True)
 app.add_typer(sig_app, name="signature")
@@ -27,10 +27,12 @@ def extract_cmd(base: str = typer.Option(..., "--base", help="the common initial
                 pattern: list[str] = typer.Option(None, "--pattern", help="only layers matching these globs"),
                 levels: int = typer.Option(None, "--levels", help="quantize to this many levels (e.g. 256)"),
                 quant: str = typer.Option("linear", "--quant", help="linear or log quantization"),
-                out: str = typer.Option(..., "--out", "-o", help="signature file (.safetensors)")) -> None:
+                out: str = typer.Option(..., "--out", "-o", help="signature file (.safetensors)"),
+                force: bool = force_option()) -> None:
     """Extract a signature: robust minus base, with the clean fine-tuning direction projected out."""
     from ..merge import signatures
 
+    check_outputs([out], [base, clean, robust], force)
     _, b = _sd(base)
     _, c = _sd(clean)
     _, r = _sd(robust)
