@@ -207,3 +207,16 @@ def test_names_from_files_are_not_rich_markup(tmp_path, capsys):
     (tmp_path / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"[a]\":1}")
     assert main(["info", str(tmp_path / "bad.safetensors")]) == 1
     assert "bad.safetensors" in capsys.readouterr().err
+
+
+def test_methods_fits_80_columns_and_shows_one_method_in_full(capsys, monkeypatch):
+    from weightlab.cli._common import console
+
+    monkeypatch.setattr(console, "_width", 80)
+    assert main(["methods"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) < 100 and all(len(x) <= 80 for x in lines)
+    assert main(["methods", "gptq"]) == 0
+    out = capsys.readouterr().out
+    assert "percdamp = 0.01" in out and "Frantar" in out
+    assert main(["methods", "nosuch"]) == 1
