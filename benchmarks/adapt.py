@@ -280,11 +280,32 @@ def report(args, speed: dict | None, conv: dict | None) -> str:
         parts.append(f"Held-out loss before training (every method starts from the base function): {before:.4f}.")
         parts.append(C.md_table(["method", "params", "trainable"] + [f"step {s}" for s in steps[1:]] +
                                 ["sd (last)", "s / run"], rows))
+        parts.append(run_notes(args, res))
         parts.append(claims(res))
         if args.seeds < 3:
             parts.append(f"Only {args.seeds} seed here (the shared 2-core machine did not allow the 3-seed default "
                          "in the session that wrote this): the ranking is one run's, with no seed spread behind it.")
     return "\n\n".join(parts)
+
+
+def run_notes(args, res: dict) -> str:
+    """What makes some rows not comparable, computed from the configs of this run (not hand-written)."""
+    from weightlab.adapt.pst import cubic_sparsity
+    from weightlab.registry import get_method
+
+    notes = []
+    if "pst" in res:
+        d = {**get_method("adapt", "pst").defaults(), **res["pst"]["params"]}
+        reached = cubic_sparsity(args.steps, args.steps, d["initial_sparsity"], d["final_sparsity"],
+                                 d["initial_warmup"], d["final_warmup"])
+        notes.append(f"PST is not comparable here: its cubic schedule (final_sparsity {d['final_sparsity']}) prunes "
+                     f"{reached:.0%} of every projection within these {args.steps} steps, so its loss is that of a "
+                     "freshly pruned model")
+    if "dsee" in res:
+        notes.append(f"DSEE runs with omega={res['dsee']['params'].get('omega', 'default')} (GreBsmo takes minutes "
+                     "per matrix on this CPU)")
+    notes.append(f"{args.steps} steps only: the ranking is about early convergence, not final quality")
+    return "Notes on this run: " + "; ".join(notes) + "."
 
 
 def claims(res: dict) -> str:
