@@ -15,7 +15,7 @@ class DiffConfig(InspectConfig):
 
 @register("inspect", "diff", config=DiffConfig, regime=Regime.STREAMING, kind="report",
           paper="Shuttleworth et al., LoRA vs full fine-tuning: an illusion of equivalence (2024), intruder "
-                "dimensions; Liu et al., Connectivity shapes implicit regularization (ICLR 2024), effective rank",
+                "dimensions; Liu et al., How connectivity structure shapes rich and lazy learning in neural circuits (ICLR 2024), effective rank",
           summary="per matrix against a base: change norm and relative change, effective/numerical rank of the "
                   "change, intruder dimensions (top-k, eps), alignment with the base's top singular directions; "
                   "which layers (shallow or deep) changed most")
