@@ -246,3 +246,18 @@ def python_exe() -> str:
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def ratio_verdict(ratios: list[float], target: float, need: int = 3) -> str:
+    """The house rule for a timing target on per-pair ratios (tool / anchor): met only when at least ``need``
+    alternating pairs all meet it; runs on both sides of the target are "not shown"."""
+    if not ratios:
+        return "not measured"
+    spread = f"{min(ratios):.2f}-{max(ratios):.2f}x over {len(ratios)} pair(s)"
+    if len(ratios) < need:
+        return f"not shown ({spread}; the rule needs {need})"
+    if max(ratios) <= target:
+        return f"met ({spread})"
+    if min(ratios) > target:
+        return f"NOT met ({spread})"
+    return f"not shown ({spread} straddle {target}x)"

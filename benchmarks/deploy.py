@@ -449,12 +449,13 @@ def render(results: list[dict], disk: dict, data: dict, total_s: float, note: st
             continue
         ok_p = ppl[a] <= ppl[b] * PPL_SLACK
         sr = disk[a]["bytes"] / disk[b]["bytes"]
-        lr = lmed[a] / lmed[b]
+        # load times per repeat, paired in run order (the order alternates between repeats)
+        pairs = [x["load_s"] / y["load_s"] for x, y in zip(loads.get(a, []), loads.get(b, []))]
         same = _scheme(disk[a]) == _scheme(disk[b])
         lines.append(f"- {name}: PPL {ppl[a]:.3f} vs {ppl[b]:.3f}: **{'met' if ok_p else 'NOT met'}**; size "
-                     f"{sr:.3f}x: **{'met' if sr <= SIZE_SLACK else 'NOT met'}**; load {lr:.2f}x: "
-                     f"**{'met' if lr <= LOAD_SLACK else 'NOT met'}**; same weight scheme in config.json: "
-                     f"{'yes' if same else 'NO'}")
+                     f"{sr:.3f}x: **{'met' if sr <= SIZE_SLACK else 'NOT met'}**; load (median "
+                     f"{lmed[a] / lmed[b]:.2f}x): **{C.ratio_verdict(pairs, LOAD_SLACK)}**; same weight scheme in "
+                     f"config.json: {'yes' if same else 'NO'}")
     if ppl.get("dense") is not None:
         for t in GGUF_TYPES:
             k = f"gguf_{t}"
