@@ -330,3 +330,17 @@ def test_solver_precision_float32_and_in_place_factor():
     assert (m64 == m32).float().mean() > 0.99 and torch.allclose(w64, w32, atol=1e-3)
     assert solver_dtype("auto", torch.device("cpu")) == torch.float64
     assert solver_dtype("auto", torch.device("cuda")) == torch.float32
+
+
+def test_bits_per_weight_without_packing_equals_the_packed_bytes():
+    from weightlab.compress.packed import bits_per_weight, pack_layer
+    from weightlab.tensor.gptq import gptq as gptq_solve
+    from weightlab.tensor.quant import rtn as rtn_q
+
+    g = torch.Generator().manual_seed(3)
+    for shape, bits, group in (((64, 100), 3, 32), ((33, 128), 4, -1), ((8, 64), 8, 16), ((5, 7), 2, 3)):
+        q = rtn_q(torch.randn(*shape, generator=g), bits, group, sym=False)
+        assert bits_per_weight(q) == pack_layer(q)[1]["bits_per_weight"]
+    X = torch.randn(200, 64, generator=g, dtype=torch.float64)
+    q, _ = gptq_solve(torch.randn(16, 64, generator=g), X.T @ X, 4, 16, act_order=True)
+    assert not q.trivial_g_idx and bits_per_weight(q) == pack_layer(q)[1]["bits_per_weight"]

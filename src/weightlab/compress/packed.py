@@ -94,6 +94,19 @@ def scheme(q) -> str:
     return {AffineQuant: "affine", PBQuant: "pbllm", StatsQuant: "statsq"}[type(q)]
 
 
+def bits_per_weight(q) -> float:
+    """What ``pack_layer(q)`` would store per weight, without packing (the quantize loop reports it for
+    every layer; packing a large layer only to count its bytes took longer than its dequantization)."""
+    if scheme(q) != "affine":
+        return pack_layer(q)[1]["bits_per_weight"]
+    rows, cols = q.codes.shape
+    nbytes = rows * -(-cols * q.bits // 8) + q.scales.numel() * q.scales.element_size()
+    nbytes += q.zeros.shape[0] * -(-q.zeros.shape[1] * q.bits // 8)
+    if not q.trivial_g_idx:
+        nbytes += cols * 4
+    return nbytes * 8 / (rows * cols)
+
+
 def pack_layer(q) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors by suffix, metadata) of one quantized layer."""
     kind = scheme(q)

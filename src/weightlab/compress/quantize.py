@@ -25,7 +25,7 @@ from ..engine.calibration import LayerStats, set_weight_matrix, weight_matrix
 from ..errors import ConfigError
 from ..registry import Regime, get_method, register
 from .driver import for_each_layer
-from .packed import layout_of, pack_layer
+from .packed import bits_per_weight, layout_of
 from .prune import _blocks_of, target_layers, to_batches
 from .sequential import PlacementFields
 
@@ -131,12 +131,12 @@ def quantize(model: nn.Module, method: str = "rtn", bits: int | None = None, gro
                 q = _force_zeros(q, keep)
             w_hat = q.dequantize()
             set_weight_matrix(m, w_hat)
-            _, meta = pack_layer(q)
+            bpw = bits_per_weight(q)
             sq = _sq_sum(w)
             (report.quantized if quantized_sink is None else quantized_sink)[n] = _to_cpu(q)
             report.layouts[n] = layout_of(m)
             report.layers.append({"name": n, "shape": list(w.shape), "numel": w.numel(),
-                                  "bits_per_weight": round(meta["bits_per_weight"], 4), "sq_norm": sq,
+                                  "bits_per_weight": round(bpw, 4), "sq_norm": sq,
                                   "rel_error": (_sq_sum(w, w_hat) / max(sq, 1e-30)) ** 0.5,
                                   "kept_zeros": int(keep.sum()) if keep is not None else 0})
 
