@@ -131,3 +131,12 @@ def test_evaluate_step_picks_the_metric_by_model_kind(tmp_path):
     assert after["cosine_mean"] < before["cosine_mean"]
     with pytest.raises(ConfigError, match="for a causal-lm model"):
         run_recipe(Recipe(model="zoo:minilm", steps=[{"family": "inspect", "method": "perplexity"}]))
+
+
+def test_a_compressed_tensors_step_that_cannot_be_written_fails_at_plan_time(fine_tunes, tmp_path):
+    steps = [{"family": "compress", "method": "prune", "params": {"method": "magnitude"}},
+             {"family": "compress", "method": "quantize",
+              "params": {"method": "gptq", "group_size": 128, "format": "compressed-tensors"}}]
+    with pytest.raises(ConfigError, match="step 2 .*whole groups"):
+        plan_recipe(Recipe(model=str(fine_tunes / "a"), output=str(tmp_path / "o"), steps=steps))
+    assert not (tmp_path / "o.cache").exists()

@@ -122,6 +122,7 @@ def plan_recipe(recipe: Recipe) -> Plan:
         inputs = [model_path]
     for p in inputs:
         open_checkpoint(p).close()  # header checks now, not after an hour of work
+    _check_compressed_tensors_steps(steps, inputs[0])
     plan = Plan(recipe, model_path, steps, inputs)
     needs_out = plan.writes_model or any(s.contract.workdir for s, _ in steps)
     if needs_out and not recipe.output:
@@ -129,6 +130,30 @@ def plan_recipe(recipe: Recipe) -> Plan:
     if recipe.output:
         check_not_input(Path(recipe.output), inputs)
     return plan
+
+
+def _check_compressed_tensors_steps(steps, model: Path) -> None:
+    """A compressed-tensors quantize step is refused now, not after the steps before it, when the model's
+    Linear widths do not hold whole groups (read from a meta skeleton of the input: no weights loaded).
+    Steps do not change widths, so the input's are the quantized model's."""
+    cts = [(i, cfg) for i, (spec, cfg) in enumerate(steps, 1)
+           if spec.name == "quantize" and getattr(cfg, "format", "hf") == "compressed-tensors"]
+    if not cts:
+        return
+    from ..compress import deploy
+    from ..compress.prune import target_layers
+    from ..engine.evaluate import model_kind
+    from ..engine.onload import OnloadedModel
+
+    with open_checkpoint(model) as ck:
+        kind = model_kind(ck.config or {})
+    skeleton = OnloadedModel(model, kind)
+    widths = deploy.linear_in_features(target_layers(skeleton.model, (skeleton.blocks_name, skeleton.blocks)))
+    for i, cfg in cts:
+        try:
+            deploy.check_request(cfg.method, cfg.bits, cfg.group_size, cfg.params, widths)
+        except ConfigError as e:
+            raise ConfigError(f"recipe step {i} (quantize, compressed-tensors): {e}") from None
 
 
 def run_recipe(recipe: Recipe, *, force: bool = False, show_progress: bool | None = None,
