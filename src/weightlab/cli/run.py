@@ -25,9 +25,11 @@ def run(recipe: str = typer.Argument(..., help="recipe YAML: model, output and a
         console.print("[green]recipe is valid[/]")
         return
     res = run_recipe(r, force=force, log=lambda msg: console.print(msg, highlight=False, markup=False))
-    for rep in res.reports:
-        summ = rep["result"].get("summary", {}) if isinstance(rep["result"], dict) else {}
-        console.print(f"step {rep['step']}: {rep['family']}/{rep['method']} -> "
-                      + ", ".join(f"{k}={v}" for k, v in summ.items() if not isinstance(v, (list, dict))))
+    from ..recipe.html import headline
+
+    for r in res.steps:
+        line = headline(r)
+        if line:
+            console.print(f"step {r.step}: {r.family}/{r.method} ({r.status}) -> {line}", highlight=False, markup=False)
     if res.output:
         console.print(f"[green]wrote[/] {res.output} (report: {res.output / 'report.html'})")

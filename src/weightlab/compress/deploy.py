@@ -159,6 +159,31 @@ def save_compressed_tensors(out, quantized: dict, model: nn.Module, ck, *, prove
     return summary
 
 
+class _quiet_tqdm:
+    """compressed-tensors' own progress bars off for one call (weightlab shows its own progress; written
+    block by block, the library would print two bars per block). Its modules import ``tqdm`` by name."""
+
+    MODULES = ("compressed_tensors.compressors.model_compressors.model_compressor",
+               "compressed_tensors.quantization.lifecycle.apply")
+
+    def __enter__(self):
+        import importlib
+
+        self.saved = []
+        for name in self.MODULES:
+            try:
+                mod = importlib.import_module(name)
+            except ImportError:
+                continue
+            if hasattr(mod, "tqdm"):
+                self.saved.append((mod, mod.tqdm))
+                mod.tqdm = lambda it=None, *a, **k: it
+
+    def __exit__(self, *exc):
+        for mod, orig in self.saved:
+            mod.tqdm = orig
+
+
 def to_compressed_tensors(quantized: dict, model: nn.Module, ck) -> tuple[dict, dict, dict]:
     """(tensors to write in ``ck``'s order, config.json with quantization_config, summary); see save_..."""
     ct = _ct()
@@ -182,7 +207,8 @@ def to_compressed_tensors(quantized: dict, model: nn.Module, ck) -> tuple[dict, 
         # float32 s*q is exact (<= 11-bit scale times <= 8-bit code), so CT's round(w/s) finds q again
         mods[name].weight = nn.Parameter(q.dequantize(), requires_grad=False)
     qc = QuantizationConfig(config_groups={"group_0": {"targets": ["Linear"], "weights": args}}, ignore=ignore)
-    apply_quantization_config(model, qc)
+    with _quiet_tqdm():  # the library's own bars, once per call (per block when writing sequentially)
+        apply_quantization_config(model, qc)
     for name, q in quantized.items():
         m = mods[name]
         m.weight_scale.data.copy_(q.scales.to(torch.float32).reshape(m.weight_scale.shape))
@@ -190,7 +216,8 @@ def to_compressed_tensors(quantized: dict, model: nn.Module, ck) -> tuple[dict, 
             m.weight_zero_point.data.copy_(ct_codes(q)[1].reshape(m.weight_zero_point.shape))
         m.quantization_status = QuantizationStatus.FROZEN
     comp = ModelCompressor.from_pretrained_model(model)
-    comp.compress_model(model)
+    with _quiet_tqdm():
+        comp.compress_model(model)
 
     sd = model.state_dict()
     numel = 0

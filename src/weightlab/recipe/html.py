@@ -5,7 +5,7 @@ import html
 import json
 
 # the scalar results worth a column, in this order, when a step reports them
-HEADLINE = ("perplexity", "ppl", "heldout_before", "heldout_after", "sparsity", "sparsity_pattern", "bits",
+HEADLINE = ("perplexity", "ppl", "cosine_mean", "accuracy", "heldout_before", "heldout_after", "achieved_sparsity", "sparsity", "sparsity_pattern", "bits",
             "bits_per_weight", "group_size", "scheme", "type", "size_bytes", "tensors", "merged", "method")
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse}
@@ -26,11 +26,12 @@ def _flat(d: dict | None, prefix: str = "") -> dict:
 def headline(rec) -> str:
     """A few key results of one step: its report's (or its model card's) best-known scalars."""
     flat = {**_flat(rec.card), **_flat(rec.result)}
-    picked = []
-    for want in HEADLINE:
-        for k, v in flat.items():
-            if k.split(".")[-1] == want and len(picked) < 5 and (k, v) not in picked:
+    picked, leaves = [], set()
+    for want in HEADLINE:  # top-level keys first, one entry per name
+        for k, v in sorted(flat.items(), key=lambda kv: kv[0].count(".")):
+            if k.split(".")[-1] == want and want not in leaves and len(picked) < 5:
                 picked.append((k, v))
+                leaves.add(want)
     return ", ".join(f"{k} = {round(v, 4) if isinstance(v, float) else v}" for k, v in picked)
 
 
