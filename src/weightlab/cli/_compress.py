@@ -19,7 +19,7 @@ def placement_options():
                          help="memory budget checked before any work: 8GB (host) or cpu=8GB,cuda:0=20GB"))
 
 
-def parse_params(items) -> dict:
+def parse_params(items, flag: str = "--param") -> dict:
     """-p KEY=VALUE options (values read as YAML: numbers, booleans, lists)."""
     import yaml
 
@@ -29,6 +29,6 @@ def parse_params(items) -> dict:
     for kv in items or []:
         k, sep, v = kv.partition("=")
         if not sep:
-            raise ConfigError(f"--param expects KEY=VALUE, got {kv!r}")
+            raise ConfigError(f"{flag} expects KEY=VALUE, got {kv!r}")
         out[k] = yaml.safe_load(v)
     return out

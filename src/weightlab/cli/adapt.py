@@ -40,7 +40,6 @@ def tune(path: str = typer.Argument(..., help="causal-LM folder (HF) or zoo:NAME
     Multi-GPU: accelerate launch -m weightlab tune ... (each process trains on its slice of the batch
     on its local rank's GPU; --device cpu makes them CPU processes). Weights train in fp32.
     """
-    import yaml
 
     from ..adapt.training import tune as run_tune
     from ..io.atomic import check_not_input
@@ -56,17 +55,10 @@ def tune(path: str = typer.Argument(..., help="causal-LM folder (HF) or zoo:NAME
     if o.exists() and not (o / "checkpoint").exists() and any(o.iterdir()) and not force:
         raise OutputExistsError(f"output '{out}' already exists; pass --force to replace it")
 
-    def key_values(items, flag):
-        d = {}
-        for kv in items or []:
-            k, sep, v = kv.partition("=")
-            if not sep:
-                raise ConfigError(f"{flag} expects KEY=VALUE, got {kv!r}")
-            d[k] = yaml.safe_load(v)
-        return d
+    from ._compress import parse_params
 
-    params = key_values(param, "--param")
-    rw_params = key_values(reweight_param, "--reweight-param")
+    params = parse_params(param)
+    rw_params = parse_params(reweight_param, "--reweight-param")
     if rw_params and not reweight:
         raise ConfigError("--reweight-param needs --reweight NAME")
     tg = None
