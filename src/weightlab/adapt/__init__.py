@@ -3,7 +3,8 @@
 ``attach(model, method, targets=..., **config)`` wraps target layers in one generic
 :class:`~weightlab.adapt.layer.AdapterLayer`; ``fold``/``unfold``/``detach`` (``fold`` puts the adapter into the weights); ``regularizers``
 and ``backward_regularizers`` (SORSA's term after clipping); ``save``/``load`` weightlab adapter
-folders; ``export_peft``/``import_peft`` for PEFT LoRA folders; ``make_optimizer``.
+folders; ``export_peft``/``import_peft`` for PEFT LoRA folders; ``extract_lora`` (a PEFT LoRA from a
+fine-tune and its base, as mergekit-extract-lora); ``make_optimizer``.
 """
 from . import bat, bone, gradnormlorp, lora, pissa, sorsa  # noqa: F401  (register the methods)
 from . import dsee, pst, sara, sltrain  # noqa: F401  (sparse methods)
@@ -11,10 +12,11 @@ from . import compander, contracon, mixturegrowth, orthogonal  # noqa: F401  (co
 from .api import (adapter_layers, attach, backward_regularizers, count_trainable, detach, fold, load,
                   make_optimizer, merge, regularizer_values, regularizers, save, select_targets, step_hooks,
                   trainable_parameters, unfold, unmerge)
+from .extract import extract_lora
 from .layer import AdapterLayer, AdapterMethod
 from .peft_io import export_folder_peft, export_peft, import_peft
 
 __all__ = ["AdapterLayer", "AdapterMethod", "adapter_layers", "attach", "backward_regularizers", "count_trainable",
-           "detach", "export_folder_peft", "export_peft", "fold", "import_peft", "load", "make_optimizer", "merge",
-           "regularizer_values", "regularizers", "save", "select_targets", "step_hooks", "trainable_parameters",
-           "unfold", "unmerge"]
+           "detach", "export_folder_peft", "export_peft", "extract_lora", "fold", "import_peft", "load",
+           "make_optimizer", "merge", "regularizer_values", "regularizers", "save", "select_targets", "step_hooks",
+           "trainable_parameters", "unfold", "unmerge"]

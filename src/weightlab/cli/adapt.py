@@ -1,16 +1,18 @@
-"""``weightlab tune`` (adapter fine-tuning) and ``weightlab adapter export`` (PEFT folders)."""
+"""``weightlab tune`` (adapter fine-tuning) and ``weightlab adapter export|sum|extract`` (PEFT folders)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from ..errors import ConfigError, OutputExistsError
 from . import app
-from ._common import console, device_option
+from ._common import console, device_option, emit_json, human, human_bytes, json_option
 
-adapter_app = typer.Typer(help="Adapter folders: export to PEFT, sum orthogonal concept adapters.", no_args_is_help=True)
+adapter_app = typer.Typer(help="Adapter folders: export to PEFT, sum orthogonal concept adapters, extract a LoRA "
+                               "from a fine-tune.", no_args_is_help=True)
 app.add_typer(adapter_app, name="adapter")
 
 
@@ -109,3 +111,64 @@ def sum_(paths: list[str] = typer.Argument(..., help="orthogonal concept adapter
     conf = json.loads((Path(out) / "adapter_config.json").read_text())
     console.print(f"[green]summed[/] {len(paths)} concept adapters (concepts {conf['config']['concepts']}, "
                   f"rank {conf['config']['r']}) -> {out}")
+
+
+@adapter_app.command("extract")
+def extract(base: str = typer.Argument(..., help="base model: HF folder, .safetensors file or zoo:NAME"),
+            finetuned: str = typer.Argument(..., help="fine-tuned model with the base's tensor names and shapes"),
+            out: str = typer.Option(..., "--out", "-o", help="PEFT LoRA folder to write"),
+            rank: int = typer.Option(None, "--rank", "-r", help="fixed rank per module (mergekit's --max-rank); "
+                                                                "the default rule: --max-rank, else 128"),
+            energy: float = typer.Option(None, "--energy", help="per module, the smallest rank whose singular "
+                                                                "values hold this share of the change's energy "
+                                                                "(squared Frobenius norm), e.g. 0.9"),
+            sv_threshold: float = typer.Option(None, "--sv-threshold", help="keep the singular values above this "
+                                                                            "fraction of the largest, e.g. 0.01"),
+            max_rank: int = typer.Option(None, "--max-rank", help="upper bound on every module's rank"),
+            sv_epsilon: float = typer.Option(0.0, "--sv-epsilon", help="also drop singular values <= this "
+                                                                       "(absolute, as mergekit)"),
+            target_modules: str = typer.Option(None, "--target-modules", help="regex over the whole module name, "
+                                               "as PEFT (e.g. '.*(q_proj|v_proj)'): the matrices factored "
+                                               "(default: every Linear/Conv1D)"),
+            embeddings: str = typer.Option("save", "--embeddings", help="changed embeddings and output head: save "
+                                           "(in full, modules_to_save; mergekit's default), lora, or skip"),
+            undecomposable: str = typer.Option("save", "--undecomposable", help="changed norms and other "
+                                               "tensors: save (the module in full) or skip"),
+            biases: str = typer.Option("lora", "--biases", help="changed biases of factored modules: lora "
+                                       "(PEFT lora_B.bias) or skip"),
+            svd: str = typer.Option("auto", "--svd", help="full (torch.linalg.svd, exact), lowrank (randomized, "
+                                    "needs --rank or --max-rank) or auto (lowrank for a small bounded rank of "
+                                    "a matrix whose shorter side is >= 1024)"),
+            distribute_scale: bool = typer.Option(True, "--distribute-scale/--no-distribute-scale",
+                                                  help="sqrt(S) on both factors (mergekit's default), else S on A"),
+            dtype: str = typer.Option(None, "--dtype", help="dtype of the written tensors (default: the "
+                                                            "fine-tune's): float32, bfloat16, float16"),
+            device: str = device_option(),
+            force: bool = typer.Option(False, "--force", help="replace an existing output folder"),
+            json_out: str = json_option("the extraction report")) -> None:
+    """Extract a LoRA from a fine-tune: the low-rank part of (FINETUNED - BASE) per layer, as a PEFT adapter.
+
+    Like mergekit-extract-lora; streams one tensor pair at a time. The folder loads with
+    peft.PeftModel.from_pretrained(base_model, OUT).
+    """
+    from ..adapt.extract import extract_lora
+    from ..engine.device import resolve_device
+
+    resolve_device(device)  # an unavailable device is one error line before any work
+    res = extract_lora(base, finetuned, out, rank=rank, energy=energy, sv_threshold=sv_threshold,
+                       sv_epsilon=sv_epsilon, max_rank=max_rank, target_modules=target_modules, embeddings=embeddings,
+                       undecomposable=undecomposable, biases=biases, svd=svd, distribute_scale=distribute_scale,
+                       dtype=dtype, device=device, force=force)
+    rep = res.as_dict()
+    if emit_json(rep, json_out):
+        return
+    ranks = sorted(m["rank"] for m in res.modules)
+    worst = max(res.modules, key=lambda m: m["rel_error"])
+    console.print(f"[green]extracted[/] a LoRA ({res.rule}) of {len(ranks)} modules, ranks {ranks[0]}-{ranks[-1]} "
+                  f"(median {ranks[len(ranks) // 2]}), {human(res.params)} parameters ({human_bytes(res.bytes)}) "
+                  f"-> {out}", highlight=False)
+    console.print(f"  relative error {res.rel_error:.4g} overall, at most {worst['rel_error']:.4g} "
+                  f"({escape(worst['name'])}); {res.unchanged} tensors unchanged; {res.seconds:.1f} s on {res.device}",
+                  highlight=False)
+    for w in res.warnings:
+        console.print(f"  [yellow]warning:[/] {escape(w)}", highlight=False)
