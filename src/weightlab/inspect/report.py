@@ -41,7 +41,8 @@ padding:10px 14px;min-width:120px}.card .v{font-size:20px;font-weight:600}.card 
 .grid{display:flex;flex-wrap:wrap;gap:12px}
 .panel{background:#fff;border:1px solid #dde1e6;border-radius:6px;padding:6px}
 table{border-collapse:collapse;background:#fff;font-size:12px;width:100%}th,td{border:1px solid #e3e6ea;padding:3px 6px;
-text-align:right;white-space:nowrap}th{background:#eef1f4;cursor:pointer;position:sticky;top:0;user-select:none}
+text-align:right;white-space:nowrap}th{background:#eef1f4}
+.tablewrap th{cursor:pointer;position:sticky;top:0;user-select:none}
 th.sorted-asc::after{content:" \\25B2"}th.sorted-desc::after{content:" \\25BC"}td.l,th.l{text-align:left}
 tr.warn td:first-child{border-left:3px solid #e8a33d}.tablewrap{max-height:640px;overflow:auto;border:1px solid #dde1e6}
 .note{font-size:13px;color:#3d4852;max-width:1100px;line-height:1.45}.warnlist{font-size:13px;max-height:260px;
@@ -59,8 +60,8 @@ if(nx&&ny)return asc?x-y:y-x;if(nx)return -1;if(ny)return 1;return asc?String(x)
 .localeCompare(String(x));});rows.forEach(r=>tbody.appendChild(r));}
 function wlFilter(inp,id){const q=inp.value.toLowerCase();for(const r of document.getElementById(id).tBodies[0].rows)
 {r.style.display=r.cells[0].textContent.toLowerCase().includes(q)?'':'none';}}
-document.addEventListener('DOMContentLoaded',()=>{document.querySelectorAll('th').forEach(th=>th.addEventListener(
-'click',()=>wlSort(th)));});
+document.addEventListener('DOMContentLoaded',()=>{document.querySelectorAll('.tablewrap thead th').forEach(th=>
+th.addEventListener('click',()=>wlSort(th)));});
 """
 
 
@@ -93,6 +94,8 @@ def _cell(key, v, digits):
 
 
 def _table(rows, cols, table_id, warn_key="warnings") -> str:
+    """A sortable table with a name filter; ``table_id`` must differ from every section's id (wl-NAME), or
+    the filter's getElementById finds the section instead."""
     head = "".join(f'<th class="{"l" if k in ("name", "shape", "warnings", "status") else ""}">{escape(lab)}</th>'
                    for k, lab, _ in cols)
     body = []
@@ -315,7 +318,8 @@ def _diff_section(ctx: ReportContext) -> str | None:
                "(Shuttleworth et al. 2024). cos top-k: ||U0<sub>k</sub><sup>T</sup> (W - W0) "
                "V0<sub>k</sub>||<sub>F</sub> / ||W - W0||<sub>F</sub>, the share of the change along the "
                "base's top-k singular directions (a random change of the same size gives about k / sqrt(mn)).</p>")
-    out.append("<h2>Per-tensor changes</h2>" + _table(ctx.drows, DIFF_COLUMNS, "wl-diff", warn_key="intruders"))
+    out.append("<h2>Per-tensor changes</h2>"
+               + _table(ctx.drows, DIFF_COLUMNS, "wl-table-diff", warn_key="intruders"))
     return "".join(out)
 
 
@@ -332,7 +336,7 @@ def _layers_section(ctx: ReportContext) -> str:
     conv = any("filter_sparsity" in r for r in ctx.rows)
     cols = LAYER_COLUMNS + (FILTER_COLUMNS if conv else [])
     return ("<h2>All layers</h2><p class='note'>Click a column header to sort.</p>"
-            + _table(ctx.rows, cols, "wl-layers"))
+            + _table(ctx.rows, cols, "wl-table-layers"))
 
 
 for _name, _fn in (("summary", _summary_section), ("metrics", _metrics_section), ("spectra", _spectra_section),
