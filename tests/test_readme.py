@@ -27,5 +27,5 @@ def test_readme_merge_commands_run(tmp_path):
         assert r.returncode == 0, f"{line}\n{r.stderr}"
     code = _block_after("## Merging", "python")
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True)
-    for out in ("merged-ties", "merged-mergekit", "merged-tsv", "patched", "restored", "forget-ft0"):
+    for out in ("merged-ties", "merged-mergekit", "merged-slerp", "merged-tsv", "patched", "restored", "forget-ft0"):
         assert (tmp_path / out / "model.safetensors").is_file(), out

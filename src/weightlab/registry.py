@@ -34,6 +34,8 @@ class StepContract:
 class MergeRuleContract:
     requires_base: bool = False
     min_models: int = 1
+    max_models: int | None = None
+    inputs: tuple[int, int] | None = None  # (min, max) inputs counting the base (slerp: a base and one model)
     raw_inputs: bool = False  # the rule reads the inputs in their own dtype (no compute-dtype cast)
     device_capable: bool = False  # may compute on an accelerator (--device)
     prepare: Callable | None = None  # prepare(inputs, cfg) -> state, once before streaming

@@ -56,6 +56,7 @@ class CheckpointWriter:
         self.out = Path(out_dir).expanduser()
         self.max_shard = parse_size(max_shard_size)
         self.template = Path(template).expanduser() if template else None
+        self.config_edits: list = []  # functions dict -> dict applied to the template's config.json
         self.provenance = provenance or Provenance()
         self.dtype = parse_dtype(dtype) if dtype is not None else None
         self.prefix = prefix
@@ -152,6 +153,7 @@ class CheckpointWriter:
                 if (src / fname).is_file():
                     shutil.copy2(src / fname, self.tmp / fname)
             self._drop_stale_quantization(self.tmp / "config.json")
+            self._edit_config(self.tmp / "config.json")
             self._record_dtype(self.tmp / "config.json")
         if self.readme:
             (self.tmp / "README.md").write_text(self.provenance.readme())
@@ -162,6 +164,15 @@ class CheckpointWriter:
         self._folder.publish()
         self._closed = True
         return self.out
+
+    def _edit_config(self, config: Path) -> None:
+        """Apply ``config_edits`` (functions dict -> dict), e.g. a frankenmerge's new layer count."""
+        if not self.config_edits or not config.is_file():
+            return
+        data = json.loads(config.read_text(encoding="utf-8"))
+        for edit in self.config_edits:
+            data = edit(data)
+        config.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
     def _record_dtype(self, config: Path) -> None:
         """config.json says the dtype the weights are stored in (cast / --dtype changed it; transformers

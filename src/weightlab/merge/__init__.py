@@ -3,7 +3,8 @@
 Per-tensor rules (linear, task arithmetic, TIES, DARE, TSV-M) run in the streaming engine;
 greedy soups, signatures and weight aligning work on in-memory models or single tensors.
 """
-from . import dare, linear, soup, task_arithmetic, ties, tsv, weight_align  # noqa: F401  (register)
+from . import (  # noqa: F401  (register)
+    breadcrumbs, dare, della, linear, model_stock, passthrough, slerp, soup, task_arithmetic, ties, tsv, weight_align)
 from .api import merge
 from .engine import MergeResult, run_merge
 from .job import MergeJob, ModelRef

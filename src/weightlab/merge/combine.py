@@ -54,6 +54,32 @@ def weighted_sum(deltas: list[torch.Tensor], weights: list[float], normalize: bo
     return out
 
 
+def rescale_to_norm(before: torch.Tensor, after: torch.Tensor, norm: str = "l1", eps: float = 1e-7) -> torch.Tensor:
+    """Scale a sparsified task vector back to the original's l1 (or l2, linf) norm (mergekit's `rescale`).
+
+    Left as it is when either norm is below eps (nothing meaningful to restore).
+    """
+    if norm == "l1":
+        b, a = before.abs().sum(), after.abs().sum()
+    elif norm == "l2":
+        b, a = before.norm(), after.norm()
+    elif norm == "linf":
+        b, a = before.abs().max(), after.abs().max()
+    else:
+        raise ValueError(f"unknown norm {norm!r}")
+    if b < eps or a < eps:
+        return after
+    return after * (b / a)
+
+
+def combine_deltas(deltas: list[torch.Tensor], weights: list[float], consensus: bool, normalize: bool,
+                   zero_sign: ZeroSign = "positive") -> torch.Tensor:
+    """The task-vector merges' last step: TIES' sign consensus (disjoint mean/sum) or a plain weighted sum."""
+    if consensus:
+        return disjoint_merge(deltas, weights, zero_sign, normalize)
+    return weighted_sum(deltas, weights, normalize)
+
+
 def nonzero_weight_sum(cfg, weights: list[float]) -> None:
     """A normalized weighted sum divides by the weights' sum: refuse a zero sum before merging anything."""
     from ..errors import ConfigError

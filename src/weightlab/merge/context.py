@@ -18,6 +18,11 @@ class TensorContext:
     state: dict = field(default_factory=dict)  # what the method's prepare() computed over all tensors
     dtype: torch.dtype | None = None  # compute dtype; None: the inputs' own
     out_dtype: torch.dtype | None = None  # dtype the engine writes; None: the compute dtype
+    model_params: list[dict] = field(default_factory=list)  # each model's own parameters (e.g. gamma, scale)
+
+    def model_param(self, i: int, key: str, default):
+        """Model i's own value of a parameter (mergekit's per-model parameters), else the method's."""
+        return self.model_params[i].get(key, default) if i < len(self.model_params) else default
 
     def compute_dtype(self, tensors) -> torch.dtype:
         return self.dtype or tensors[0].dtype

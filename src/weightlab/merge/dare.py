@@ -16,7 +16,7 @@ from pydantic import Field
 
 from ..registry import MethodConfig, Regime, register
 from ..tensor.masks import random_keep_mask, topk_mask
-from .combine import disjoint_merge, weighted_sum
+from .combine import combine_deltas, rescale_to_norm
 
 
 class DareConfig(MethodConfig):
@@ -38,9 +38,7 @@ def drop_and_rescale(delta: torch.Tensor, density: float, drop: str = "random", 
     if rescale == "inverse":
         out = out / density
     elif rescale == "l1":
-        before, after = delta.abs().sum(), out.abs().sum()
-        if before >= 1e-7 and after >= 1e-7:
-            out = out * (before / after)
+        out = rescale_to_norm(delta, out, "l1")
     return out
 
 
@@ -53,8 +51,5 @@ def dare(tensors, base, ctx):
     cfg: DareConfig = ctx.cfg
     deltas = [drop_and_rescale(t - base, ctx.density(i), cfg.drop, cfg.rescale, ctx.generator(i))
               for i, t in enumerate(tensors)]
-    if cfg.combine == "ties":
-        merged = disjoint_merge(deltas, ctx.weights, cfg.zero_sign, cfg.normalize)
-    else:
-        merged = weighted_sum(deltas, ctx.weights, cfg.normalize)
+    merged = combine_deltas(deltas, ctx.weights, cfg.combine == "ties", cfg.normalize, cfg.zero_sign)
     return base + cfg.lambda_ * merged

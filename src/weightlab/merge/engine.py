@@ -30,6 +30,8 @@ from ..io.writer import CheckpointWriter, parse_size
 from ..registry import get_method
 from .context import TensorContext
 from .job import MergeJob
+from .params import TensorParams
+from .slices import plan_slices, relayer_config
 from .validate import plan_tensors
 
 
@@ -51,9 +53,9 @@ class MergeInputs:
     def compute_dtype(self, tp) -> torch.dtype:
         if self._dtype is not None:
             return self._dtype
-        ref = self.base if self.base is not None else self.models[0]
-        itemsize = max([ref.info(tp.name).dtype.itemsize] + [m.info(s).dtype.itemsize
-                                                               for m, s in zip(self.models, tp.sources)])
+        ref, ref_name = _reference(self, tp)
+        itemsize = max([ref.info(ref_name).dtype.itemsize] + [self.models[i].info(s).dtype.itemsize
+                                                                for i, s in zip(_indices(self, tp), tp.sources)])
         # 16-bit inputs: float32 holds their differences exactly; 32-bit inputs need float64 for that
         return torch.float64 if itemsize >= 4 else torch.float32
 
@@ -77,6 +79,23 @@ def _as_source(x):
     raise ConfigError(f"cannot merge a {type(x).__name__}; pass a path, a Checkpoint or a state dict")
 
 
+def _open_ref(ref):
+    src = open_checkpoint(ref.path)
+    if ref.lora:
+        from ..io.lora_fold import LoraFolded
+
+        return LoraFolded(src, ref.lora)
+    return src
+
+
+def _open_spec(spec: str):
+    """A path, or mergekit's MODEL+LORA (an adapter folded into the model as it is read)."""
+    from ..io.lora_fold import split_model_lora
+
+    path, lora = split_model_lora(spec)
+    return _open_ref(type("Ref", (), {"path": path, "lora": lora})())
+
+
 def run_merge(job: MergeJob, out: str | os.PathLike | None = None, *, force: bool = False,
               show_progress: bool | None = None, models=None, base=None) -> MergeResult:
     """Run a merge. ``models``/``base`` may override the job's paths with opened sources or state dicts."""
@@ -87,37 +106,60 @@ def run_merge(job: MergeJob, out: str | os.PathLike | None = None, *, force: boo
     if spec.kind != "merge":
         raise ConfigError(f"merge/{spec.name} is not a per-tensor merge rule; call it from Python "
                           f"(weightlab.merge.{spec.fn.__name__})")
-    cfg = spec.make_config(job.params)
-    if spec.contract.check is not None:  # before any input is opened or any output exists
+    params = TensorParams(spec, job)  # unknown parameters are an error before any input is opened
+    cfg = params.cfg or params.config("", 0.0)
+    if params.static and spec.contract.check is not None:  # before any input is opened or any output exists
         spec.contract.check(cfg, [m.weight for m in job.models])
+    if job.slices:
+        _slice_checks(spec, job)
+    else:
+        _count_check(spec, len(models) if models is not None else len(job.models),
+                     base is not None or job.base is not None)
     try:
         parse_size(job.max_shard_size)  # a bad shard size is one error now, not after streaming
     except ValueError as e:
         raise ConfigError(f"max_shard_size: {e}") from None
     out_dtype = _dtype(job.dtype, "dtype")
     cdtype = None if job.compute_dtype == "auto" else _dtype(job.compute_dtype, "compute_dtype")
-    srcs = [_as_source(m) for m in (models if models is not None else [m.path for m in job.models])]
-    base_src = _as_source(base) if base is not None else (_as_source(job.base) if job.base else None)
-    if spec.contract.requires_base and base_src is None:
-        raise ConfigError(f"merge method '{spec.name}' needs a base model (the common starting point)")
-    if spec.contract.min_models > len(srcs):
-        raise ConfigError(f"merge method '{spec.name}' needs at least {spec.contract.min_models} models")
-    plan = plan_tensors(srcs, base_src, [m.name_map for m in job.models])
+    srcs = [_as_source(m) for m in models] if models is not None else [_open_ref(m) for m in job.models]
+    layer_from, vocab = None, None
+    if job.slices:
+        if job.tokenizer_source:
+            raise ConfigError("tokenizer_source with slices is not supported yet; merge with models, or give every "
+                              "input the same vocabulary")
+        base_src = None  # the base is one of each slice's sources, read from there
+        plan, layer_from = plan_slices(job, srcs, job.base)
+    else:
+        base_src = _as_source(base) if base is not None else (_open_spec(job.base) if job.base else None)
+        if spec.contract.requires_base and base_src is None:
+            raise ConfigError(f"merge method '{spec.name}' needs a base model (the common starting point)")
+        vocab = _vocab_plan(job)
+        plan = plan_tensors(srcs, base_src, [m.name_map for m in job.models],
+                            vocab.is_embedding if vocab is not None else None)
+    if not params.static:
+        _check_per_tensor(spec, job, params, plan)
     inputs = MergeInputs(srcs, base_src, plan, cdtype)
     inputs.densities = [m.density for m in job.models]
-    paths = [str(s.path) for s in [*srcs, base_src] if s is not None and getattr(s, "path", None)]
+    paths = [str(p) for s in [*srcs, base_src] if s is not None
+             for p in (getattr(s, "path", None), getattr(s, "adapter_dir", None)) if p]
 
     writer = None
     if out is not None:
         ref = base_src if base_src is not None else srcs[0]
-        template = getattr(ref, "path", None) if isinstance(ref, Checkpoint) else None
+        template = getattr(ref, "path", None) if isinstance(getattr(ref, "base", ref), Checkpoint) else None
         prov = Provenance(method=f"merge/{spec.name}", params=job.model_dump(), inputs=paths)
         writer = CheckpointWriter(out, template=template, provenance=prov, inputs=paths, force=force,
                                   max_shard_size=job.max_shard_size, dtype=out_dtype)
+        if layer_from is not None:
+            writer.config_edits.append(relayer_config(layer_from))
+        if vocab is not None:
+            writer.config_edits.append(vocab.config_edit)
+            for fname, content in vocab.files().items():
+                writer.add_file(fname, content)
     t0 = time.perf_counter()
     try:
         state = spec.contract.prepare(inputs, cfg) if spec.contract.prepare else {}
-        result, bad = _stream(spec, cfg, job, inputs, state, writer, out_dtype, show_progress, device)
+        result, bad = _stream(spec, params, job, inputs, state, writer, out_dtype, show_progress, device, vocab)
         if bad:
             raise TensorValueError(f"NaN/Inf in {len(bad)} input tensor(s): {', '.join(bad[:8])}"
                                    + (" ..." if len(bad) > 8 else "")
@@ -132,6 +174,52 @@ def run_merge(job: MergeJob, out: str | os.PathLike | None = None, *, force: boo
               "copied_from_base": sum(not tp.merged for tp in plan), "seconds": round(time.perf_counter() - t0, 3),
               "device": str(device) if device is not None else "cpu"}
     return MergeResult(writer.out if writer else None, None if writer else result, report)
+
+
+def _count_check(spec, n_models: int, has_base: bool) -> None:
+    c = spec.contract
+    if c.min_models > n_models:
+        raise ConfigError(f"merge method '{spec.name}' needs at least {c.min_models} models")
+    if c.max_models is not None and n_models > c.max_models:
+        raise ConfigError(f"merge method '{spec.name}' takes at most {c.max_models} models, got {n_models}")
+    n = n_models + has_base
+    if c.inputs is not None and not c.inputs[0] <= n <= c.inputs[1]:
+        lo, hi = c.inputs
+        want = str(lo) if lo == hi else f"{lo} to {hi}"
+        raise ConfigError(f"merge method '{spec.name}' takes {want} inputs counting the base, got {n} "
+                          f"({n_models} model(s){' and a base' if has_base else ''})")
+
+
+def _slice_checks(spec, job) -> None:
+    """Per slice: the number of sources the method takes, and a base where it needs one."""
+    for k, sl in enumerate(job.slices):
+        b = sl.base or job.base
+        has_base = b is not None and any(s.key == b for s in sl.sources)
+        if spec.contract.requires_base and not has_base:
+            raise ConfigError(f"slices[{k}]: merge method '{spec.name}' needs a base among the slice's sources "
+                              f"(base: {b or 'not set'})")
+        try:
+            _count_check(spec, len(sl.sources) - has_base, has_base)
+        except ConfigError as e:
+            raise ConfigError(f"slices[{k}]: {e}") from None
+
+
+def _check_per_tensor(spec, job, params: TensorParams, plan) -> None:
+    """With per-layer or per-name settings: every tensor's values are valid before anything is merged."""
+    seen = set()
+    for tp in plan:
+        if not tp.merged:
+            continue
+        cfg = params.config(tp.name, tp.t, tp.slice_params)
+        refs = tp.refs or job.models
+        weights = [params.model_values(r, own, tp.t, tp.slice_params)[0] for r, own in zip(refs, tp.sources)]
+        key = (id(cfg), tuple(weights))
+        if spec.contract.check is not None and key not in seen:
+            seen.add(key)
+            try:
+                spec.contract.check(cfg, weights)
+            except ConfigError as e:
+                raise ConfigError(f"{e} (tensor {tp.name})") from None
 
 
 def _finite(t: torch.Tensor) -> bool:
@@ -169,35 +257,51 @@ def _device_capable_rules():
     return [s for s in REGISTRY.list("merge") if s.contract.device_capable]
 
 
-def _stream(spec, cfg, job, inputs: MergeInputs, state, writer, out_dtype, show_progress, device=None):
+def _stream(spec, params: TensorParams, job, inputs: MergeInputs, state, writer, out_dtype, show_progress,
+            device=None, vocab=None):
     plan = inputs.plan
-    weights = [m.weight for m in job.models]
-    densities = [m.density for m in job.models]
-    ref = inputs.base if inputs.base is not None else inputs.models[0]
+    static = params.static
+    weights = [m.weight for m in job.models] if static else None
+    densities = [m.density for m in job.models] if static else None
     raw = spec.contract.raw_inputs
     result: dict[str, torch.Tensor] = {}
     bad: list[str] = []
 
     def work(tp):
         """Read one tensor from every input, check it, merge it; runs in a worker thread."""
-        dt = out_dtype or ref.info(tp.name).dtype
+        ref, ref_name = _reference(inputs, tp)
+        dt = out_dtype or ref.info(ref_name).dtype
         if not tp.merged:
-            return (ref.get(tp.name) if writer is not None else ref.get(tp.name).clone()), []
-        tensors = [m.get(src) for m, src in zip(inputs.models, tp.sources)]
-        base_t = inputs.base.get(tp.name) if inputs.base is not None else None
+            return (ref.get(ref_name) if writer is not None else ref.get(ref_name).clone()), []
+        tensors = [inputs.models[i].get(src) for i, src in zip(_indices(inputs, tp), tp.sources)]
+        if tp.base is not None:
+            base_t = inputs.models[tp.base[0]].get(tp.base[1])
+        else:
+            base_t = inputs.base.get(tp.name) if inputs.base is not None else None
+        if vocab is not None and vocab.is_embedding(tp.name, ref.info(ref_name).shape):
+            tensors, base_t = _permute_rows(vocab, job, tensors, base_t)
         if device is not None:  # in the stored dtype (fewer bytes over the bus); widened below on the device
             tensors = [t.to(device) for t in tensors]
             base_t = base_t.to(device) if base_t is not None else None
         if not job.allow_nonfinite:
-            nonfinite = [f"{tp.name} ({_label(inputs, i)})" for i, t in enumerate(tensors) if not _finite(t)]
+            nonfinite = [f"{tp.name} ({_label(inputs, i)})" for i, t in zip(_indices(inputs, tp), tensors)
+                         if not _finite(t)]
             if base_t is not None and not _finite(base_t):
                 nonfinite.append(f"{tp.name} (base)")
             if nonfinite:
                 return None, nonfinite
         if bad:  # the run already failed: only keep scanning for more bad tensors
             return None, []
+        if not tensors:  # a slice whose only source is the base: nothing to merge into it
+            return base_t.to(dt).cpu(), []
         cdtype = inputs.compute_dtype(tp)
-        ctx = TensorContext(tp.name, cfg, weights, densities, job.seed, state, cdtype, dt)
+        if static:
+            ctx = TensorContext(tp.name, params.cfg, weights, densities, job.seed, state, cdtype, dt)
+        else:
+            vals = [params.model_values(r, own, tp.t, tp.slice_params)
+                    for r, own in zip(tp.refs or job.models, tp.sources)]
+            ctx = TensorContext(tp.name, params.config(tp.name, tp.t, tp.slice_params), [v[0] for v in vals],
+                                [v[1] for v in vals], job.seed, state, cdtype, dt, [v[2] for v in vals])
         if not raw:
             tensors = [t.to(cdtype) for t in tensors]
             base_t = base_t.to(cdtype) if base_t is not None else None
@@ -239,11 +343,51 @@ def _stream(spec, cfg, job, inputs: MergeInputs, state, writer, out_dtype, show_
     return result, bad
 
 
+def _vocab_plan(job):
+    if not job.tokenizer_source:
+        return None
+    from ..io.lora_fold import split_model_lora
+    from .tokenizer import VocabPlan
+
+    base = split_model_lora(job.base)[0] if job.base else None
+    return VocabPlan(job.tokenizer_source, base, [m.path for m in job.models])
+
+
+def _permute_rows(vocab, job, tensors, base_t):
+    """Embedding/LM-head rows of every input in the output vocabulary (tokenizer_source)."""
+    from ..io.lora_fold import split_model_lora
+
+    keys = [m.path for m in job.models]
+    rows = dict(zip(keys, tensors))
+    base_key = split_model_lora(job.base)[0] if job.base else None
+    if base_t is not None:
+        rows[base_key] = base_t
+    out = vocab.permute(rows)
+    return [out[k] for k in keys], (out[base_key] if base_t is not None else None)
+
+
+def _indices(inputs: MergeInputs, tp):
+    return tp.models if tp.models is not None else range(len(inputs.models))
+
+
+def _reference(inputs: MergeInputs, tp):
+    """The input whose tensor sets the output's dtype (and is copied for integer buffers): the base, else
+    the first model."""
+    if tp.base is not None:
+        return inputs.models[tp.base[0]], tp.base[1]
+    if inputs.base is not None:
+        return inputs.base, tp.name
+    i = next(iter(_indices(inputs, tp)))
+    return inputs.models[i], tp.sources[0]
+
+
 def _release(inputs: MergeInputs, tp) -> None:
     """Drop the input pages of a finished tensor so resident memory stays at a few tensors."""
-    for m, src in zip(inputs.models, tp.sources):
-        if hasattr(m, "release"):
-            m.release(src)
+    for i, src in zip(_indices(inputs, tp), tp.sources):
+        if hasattr(inputs.models[i], "release"):
+            inputs.models[i].release(src)
+    if tp.base is not None and hasattr(inputs.models[tp.base[0]], "release"):
+        inputs.models[tp.base[0]].release(tp.base[1])
     if inputs.base is not None and hasattr(inputs.base, "release"):
         inputs.base.release(tp.name)
 

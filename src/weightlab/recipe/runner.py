@@ -116,14 +116,18 @@ def plan_recipe(recipe: Recipe) -> Plan:
         from ..merge.step import merge_job
 
         job = merge_job(steps[0][1])
-        inputs = [Path(m.path) for m in job.models] + ([Path(job.base)] if job.base else [])
+        from ..io.lora_fold import split_model_lora
+
+        base = split_model_lora(job.base) if job.base else None
+        inputs = [Path(m.path) for m in job.models] + ([Path(base[0])] if base else [])
+        adapters = [Path(a) for a in [*(m.lora for m in job.models), base and base[1]] if a]
     else:
         model_path = resolve_model(recipe.model)
-        inputs = [model_path]
+        inputs, adapters = [model_path], []
     for p in inputs:
         open_checkpoint(p).close()  # header checks now, not after an hour of work
     _check_compressed_tensors_steps(steps, inputs[0])
-    plan = Plan(recipe, model_path, steps, inputs)
+    plan = Plan(recipe, model_path, steps, inputs + adapters)  # adapters folded into merge inputs key the cache
     needs_out = plan.writes_model or any(s.contract.workdir for s, _ in steps)
     if needs_out and not recipe.output:
         raise ConfigError("the recipe writes a model or files but has no 'output' folder (set output: or pass -o)")
