@@ -8,7 +8,8 @@
    attention and MLP projections (q, k, v, o, gate, up, down) of the zoo's SmolLM2-135M in fp32,
    the same token batch for weightlab and PEFT; weightlab's SORSA r=16 beside it. Every tool runs
    in its own child process (clean peak RSS); the order alternates between rounds; the step time
-   is the median over the timed steps, taken after one warm-up step.
+   is the median over the timed steps, taken after one warm-up step. DoRA (PEFT ``use_dora``) with
+   the same r, alpha, targets and batch, weightlab's against PEFT's.
 2. Convergence: every method of CONVERGENCE at about the same trainable budget (LoRA r=8 on the
    same seven projections; the table gives each method's measured count) fine-tunes SmolLM2 on
    Python's own documentation (pydoc text of ~60 standard-library modules, a domain the zoo's
@@ -32,7 +33,8 @@ SECTION = "Adapt: LoRA vs PEFT step time, adapter convergence"
 REPRO = ".venv/bin/python benchmarks/adapt.py"
 FIGURE = C.BENCH_DIR / "figures" / "adapt_convergence.png"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SPEED_TOOLS = (("weightlab", "lora"), ("peft", "lora"), ("weightlab", "sorsa"))
+SPEED_TOOLS = (("weightlab", "lora"), ("peft", "lora"), ("weightlab", "sorsa"), ("weightlab", "dora"),
+               ("peft", "dora"))
 # One line per method. Parameters give about LoRA r=8's budget on SmolLM2's seven projections
 # (2.44M); the results table prints each method's real count. A method not registered is skipped.
 CONVERGENCE = [
@@ -42,6 +44,7 @@ CONVERGENCE = [
     ("bone", {"r": 16}),  # r * out: 16 * sum(out) is within 2% of LoRA r=8
     ("bat", {"r": 16}),
     ("gradnormlorp", {"r": 8}),
+    ("dora", {"r": 8, "alpha": 16}),  # LoRA's r and alpha plus one magnitude per output row
     # Adapt II
     ("orthogonal", {"r": 16, "alpha": 32}),  # only B trains (r * out): r=16 matches LoRA r=8
     ("sltrain", {"r": 4, "delta": 0.0115}),  # low rank r=4 plus 1.15% sparse entries
@@ -108,13 +111,13 @@ def child_speed(tool: str, method: str, batch: int, seqlen: int, steps: int) -> 
         import peft
 
         cfg = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, bias="none",
-                              task_type="CAUSAL_LM")
+                              task_type="CAUSAL_LM", use_dora=method == "dora")
         model = peft.get_peft_model(model, cfg)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
         reg = None
     else:
-        adapt.attach(model, method, targets=TARGETS, r=16, **({"alpha": 32} if method == "lora" else {}))
+        adapt.attach(model, method, targets=TARGETS, r=16, **({"alpha": 32} if method in ("lora", "dora") else {}))
         params = adapt.trainable_parameters(model)
         opt = adapt.make_optimizer(model, 1e-4)
         reg = adapt.backward_regularizers
@@ -139,6 +142,7 @@ def child_speed(tool: str, method: str, batch: int, seqlen: int, steps: int) -> 
 def run_speed(args) -> dict:
     out = {f"{t}:{m}": [] for t, m in SPEED_TOOLS}
     order = list(SPEED_TOOLS)
+    loads = [os.getloadavg()[0]]  # other processes on the machine: said beside the times
     for rnd in range(args.rounds):
         for tool, method in (order if rnd % 2 == 0 else order[::-1]):
             C.log(f"speed round {rnd + 1}: {tool} {method}")
@@ -148,6 +152,8 @@ def run_speed(args) -> dict:
             res = json.loads(r.stdout.strip().splitlines()[-1])
             res["peak_rss_mib"] = r.peak_rss_mib
             out[f"{tool}:{method}"].append(res)
+            loads.append(os.getloadavg()[0])
+    out["_load"] = [min(loads), max(loads)]
     return out
 
 
@@ -236,10 +242,12 @@ def report(args, speed: dict | None, conv: dict | None) -> str:
     if speed:
         speed = {k: v for k, v in speed.items() if k != "_cmd"}
         args = argparse.Namespace(**{**vars(args), **speed.pop("_args", {})})
+        load = speed.pop("_load", None)
         parts.append(f"### Step time and peak memory (LoRA r=16, alpha 32, q/k/v/o/gate/up/down; batch "
                      f"{args.batch} x {args.seqlen} tokens; median of {args.speed_steps} steps after a warm-up; "
                      f"{args.rounds} round(s) in alternating order, each tool in its own process, "
-                     f"{args.threads} threads)")
+                     f"{args.threads} threads" + (f"; 1-minute load average {load[0]:.1f}-{load[1]:.1f} during the "
+                                                  "run" if load else "") + ")")
         peft_t = statistics.median(r["step_s"] for r in speed["peft:lora"])
         lora_t = statistics.median(r["step_s"] for r in speed["weightlab:lora"])
         rows = []
@@ -253,9 +261,15 @@ def report(args, speed: dict | None, conv: dict | None) -> str:
         parts.append(C.md_table(["tool method", "trainable", "step s (min-max)", "vs PEFT LoRA", "vs weightlab LoRA",
                                  "peak RSS MiB", "first loss"], rows))
         sorsa_t = statistics.median(r["step_s"] for r in speed["weightlab:sorsa"])
+        dora = ""
+        if "weightlab:dora" in speed and "peft:dora" in speed:  # results saved before DoRA joined have none
+            dora_t, peft_dora_t = (statistics.median(r["step_s"] for r in speed[k]) for k in ("weightlab:dora",
+                                                                                            "peft:dora"))
+            dora = (f"; weightlab DoRA / PEFT DoRA (use_dora, same r, alpha, targets, batch) = "
+                    f"{dora_t / peft_dora_t:.2f}x (target <= 1x), DoRA / LoRA = {dora_t / lora_t:.2f}x")
         parts.append(f"Targets: weightlab LoRA / PEFT LoRA = {lora_t / peft_t:.2f}x (target <= 1x); SORSA / LoRA = "
-                     f"{sorsa_t / lora_t:.2f}x (target <= 1.2x). The same first-step loss shows both tools start "
-                     "from the same function on the same batch. Shared machine: per-step times vary.")
+                     f"{sorsa_t / lora_t:.2f}x (target <= 1.2x){dora}. The same first-step loss shows both tools "
+                     "start from the same function on the same batch. Shared machine: per-step times vary.")
     if conv:
         args = argparse.Namespace(**{**vars(args), **conv.get("_args", {})})
         res = conv["results"]
@@ -316,7 +330,7 @@ def claims(res: dict) -> str:
 
     out = []
     for name, rivals in (("pissa", ("lora",)), ("sorsa", ("lora", "pissa")), ("bone", ("lora", "pissa")),
-                         ("bat", ("lora", "pissa")), ("gradnormlorp", ("lora",))):
+                         ("bat", ("lora", "pissa")), ("gradnormlorp", ("lora",)), ("dora", ("lora",))):
         if name not in res:
             continue
         for rv in rivals:

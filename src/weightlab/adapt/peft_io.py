@@ -5,7 +5,9 @@ PiSSA and SORSA exactly as rank-2r LoRAs ([B | B0][A ; -A0]); Bone exactly as ra
 (M^T times the tiled identity); Bat and GradNormLoRP only as an SVD-truncated LoRA when
 ``svd_rank`` is given (exact when svd_rank >= the rank of their delta). Plain LoRA keeps its
 r / lora_alpha / use_rslora; the others are written with the scale folded into B
-(r = lora_alpha = R, scale 1), zero-padded to one rank R across layers.
+(r = lora_alpha = R, scale 1), zero-padded to one rank R across layers. DoRA exports as PEFT's DoRA
+(``use_dora: true``: lora_A, lora_B and ``lora_magnitude_vector``, the keys PEFT's save_pretrained
+writes), and ``import_peft`` reads PEFT DoRA folders as weightlab's ``dora``.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ PEFT_CONFIG = "adapter_config.json"
 
 
 def _write_peft(entries, out_dir, *, r: int, alpha: float, rslora: bool, fan_in_fan_out: bool,
-                base_model: str | None, force: bool, dtype: torch.dtype | None, inputs=()) -> Path:
+                base_model: str | None, force: bool, dtype: torch.dtype | None, inputs=(),
+                magnitudes: dict[str, torch.Tensor] | None = None) -> Path:
     from safetensors.torch import save_file
 
     from ..io.atomic import AtomicFolder
@@ -37,12 +40,17 @@ def _write_peft(entries, out_dir, *, r: int, alpha: float, rslora: bool, fan_in_
             B, A = B.to(dtype), A.to(dtype)
         sd[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
         sd[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()
+        if magnitudes is not None:  # PEFT saves the DoRA magnitude without ".weight" (its pre-refactor key)
+            mag = magnitudes[name] if dtype is None else magnitudes[name].to(dtype)
+            sd[f"base_model.model.{name}.lora_magnitude_vector"] = mag.contiguous()
     conf = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(r), "lora_alpha": float(alpha),
             "lora_dropout": 0.0, "use_rslora": bool(rslora), "fan_in_fan_out": bool(fan_in_fan_out),
             "bias": "none", "target_modules": sorted(n for n, _, _ in entries), "init_lora_weights": True,
             # a name, never a local path: the adapter is shared beyond this machine
             "base_model_name_or_path": public_name(base_model) if base_model else None, "inference_mode": True,
             "modules_to_save": None}
+    if magnitudes is not None:
+        conf["use_dora"] = True
     with AtomicFolder(out_dir, force=force, inputs=inputs) as tmp:
         save_file(sd, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(conf, indent=2))
@@ -73,8 +81,9 @@ def _entries(method_name: str, cfg, per_layer, svd_rank):
     if len({k for k in kinds.values() if k != "conv2d"}) > 1:
         raise ConfigError("cannot export Linear and Conv1D layers in one PEFT folder (one fan_in_fan_out flag)")
     fifo = "conv1d" in kinds.values()
-    ranks = {t["lora_A"].shape[0] for _, _, t, _, _ in per_layer} if method_name == "lora" else set()
-    if method_name == "lora" and len(ranks) == 1:
+    lora_shaped = method_name in ("lora", "dora")
+    ranks = {t["lora_A"].shape[0] for _, _, t, _, _ in per_layer} if lora_shaped else set()
+    if lora_shaped and len(ranks) == 1:
         r = ranks.pop()
         entries = []
         for n, k, t, _, cs in per_layer:
@@ -87,8 +96,16 @@ def _entries(method_name: str, cfg, per_layer, svd_rank):
     for n, k, t, W0, _ in per_layer:
         B, A = cls.peft_factors(t, cfg, W0, svd_rank)
         raw.append((n, B, A))
-    entries, R = _pad_entries(raw, kinds, conv)
+    entries, R = _pad_entries(raw, kinds, conv)  # DoRA: s folded into B leaves ||W0 + s B A|| as it was
     return entries, R, float(R), False, fifo
+
+
+def _magnitudes(method_name: str, per_layer):
+    """DoRA's magnitude per layer in PEFT's shape ((out,), Conv2d (1, out, 1, 1)); None for other methods."""
+    if method_name != "dora":
+        return None
+    return {n: t["magnitude"].reshape(1, -1, 1, 1) if k == "conv2d" else t["magnitude"].reshape(-1)
+            for n, k, t, _, _ in per_layer}
 
 
 def export_peft(model: nn.Module, out_dir, *, svd_rank: int | None = None, force: bool = False,
@@ -107,10 +124,10 @@ def export_peft(model: nn.Module, out_dir, *, svd_rank: int | None = None, force
         per.append((n, m.kind, t, W0, tuple(m.base_layer.weight.shape)))
     spec = get_method("adapt", info["method"])
     entries, r, alpha, rslora, fifo = _entries(spec.name, spec.make_config(info["config"]), per, svd_rank)
-    if dtype is None and spec.name != "lora":
+    if dtype is None and spec.name not in ("lora", "dora"):
         dtype = next(iter(layers.values())).base_layer.weight.dtype
     return _write_peft(entries, out_dir, r=r, alpha=alpha, rslora=rslora, fan_in_fan_out=fifo,
-                       base_model=base_model, force=force, dtype=dtype)
+                       base_model=base_model, force=force, dtype=dtype, magnitudes=_magnitudes(spec.name, per))
 
 
 def export_folder_peft(adapter_dir, out_dir, *, base: str | None = None, svd_rank: int | None = None,
@@ -141,13 +158,16 @@ def export_folder_peft(adapter_dir, out_dir, *, base: str | None = None, svd_ran
             W0 = torch.empty(out_f, in_f)  # only the shape is used
         per.append((n, kinds.get(n, "linear"), t, W0, tuple(conf.get("conv_shapes", {}).get(n, ()))))
     entries, r, alpha, rslora, fifo = _entries(spec.name, cfg, per, svd_rank)
-    dtype = None if spec.name == "lora" else tensors[next(iter(tensors))].dtype
+    dtype = None if spec.name in ("lora", "dora") else tensors[next(iter(tensors))].dtype
     return _write_peft(entries, out_dir, r=r, alpha=alpha, rslora=rslora, fan_in_fan_out=fifo,
-                       base_model=conf.get("base_model"), force=force, dtype=dtype, inputs=[adapter_dir])
+                       base_model=conf.get("base_model"), force=force, dtype=dtype, inputs=[adapter_dir],
+                       magnitudes=_magnitudes(spec.name, per))
 
 
 def import_peft(model: nn.Module, adapter_dir) -> nn.Module:
-    """Attach a PEFT LoRA folder (adapter_model.safetensors + adapter_config.json) as weightlab LoRA layers."""
+    """Attach a PEFT LoRA folder (adapter_model.safetensors + adapter_config.json) as weightlab LoRA layers.
+
+    A PEFT DoRA folder (``use_dora: true``) becomes weightlab ``dora`` layers with its magnitudes."""
     from safetensors.torch import load_file
 
     p = Path(adapter_dir)
@@ -156,17 +176,25 @@ def import_peft(model: nn.Module, adapter_dir) -> nn.Module:
     conf = json.loads((p / PEFT_CONFIG).read_text())
     if conf.get("peft_type") != "LORA":
         raise ConfigError(f"only PEFT LoRA adapters can be imported, this one is {conf.get('peft_type')}")
-    if conf.get("use_dora"):
-        raise ConfigError("PEFT DoRA adapters are not supported by import_peft")
+    method = "dora" if conf.get("use_dora") else "lora"
     sd = load_file(str(p / PEFT_WEIGHTS))
     rx = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+    # DoRA: "X.lora_magnitude_vector" as PEFT saves it; ".weight" or an adapter name after it are accepted
+    rx_mag = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
     layers: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in sd.items():
         m = rx.match(k)
         if m:
             layers.setdefault(m.group(1), {})[m.group(2)] = v
+        elif method == "dora" and (m := rx_mag.match(k)):
+            layers.setdefault(m.group(1), {})["m"] = v
     if not layers:
         raise ConfigError(f"{p / PEFT_WEIGHTS} holds no lora_A/lora_B tensors")
+    if method == "dora":
+        lacking = sorted(n for n, t in layers.items() if "m" not in t or "A" not in t)
+        if lacking:
+            raise ConfigError(f"{p / PEFT_WEIGHTS}: a DoRA adapter (use_dora) without lora_magnitude_vector or "
+                              f"lora_A for {lacking[:3]}")
     alpha_pat = conf.get("alpha_pattern") or {}
     groups: dict[tuple[int, float], list[str]] = {}
     for n, t in layers.items():
@@ -174,7 +202,7 @@ def import_peft(model: nn.Module, adapter_dir) -> nn.Module:
         alpha = next((a for key, a in alpha_pat.items() if n == key or n.endswith("." + key)), conf["lora_alpha"])
         groups.setdefault((r, float(alpha)), []).append(n)
     for (r, alpha), names in groups.items():
-        attach(model, "lora", targets=_exact(names), r=r, alpha=alpha, rslora=bool(conf.get("use_rslora")),
+        attach(model, method, targets=_exact(names), r=r, alpha=alpha, rslora=bool(conf.get("use_rslora")),
                dropout=0.0)
     wrapped = adapter_layers(model)
     with torch.no_grad():
@@ -182,4 +210,6 @@ def import_peft(model: nn.Module, adapter_dir) -> nn.Module:
             lay = wrapped[n]
             lay.adapter.lora_A.copy_(t["A"].reshape(lay.adapter.lora_A.shape))
             lay.adapter.lora_B.copy_(t["B"].reshape(lay.adapter.lora_B.shape))
+            if method == "dora":
+                lay.adapter.magnitude.copy_(t["m"].reshape(-1))
     return model
