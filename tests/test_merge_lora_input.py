@@ -71,3 +71,23 @@ def test_adapter_that_does_not_fit_is_refused(base_and_adapter, tmp_path):
         LoraFolded(tmp_path / "wide", root / "adapter")
     with pytest.raises(wl.ConfigError, match="not a PEFT adapter folder"):
         LoraFolded(root / "base", root / "base")
+
+
+def test_dora_adapter_folds_like_peft(tmp_path):
+    from _tiny_llama import tiny_llama
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_llama(tmp_path / "base")
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], use_dora=True))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.mul_(1 + 0.2 * torch.rand(p.shape, generator=g)).add_(0.05 * torch.randn(p.shape, generator=g))
+    pm.save_pretrained(tmp_path / "dora")
+    want = {k: v.detach().clone() for k, v in pm.merge_and_unload().state_dict().items()}
+    src = LoraFolded(tmp_path / "base", tmp_path / "dora")
+    for n in src.names():
+        assert torch.allclose(src.get(n), want[n], atol=1e-6), n
+    assert not torch.equal(src.get("model.layers.1.self_attn.o_proj.weight"),
+                           wl.open_checkpoint(tmp_path / "base").get("model.layers.1.self_attn.o_proj.weight"))

@@ -1,8 +1,9 @@
 """A checkpoint with a PEFT LoRA adapter folded in on the fly (mergekit's `model+lora` inputs).
 
 Reading a tensor the adapter targets returns W + scale * B @ A (transposed for fan_in_fan_out layers,
-(B @ A)^T for embeddings), computed in float32 and stored back in W's dtype; `modules_to_save` tensors
-replace the base's. Nothing is written: the merge engine streams through it like any checkpoint.
+(B @ A)^T for embeddings), computed in float32 and stored back in W's dtype; for a DoRA adapter
+(`use_dora`) each output row of that sum is then scaled to its magnitude m (m * V / ||V||_row, as PEFT's
+merge does); `modules_to_save` tensors replace the base's. Nothing is written: the merge engine streams through it like any checkpoint.
 scale = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), with PEFT's rank_pattern / alpha_pattern.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .reader import open_checkpoint
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+_MAGNITUDE = re.compile(r"^(?:base_model\.model\.)?(?P<mod>.+)\.lora_magnitude_vector(?:\.[^.]+)?$")
 _LORA = re.compile(r"^(?:base_model\.model\.)?(?P<mod>.+)\.lora_(?P<emb>embedding_)?(?P<ab>[AB])(?:\.[^.]+)?"
                    r"(?:\.weight)?$")
 
@@ -45,8 +47,6 @@ class LoraFolded:
         if conf.get("peft_type") != "LORA":
             raise ConfigError(f"{a}: only LoRA adapters can be folded into a merge input, this one is "
                               f"{conf.get('peft_type')}")
-        if conf.get("use_dora"):
-            raise ConfigError(f"{a}: a DoRA adapter; fold it into its base first (weightlab adapter export)")
         self._conf = conf
         self._ad = open_checkpoint(a / ADAPTER_WEIGHTS)
         self._pairs: dict[str, dict] = {}  # base tensor name -> {"A", "B", "emb", "module"}
@@ -54,6 +54,10 @@ class LoraFolded:
         names = set(self.base.names())
         unknown = []
         for k in self._ad.names():
+            mag = _MAGNITUDE.match(k)
+            if mag:
+                self._pairs.setdefault(mag["mod"] + ".weight", {"module": mag["mod"], "emb": False})["m"] = k
+                continue
             m = _LORA.match(k)
             if m:
                 target = m["mod"] + ".weight"
@@ -107,7 +111,14 @@ class LoraFolded:
             delta = B.reshape(B.shape[0], -1) @ A.reshape(A.shape[0], -1)
             if p["emb"] or self._conf.get("fan_in_fan_out"):
                 delta = delta.T
-            t = (w.float() + self.scale(p["module"], A.shape[0]) * delta.reshape(w.shape)).to(w.dtype)
+            v = w.float() + self.scale(p["module"], A.shape[0]) * delta.reshape(w.shape)
+            if "m" in p:  # DoRA: every output row rescaled to its learned magnitude
+                rows = v.T if self._conf.get("fan_in_fan_out") else v
+                flat = rows.reshape(rows.shape[0], -1)
+                mag = self._ad.get(p["m"]).float().reshape(-1, 1)
+                flat = flat * (mag / flat.norm(dim=1, keepdim=True))
+                v = flat.reshape(rows.shape).T if self._conf.get("fan_in_fan_out") else flat.reshape(rows.shape)
+            t = v.to(w.dtype)
         elif name in self._replace:
             t = self._ad.get(self._replace[name])
         else:
