@@ -84,6 +84,14 @@ def test_model_stock_filter_wise_uses_one_angle_per_row():
     assert torch.allclose(out, torch.tensor([[0.0, 0.0], [1.0, 0.0]]))
 
 
+def test_model_stock_in_row_chunks_equals_one_pass():
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(37, 11, generator=g, dtype=torch.float64)
+    ms = [base + 0.1 * torch.randn(37, 11, generator=g, dtype=torch.float64) for _ in range(3)]
+    for fw in (False, True):
+        assert torch.allclose(model_stock_tensor(base, ms, fw, chunk=20), model_stock_tensor(base, ms, fw), atol=1e-12)
+
+
 # ------------------------------------------------------------------ breadcrumbs / della
 
 def test_breadcrumbs_drops_outliers_and_small_entries():

@@ -18,25 +18,37 @@ class ModelStockConfig(MethodConfig):
     filter_wise: bool = Field(False, description="one angle (and ratio t) per row instead of per tensor")
 
 
-def model_stock_tensor(w0: torch.Tensor, ws: list[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
+def model_stock_tensor(w0: torch.Tensor, ws: list[torch.Tensor], filter_wise: bool = False,
+                       chunk: int = 1 << 20) -> torch.Tensor:
+    """w0 + t * mean(w_i - w0), t = N cos / (1 + (N - 1) cos), cos the mean pairwise cosine of the offsets.
+
+    The offsets are formed ~``chunk`` entries at a time (by rows), so the memory beyond the inputs is the
+    output and a few chunks, not N full-size offsets.
+    """
     shape = w0.shape
-    if filter_wise:
-        flat0 = w0.reshape(1, -1) if w0.dim() <= 1 else w0.reshape(w0.shape[0], -1)
-    else:
-        flat0 = w0.reshape(-1)
-    flat = [w.reshape(flat0.shape) for w in ws]
-    offsets = [w - flat0 for w in flat]
-    norms = [o.norm(dim=-1) for o in offsets]
-    cos = []
-    for i in range(len(offsets)):
-        for j in range(i + 1, len(offsets)):
-            c = (offsets[i] * offsets[j]).sum(-1) / (norms[i] * norms[j]).clamp(min=1e-6)
-            cos.append(c.clamp(-1, 1))
-    c = torch.stack(cos).mean(0).unsqueeze(-1)
-    n = len(ws)
-    t = n * c / (1 + (n - 1) * c)
-    avg = sum(flat) / n
-    return (t * avg + (1 - t) * flat0).reshape(shape)
+    base = w0.reshape(1, -1) if w0.dim() <= 1 else w0.reshape(w0.shape[0], -1)
+    flat = [w.reshape(base.shape) for w in ws]
+    n, rows = len(ws), base.shape[0]
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    acc = torch.zeros_like(base)  # the sum of the offsets, then the output
+    sq = torch.zeros(n, rows, dtype=base.dtype, device=base.device)
+    dots = torch.zeros(len(pairs), rows, dtype=base.dtype, device=base.device)
+    step = max(1, chunk // max(1, base.shape[1]))
+    for r0 in range(0, rows, step):
+        sl = slice(r0, r0 + step)
+        offs = [w[sl] - base[sl] for w in flat]
+        for k, o in enumerate(offs):
+            sq[k, sl] = (o * o).sum(1)
+            acc[sl] += o
+        for p, (i, j) in enumerate(pairs):
+            dots[p, sl] = (offs[i] * offs[j]).sum(1)
+    if not filter_wise:  # one angle for the whole tensor
+        sq, dots = sq.sum(1, keepdim=True), dots.sum(1, keepdim=True)
+    norms = sq.sqrt()
+    cos = torch.stack([(dots[p] / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
+                       for p, (i, j) in enumerate(pairs)]).mean(0)
+    t = n * cos / (1 + (n - 1) * cos)
+    return acc.mul_((t / n).unsqueeze(-1)).add_(base).reshape(shape)
 
 
 @register("merge", "model-stock", kind="merge", config=ModelStockConfig, regime=Regime.STREAMING,
