@@ -14,10 +14,11 @@ transformers = pytest.importorskip("transformers")
 # (method, config) with non-trivial init for methods that start at zero (bone/bat random for T-merge)
 METHODS = [("lora", dict(r=4, alpha=8)), ("lora", dict(r=4, alpha=8, rslora=True)), ("pissa", dict(r=4, alpha=4)),
            ("pissa", dict(r=4, alpha=8, niter=4)), ("sorsa", dict(r=4)), ("bone", dict(r=4)), ("bat", dict(r=4)),
-           ("gradnormlorp", dict(r=4)), ("dora", dict(r=4, alpha=8))]
+           ("gradnormlorp", dict(r=4)), ("dora", dict(r=4, alpha=8)), ("ia3", dict())]
 COUNTS = {"lora": lambda r, o, i: r * (o + i), "pissa": lambda r, o, i: r * (o + i),
           "sorsa": lambda r, o, i: r * (o + i) + r, "bone": lambda r, o, i: r * o, "bat": lambda r, o, i: o * r,
-          "gradnormlorp": lambda r, o, i: r * (o + i) + o, "dora": lambda r, o, i: r * (o + i) + o}
+          "gradnormlorp": lambda r, o, i: r * (o + i) + o, "dora": lambda r, o, i: r * (o + i) + o,
+          "ia3": lambda r, o, i: o}  # the count test's targets (q_proj, v_proj) scale their outputs
 
 
 def tiny_llama(seed=0):
@@ -92,7 +93,7 @@ def test_only_adapter_tensors_get_gradients_and_counts(method, cfg):
     for n, p in m.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
-    r = cfg["r"]
+    r = cfg.get("r")
     expect = sum(COUNTS[method](r, l.out_features, l.in_features) for l in adapt.adapter_layers(m).values())
     assert adapt.count_trainable(m) == expect
 
@@ -311,7 +312,7 @@ def test_registry_lists_methods():
     from weightlab.registry import list_methods
 
     names = {s.name for s in list_methods("adapt")}
-    assert {"lora", "dora", "pissa", "sorsa", "bone", "bat", "gradnormlorp"} <= names
+    assert {"lora", "dora", "ia3", "pissa", "sorsa", "bone", "bat", "gradnormlorp"} <= names
 
 
 def test_old_fold_names_still_work_and_warn():

@@ -84,9 +84,12 @@ def attach(model: nn.Module, method: str, targets="all-linear", *, _init: bool =
     names = select_targets(model, targets)
     for p in model.parameters():
         p.requires_grad_(False)
+    prepare = getattr(spec.fn, "prepare", None)  # (a non-adapter method fails below, with its own message)
+    shared = prepare(model, names, cfg) if prepare is not None else None
     for n in names:
         mod = model.get_submodule(n)
         meth = spec.fn(cfg)
+        meth.shared = shared
         if layer_kind(mod) not in meth.layer_kinds:
             raise ConfigError(f"adapter '{spec.name}' does not support layer '{n}' ({type(mod).__name__}); "
                               f"choose targets among {', '.join(meth.layer_kinds)} layers")
@@ -115,9 +118,15 @@ def fold(model: nn.Module, unload: bool = True) -> nn.Module:
     for n, m in adapter_layers(model).items():
         if not m.merged:
             Wm = m.merged_weight()
+            bias = m.method.merged_bias(m)
             if not unload and not m.method.invertible:
                 m._premerge = m.weight_2d().detach().clone()  # undo by restoring (not invertible)
+                if bias is not None:
+                    m._premerge_bias = m.base_layer.bias.detach().clone()
             set_weight_2d(m.base_layer, Wm)
+            if bias is not None:
+                with torch.no_grad():
+                    m.base_layer.bias.copy_(bias.to(m.base_layer.bias.dtype))
             m.merged = True
         if unload:
             _set_module(model, n, m.base_layer)
@@ -126,14 +135,21 @@ def fold(model: nn.Module, unload: bool = True) -> nn.Module:
     return model
 
 
+def _restore(m: AdapterLayer) -> None:
+    """The weights (and a bias the fold changed) of a folded layer as they were before the fold."""
+    with torch.no_grad():
+        W = (m.__dict__.pop("_premerge") if "_premerge" in m.__dict__
+             else m.method.unmerge(m, m.weight_2d().detach().float()))
+        set_weight_2d(m.base_layer, W)
+        if "_premerge_bias" in m.__dict__:
+            m.base_layer.bias.copy_(m.__dict__.pop("_premerge_bias"))
+
+
 def unfold(model: nn.Module) -> nn.Module:
     """Undo ``fold(model, unload=False)`` (exact in float64 math for additive deltas; Bat inverts (I+T))."""
     for m in adapter_layers(model).values():
         if m.merged:
-            with torch.no_grad():
-                W = (m.__dict__.pop("_premerge") if "_premerge" in m.__dict__
-                     else m.method.unmerge(m, m.weight_2d().detach().float()))
-            set_weight_2d(m.base_layer, W)
+            _restore(m)
             m.merged = False
     return model
 
@@ -142,10 +158,7 @@ def detach(model: nn.Module) -> nn.Module:
     """Remove every adapter without merging; the layers get their original weights back."""
     for n, m in adapter_layers(model).items():
         if m.merged:
-            with torch.no_grad():
-                W = (m.__dict__.pop("_premerge") if "_premerge" in m.__dict__
-                     else m.method.unmerge(m, m.weight_2d().detach().float()))
-            set_weight_2d(m.base_layer, W)
+            _restore(m)
         if m.method.changes_base:
             set_weight_2d(m.base_layer, m.method.original_weight(m))
         _set_module(model, n, m.base_layer)

@@ -15,6 +15,10 @@ calls the method's hooks:
 - ``unmerge(layer, Wm)``: the base weight from a merged one, where invertible.
 - ``regularizer(layer)``: a per-layer term (SORSA), weighted by the method.
 - ``peft_factors(tensors, cfg, W)``: (B, A) with dW = B @ A for a PEFT LoRA on the original base.
+- ``prepare(model, names, cfg)`` (classmethod, once per ``attach``): state shared by all the
+  layers (VeRA's shared random projections), set as ``method.shared`` on each layer's method.
+- ``merged_bias(layer)``: the bias after a fold, for methods that also change it ((IA)^3 scaling
+  an output); ``None`` (the default) leaves the bias as it is.
 
 Weights are handled in the (out, in) layout of ``nn.Linear`` whatever the layer type; Conv1D
 (in, out) is transposed and Conv2d flattened to (out, in*kh*kw) at the boundary.
@@ -75,9 +79,20 @@ class AdapterMethod:
     materialize: ClassVar[bool] = False  # forward builds W' (no low-rank shortcut)
     changes_base: ClassVar[bool] = False  # the frozen base is a residual, not W0
     invertible: ClassVar[bool] = True  # merge can be undone from the merged weight alone
+    default_targets: ClassVar[tuple[str, ...] | None] = None  # `tune` without --targets ((IA)^3: PEFT's)
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self.shared = None  # what ``prepare`` returned for this attach
+
+    @classmethod
+    def prepare(cls, model: nn.Module, names: list[str], cfg) -> Any:
+        """State shared by every layer of one ``attach`` (before any layer is wrapped); None by default."""
+        return None
+
+    def merged_bias(self, layer: "AdapterLayer") -> torch.Tensor | None:
+        """The bias a fold writes (methods that scale the output also scale the bias); None: unchanged."""
+        return None
 
     # -- hooks ------------------------------------------------------------------
     def create(self, layer: "AdapterLayer", W0: torch.Tensor, init: bool = True) -> torch.Tensor:

@@ -7,7 +7,9 @@ PiSSA and SORSA exactly as rank-2r LoRAs ([B | B0][A ; -A0]); Bone exactly as ra
 r / lora_alpha / use_rslora; the others are written with the scale folded into B
 (r = lora_alpha = R, scale 1), zero-padded to one rank R across layers. DoRA exports as PEFT's DoRA
 (``use_dora: true``: lora_A, lora_B and ``lora_magnitude_vector``, the keys PEFT's save_pretrained
-writes), and ``import_peft`` reads PEFT DoRA folders as weightlab's ``dora``.
+writes), and ``import_peft`` reads PEFT DoRA folders as weightlab's ``dora``. Methods with their own
+PEFT type ((IA)^3, VeRA) write and read it themselves (``peft_export`` / ``peft_import`` on the class,
+``peft_type`` in the config): they are not LoRA-shaped.
 """
 from __future__ import annotations
 
@@ -55,6 +57,28 @@ def _write_peft(entries, out_dir, *, r: int, alpha: float, rslora: bool, fan_in_
         save_file(sd, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(conf, indent=2))
     return Path(out_dir)
+
+
+def _write_native(sd, conf, out_dir, *, base_model, force, dtype, inputs=()) -> Path:
+    """A PEFT folder of a method's own type (IA3, VERA): its state dict and config as the method wrote them."""
+    from safetensors.torch import save_file
+
+    from ..io.atomic import AtomicFolder
+    from ..io.modelcard import public_name
+
+    if dtype is not None:
+        sd = {k: v.to(dtype) if k.startswith("base_model.model.") else v for k, v in sd.items()}
+    conf = {**conf, "task_type": "CAUSAL_LM", "inference_mode": True,
+            "base_model_name_or_path": public_name(base_model) if base_model else None}
+    with AtomicFolder(out_dir, force=force, inputs=inputs) as tmp:
+        save_file(sd, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+        (tmp / PEFT_CONFIG).write_text(json.dumps(conf, indent=2))
+    return Path(out_dir)
+
+
+def _attach_exact(model, method: str, names: list[str], **cfg) -> dict:
+    attach(model, method, targets=_exact(names), **cfg)
+    return adapter_layers(model)
 
 
 def _pad_entries(raw, kinds, conv_shapes):
@@ -123,6 +147,10 @@ def export_peft(model: nn.Module, out_dir, *, svd_rank: int | None = None, force
         t = {k: v.detach() for k, v in m.adapter.state_dict().items()}
         per.append((n, m.kind, t, W0, tuple(m.base_layer.weight.shape)))
     spec = get_method("adapt", info["method"])
+    if hasattr(spec.fn, "peft_export"):  # a PEFT type of its own (IA3, VERA)
+        first = next(iter(layers.values()))
+        sd, conf = spec.fn.peft_export(spec.make_config(info["config"]), per, first.method.shared)
+        return _write_native(sd, conf, out_dir, base_model=base_model, force=force, dtype=dtype)
     entries, r, alpha, rslora, fifo = _entries(spec.name, spec.make_config(info["config"]), per, svd_rank)
     if dtype is None and spec.name not in ("lora", "dora"):
         dtype = next(iter(layers.values())).base_layer.weight.dtype
@@ -157,6 +185,12 @@ def export_folder_peft(adapter_dir, out_dir, *, base: str | None = None, svd_ran
         elif spec.name == "bone":
             W0 = torch.empty(out_f, in_f)  # only the shape is used
         per.append((n, kinds.get(n, "linear"), t, W0, tuple(conf.get("conv_shapes", {}).get(n, ()))))
+    if hasattr(spec.fn, "peft_export"):  # a PEFT type of its own (IA3, VERA); VeRA regenerates its projections
+        shapes = {n: tuple(conf["shapes"][n]) for n in conf["targets"]}
+        sd, pconf = spec.fn.peft_export(cfg, per, spec.fn.prepare_shapes(shapes, cfg)
+                                        if hasattr(spec.fn, "prepare_shapes") else None)
+        return _write_native(sd, pconf, out_dir, base_model=conf.get("base_model"), force=force, dtype=None,
+                             inputs=[adapter_dir])
     entries, r, alpha, rslora, fifo = _entries(spec.name, cfg, per, svd_rank)
     dtype = None if spec.name in ("lora", "dora") else tensors[next(iter(tensors))].dtype
     return _write_peft(entries, out_dir, r=r, alpha=alpha, rslora=rslora, fan_in_fan_out=fifo,
@@ -174,8 +208,17 @@ def import_peft(model: nn.Module, adapter_dir) -> nn.Module:
     if not (p / PEFT_CONFIG).is_file() or not (p / PEFT_WEIGHTS).is_file():
         raise ConfigError(f"'{adapter_dir}' is not a PEFT adapter folder (needs {PEFT_WEIGHTS} and {PEFT_CONFIG})")
     conf = json.loads((p / PEFT_CONFIG).read_text())
+    native = {"IA3": "ia3", "VERA": "vera", "LOHA": "loha", "LOKR": "lokr"}
+    if conf.get("peft_type") in native:
+        try:
+            spec = get_method("adapt", native[conf["peft_type"]])
+        except ConfigError:
+            spec = None
+        if spec is not None and hasattr(spec.fn, "peft_import"):
+            return spec.fn.peft_import(model, conf, load_file(str(p / PEFT_WEIGHTS)), _attach_exact)
     if conf.get("peft_type") != "LORA":
-        raise ConfigError(f"only PEFT LoRA adapters can be imported, this one is {conf.get('peft_type')}")
+        raise ConfigError(f"PEFT adapters of type {conf.get('peft_type')} cannot be imported (LORA, "
+                          "LORA with use_dora, IA3 and VERA can)")
     method = "dora" if conf.get("use_dora") else "lora"
     sd = load_file(str(p / PEFT_WEIGHTS))
     rx = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")

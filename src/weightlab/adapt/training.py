@@ -233,7 +233,7 @@ def tune(model, tokenizer, method: str = "lora", data: str = "wiki", *, rank: in
                 raise ConfigError(f"{ckpt} was trained without loss weighting; drop --reweight or pass --no-resume")
             weighting.load_state_dict(state["weighting"])
     else:
-        adapt.attach(model, method, targets=targets or _default_targets(model), **cfg)
+        adapt.attach(model, method, targets=targets or _default_targets(model, method), **cfg)
         opt = adapt.make_optimizer(model, lr, weight_decay)
     raw = model
     params = adapt.trainable_parameters(raw)
@@ -322,9 +322,14 @@ def _gather_losses(acc, logits, labels, weighting):
     return acc.gather(losses), acc.gather(counts), acc.process_index
 
 
-def _default_targets(model):
-    names = {n.split(".")[-1] for n, _ in model.named_modules()}
-    t = [x for x in DEFAULT_TARGETS if x in names]
+def _default_targets(model, method: str = "lora"):
+    """The attention and MLP projections; a method's own defaults where it has them ((IA)^3: PEFT's)."""
+    own = get_method("adapt", method).fn.default_targets
+    names = {n for n, m in model.named_modules() if n}
+    if own and any(n == t or n.endswith("." + t) for n in names for t in own):
+        return list(own)
+    leaves = {n.split(".")[-1] for n in names}
+    t = [x for x in DEFAULT_TARGETS if x in leaves]
     return t or "all-linear"
 
 

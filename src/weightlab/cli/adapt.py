@@ -18,7 +18,7 @@ app.add_typer(adapter_app, name="adapter")
 
 @app.command()
 def tune(path: str = typer.Argument(..., help="causal-LM folder (HF) or zoo:NAME"),
-         adapter: str = typer.Option("lora", "--method", "-m", "--adapter", "-a", help="an adapt method: lora, dora, pissa, sorsa, bone, bat, gradnormlorp, dsee, sara, sltrain, pst, orthogonal, compander, contracon (weightlab methods --family adapt)"),
+         adapter: str = typer.Option("lora", "--method", "-m", "--adapter", "-a", help="an adapt method: lora, dora, ia3, pissa, sorsa, bone, bat, gradnormlorp, dsee, sara, sltrain, pst, orthogonal, compander, contracon (weightlab methods --family adapt)"),
          rank: int = typer.Option(16, "--rank", "-r", help="adapter rank, for the methods that have one"),
          data: str = typer.Option("wiki", "--data", help="wiki, FILE.txt, or FILE.jsonl (text or prompt/response)"),
          steps: int = typer.Option(100, "--steps"), lr: float = typer.Option(2e-4, "--lr"),
@@ -90,15 +90,17 @@ def export(path: str = typer.Argument(..., help="weightlab adapter folder"),
            base: str = typer.Option(None, "--base", help="base model (needed for bat / gradnormlorp)"),
            svd_rank: int = typer.Option(None, "--svd-rank", help="SVD rank for adapters that are not LoRA-shaped"),
            out: str = typer.Option(..., "--out", "-o"), force: bool = typer.Option(False, "--force")) -> None:
-    """Write a weightlab adapter folder as a PEFT LoRA folder (adapter_model.safetensors + adapter_config.json)."""
+    """Write a weightlab adapter folder as a PEFT folder (adapter_model.safetensors + adapter_config.json).
+
+    LoRA-shaped methods become PEFT LoRA (DoRA: use_dora); (IA)^3 and VeRA their own PEFT types."""
     from ..adapt import export_folder_peft
 
     if fmt != "peft":
         raise ConfigError(f"unknown export format '{fmt}'; supported: peft")
     export_folder_peft(path, out, base=base, svd_rank=svd_rank, force=force)
     conf = json.loads((Path(out) / "adapter_config.json").read_text())
-    console.print(f"[green]exported[/] {path} -> {out} (PEFT LoRA r={conf['r']}, {len(conf['target_modules'])} "
-                  "layers)")
+    kind = conf["peft_type"] + (f" r={conf['r']}" if "r" in conf else "")
+    console.print(f"[green]exported[/] {path} -> {out} (PEFT {kind}, {len(conf['target_modules'])} layers)")
 
 
 @adapter_app.command("sum")
