@@ -6,7 +6,7 @@ and ``backward_regularizers`` (SORSA's term after clipping); ``save``/``load`` w
 folders; ``export_peft``/``import_peft`` for PEFT folders (LoRA, DoRA, IA3, VeRA); ``extract_lora`` (a PEFT LoRA from a
 fine-tune and its base, as mergekit-extract-lora); ``make_optimizer``.
 """
-from . import bat, bone, dora, gradnormlorp, ia3, lora, pissa, sorsa  # noqa: F401  (register the methods)
+from . import bat, bone, dora, gradnormlorp, ia3, lora, pissa, sorsa, vera  # noqa: F401  (register the methods)
 from . import dsee, pst, sara, sltrain  # noqa: F401  (sparse methods)
 from . import compander, contracon, mixturegrowth, orthogonal  # noqa: F401  (compositional methods)
 from .api import (adapter_layers, attach, backward_regularizers, count_trainable, detach, fold, load,
