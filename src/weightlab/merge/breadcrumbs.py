@@ -17,7 +17,8 @@ import torch
 from pydantic import Field
 
 from ..registry import MethodConfig, Regime, register
-from .combine import combine_deltas, rescale_to_norm
+from ..tensor.masks import topk_mask
+from .combine import combine_deltas
 
 
 class BreadcrumbsConfig(MethodConfig):
@@ -32,19 +33,22 @@ class BreadcrumbsConfig(MethodConfig):
 
 
 def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Keep int(density*n) entries: drop the top int(gamma*n) by magnitude, then the smallest."""
+    """Keep int(density*n) entries: drop the top int(gamma*n) by magnitude, then the smallest.
+
+    The top (keep + n_top) minus the top n_top, both exact top-k masks ordered by |delta| and then by
+    index, so the count is exact with ties too, and no full sort (values + int64 indices) is held.
+    """
     n = delta.numel()
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
     keep = int(density * n)
     n_top = int(gamma * n)
-    n_bot = n - keep - n_top
-    if n_bot < 0:  # fewer outliers removed so that the density is reached
-        n_top, n_bot = n_top + n_bot, 0
-    order = torch.sort(delta.detach().abs().reshape(-1).float()).indices
-    mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
-    mask[order[n_bot:n - n_top]] = True
-    return mask.reshape(delta.shape)
+    if n - keep - n_top < 0:  # fewer outliers removed so that the density is reached
+        n_top = n - keep
+    mask = topk_mask(delta, (keep + n_top) / n) if keep + n_top < n else torch.ones_like(delta, dtype=torch.bool)
+    if n_top:
+        mask &= ~topk_mask(delta, n_top / n)
+    return mask
 
 
 @register("merge", "breadcrumbs", kind="merge", config=BreadcrumbsConfig, regime=Regime.STREAMING,
@@ -56,7 +60,12 @@ def breadcrumbs(tensors, base, ctx):
     deltas = []
     for i, t in enumerate(tensors):
         d = t - base
-        m = d * breadcrumbs_mask(d, ctx.density(i), ctx.model_param(i, "gamma", cfg.gamma))
-        deltas.append(rescale_to_norm(d, m, "l1") if cfg.rescale else m)
+        before = d.abs().sum() if cfg.rescale else None
+        d.mul_(breadcrumbs_mask(d, ctx.density(i), ctx.model_param(i, "gamma", cfg.gamma)))
+        if before is not None:  # restore the L1 norm (mergekit's rescale; nothing to restore below 1e-7)
+            after = d.abs().sum()
+            if before >= 1e-7 and after >= 1e-7:
+                d.mul_(before / after)
+        deltas.append(d)
     merged = combine_deltas(deltas, ctx.weights, cfg.combine == "ties", cfg.normalize, cfg.zero_sign)
     return base + cfg.lambda_ * merged

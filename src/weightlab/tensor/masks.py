@@ -18,10 +18,10 @@ def topk_mask(x: torch.Tensor, density: float) -> torch.Tensor:
     if k == 0:
         return torch.zeros_like(x, dtype=torch.bool)
     thr = torch.kthvalue(a, n - k + 1).values  # the k-th largest
-    gt = a > thr
-    eq = a == thr
-    need = k - int(gt.sum())
-    mask = gt | (eq & (eq.cumsum(0) <= need))
+    mask = a > thr
+    need = k - int(mask.sum())
+    if need > 0:  # the ties at the threshold with the lowest indices (nonzero lists them in index order)
+        mask[torch.nonzero(a == thr).squeeze(1)[:need]] = True
     return mask.view(x.shape)
 
 
