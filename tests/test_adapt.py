@@ -15,11 +15,19 @@ transformers = pytest.importorskip("transformers")
 METHODS = [("lora", dict(r=4, alpha=8)), ("lora", dict(r=4, alpha=8, rslora=True)), ("pissa", dict(r=4, alpha=4)),
            ("pissa", dict(r=4, alpha=8, niter=4)), ("sorsa", dict(r=4)), ("bone", dict(r=4)), ("bat", dict(r=4)),
            ("gradnormlorp", dict(r=4)), ("dora", dict(r=4, alpha=8)), ("ia3", dict()),
-           ("vera", dict(r=4))]
+           ("vera", dict(r=4)), ("loha", dict(r=4, alpha=8)), ("lokr", dict(r=4, alpha=8))]
 COUNTS = {"lora": lambda r, o, i: r * (o + i), "pissa": lambda r, o, i: r * (o + i),
           "sorsa": lambda r, o, i: r * (o + i) + r, "bone": lambda r, o, i: r * o, "bat": lambda r, o, i: o * r,
           "gradnormlorp": lambda r, o, i: r * (o + i) + o, "dora": lambda r, o, i: r * (o + i) + o,
-          "ia3": lambda r, o, i: o, "vera": lambda r, o, i: o + r}  # the count test's targets (q_proj, v_proj) scale their outputs
+          "ia3": lambda r, o, i: o, "vera": lambda r, o, i: o + r, "loha": lambda r, o, i: 2 * r * (o + i),
+          "lokr": lambda r, o, i: _lokr_count(r, o, i)}
+
+
+def _lokr_count(r, o, i):
+    from weightlab.adapt.lokr import factorization
+
+    (a, b), (c, d) = factorization(o), factorization(i)
+    return a * c + (b * d if r >= max(b, d) / 2 else r * (b + d))  # the count test's targets (q_proj, v_proj) scale their outputs
 
 
 def tiny_llama(seed=0):
@@ -313,7 +321,7 @@ def test_registry_lists_methods():
     from weightlab.registry import list_methods
 
     names = {s.name for s in list_methods("adapt")}
-    assert {"lora", "dora", "ia3", "vera", "pissa", "sorsa", "bone", "bat", "gradnormlorp"} <= names
+    assert {"lora", "dora", "ia3", "vera", "loha", "lokr", "pissa", "sorsa", "bone", "bat", "gradnormlorp"} <= names
 
 
 def test_old_fold_names_still_work_and_warn():

@@ -12,7 +12,8 @@ from test_adapt import ids, perturb, tiny_llama  # noqa: E402
 CASES = [("lora", dict(r=4, alpha=8), None), ("lora", dict(r=4, alpha=8, rslora=True), None),
          ("pissa", dict(r=4, alpha=4), None), ("sorsa", dict(r=4), None), ("bone", dict(r=4), None),
          ("bat", dict(r=4), 32), ("gradnormlorp", dict(r=4), 32), ("dora", dict(r=4, alpha=8), None),
-         ("ia3", dict(), None), ("vera", dict(r=4), None)]
+         ("ia3", dict(), None), ("vera", dict(r=4), None), ("loha", dict(r=4, alpha=8), None),
+         ("lokr", dict(r=4, alpha=8), None)]
 
 
 @pytest.mark.parametrize("method,cfg,svd_rank", CASES)

@@ -71,7 +71,8 @@ def test_defaults_projections_and_init_are_peft_and_leave_the_output_unchanged()
         a, p = lay.adapter, peft_layer(pm, n)
         assert torch.equal(a.vera_A, A[:, :lay.in_features]) and torch.equal(a.vera_B, B[:lay.out_features])
         assert a.vera_A.data_ptr() == shared["A"].data_ptr()  # views: one copy for all the layers
-        assert torch.equal(a.lambda_d, p.vera_lambda_d["default"]) and torch.equal(a.lambda_b, p.vera_lambda_b["default"])
+        assert torch.equal(a.lambda_d, p.vera_lambda_d["default"])
+        assert torch.equal(a.lambda_b, p.vera_lambda_b["default"])
     assert adapt.count_trainable(m) == sum(p.numel() for p in pm.parameters() if p.requires_grad)
     assert not any("vera_A" in k for k in adapt.api.adapter_state(m))  # regenerated from the key, not saved
 

@@ -3,10 +3,10 @@
 ``attach(model, method, targets=..., **config)`` wraps target layers in one generic
 :class:`~weightlab.adapt.layer.AdapterLayer`; ``fold``/``unfold``/``detach`` (``fold`` puts the adapter into the weights); ``regularizers``
 and ``backward_regularizers`` (SORSA's term after clipping); ``save``/``load`` weightlab adapter
-folders; ``export_peft``/``import_peft`` for PEFT folders (LoRA, DoRA, IA3, VeRA); ``extract_lora`` (a PEFT LoRA from a
+folders; ``export_peft``/``import_peft`` for PEFT folders (LoRA, DoRA, IA3, VeRA, LoHa, LoKr); ``extract_lora`` (a PEFT LoRA from a
 fine-tune and its base, as mergekit-extract-lora); ``make_optimizer``.
 """
-from . import bat, bone, dora, gradnormlorp, ia3, lora, pissa, sorsa, vera  # noqa: F401  (register the methods)
+from . import bat, bone, dora, gradnormlorp, ia3, loha, lokr, lora, pissa, sorsa, vera  # noqa: F401  (register the methods)
 from . import dsee, pst, sara, sltrain  # noqa: F401  (sparse methods)
 from . import compander, contracon, mixturegrowth, orthogonal  # noqa: F401  (compositional methods)
 from .api import (adapter_layers, attach, backward_regularizers, count_trainable, detach, fold, load,

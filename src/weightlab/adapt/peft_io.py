@@ -8,7 +8,7 @@ r / lora_alpha / use_rslora; the others are written with the scale folded into B
 (r = lora_alpha = R, scale 1), zero-padded to one rank R across layers. DoRA exports as PEFT's DoRA
 (``use_dora: true``: lora_A, lora_B and ``lora_magnitude_vector``, the keys PEFT's save_pretrained
 writes), and ``import_peft`` reads PEFT DoRA folders as weightlab's ``dora``. Methods with their own
-PEFT type ((IA)^3, VeRA) write and read it themselves (``peft_export`` / ``peft_import`` on the class,
+PEFT type ((IA)^3, VeRA, LoHa, LoKr) write and read it themselves (``peft_export`` / ``peft_import``,
 ``peft_type`` in the config): they are not LoRA-shaped.
 """
 from __future__ import annotations
@@ -218,7 +218,7 @@ def import_peft(model: nn.Module, adapter_dir) -> nn.Module:
             return spec.fn.peft_import(model, conf, load_file(str(p / PEFT_WEIGHTS)), _attach_exact)
     if conf.get("peft_type") != "LORA":
         raise ConfigError(f"PEFT adapters of type {conf.get('peft_type')} cannot be imported (LORA, "
-                          "LORA with use_dora, IA3 and VERA can)")
+                          "LORA with use_dora, IA3, VERA, LOHA and LOKR can)")
     method = "dora" if conf.get("use_dora") else "lora"
     sd = load_file(str(p / PEFT_WEIGHTS))
     rx = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
