@@ -250,3 +250,25 @@ def test_tune_cli_trains_ia3_on_pefts_default_targets(base, tmp_path):  # noqa: 
     pm = peft.PeftModel.from_pretrained(load_causal_lm(base / "model")[0], str(tmp_path / "peft")).eval()
     with torch.no_grad():
         assert torch.allclose(pm(input_ids=x).logits, y, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,peft_type", [("ia3", "IA3"), ("vera", "VERA"), ("loha", "LOHA"), ("lokr", "LOKR")])
+def test_recipe_tune_step_keeps_a_peft_folder_of_the_methods_own_type(method, peft_type, base, tmp_path):  # noqa: F811
+    from transformers import AutoModelForCausalLM
+
+    from weightlab.recipe import Recipe, run_recipe
+
+    out = tmp_path / "out"
+    step = {"family": "adapt", "method": "tune", "params": {"method": method, "data": str(base / "text.txt"),
+                                                            "steps": 2, "batch_size": 2, "seqlen": 16, "rank": 4,
+                                                            "lr": 1e-2, "peft": True}}
+    res = run_recipe(Recipe(model=str(base / "model"), output=str(out), steps=[step]), show_progress=False)
+    assert [s.status for s in res.steps] == ["ran"]
+    conf = json.loads((out / "step-01-adapter-peft" / "adapter_config.json").read_text())
+    assert conf["peft_type"] == peft_type
+    x = torch.tensor([[5, 6, 7, 8]])
+    pm = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base / "model")),
+                                        str(out / "step-01-adapter-peft")).eval()
+    folded = AutoModelForCausalLM.from_pretrained(str(out)).eval()  # the step's output: the adapter folded in
+    with torch.no_grad():
+        assert torch.allclose(folded(x).logits, pm(input_ids=x).logits, atol=1e-5)
