@@ -74,7 +74,7 @@ def test_defaults_projections_and_init_are_peft_and_leave_the_output_unchanged()
         assert torch.equal(a.lambda_d, p.vera_lambda_d["default"])
         assert torch.equal(a.lambda_b, p.vera_lambda_b["default"])
     assert adapt.count_trainable(m) == sum(p.numel() for p in pm.parameters() if p.requires_grad)
-    assert not any("vera_A" in k for k in adapt.api.adapter_state(m))  # regenerated from the key, not saved
+    assert not any("vera_A" in k for k in adapt.api.adapter_state(m))  # not per layer: once, as "_shared.vera_A"
 
 
 def test_fold_is_the_vera_update_and_unfold_restores():
@@ -209,6 +209,12 @@ def test_import_takes_the_files_projections(tmp_path):
     assert "base_model.vera_A" in load_file(str(tmp_path / "p" / "adapter_model.safetensors"))
     m = adapt.import_peft(tiny_llama(), tmp_path / "p")
     assert torch.allclose(m(x).logits, y, atol=1e-5)
+    adapt.save(m, tmp_path / "wl")  # weightlab's folder keeps them (once), for load and for PEFT export
+    assert "_shared.vera_A" in load_file(str(tmp_path / "wl" / "adapter.safetensors"))
+    assert torch.allclose(adapt.load(tiny_llama(), tmp_path / "wl")(x).logits, y, atol=1e-5)
+    adapt.export_folder_peft(tmp_path / "wl", tmp_path / "peft2")
+    pm2 = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "peft2")).eval()
+    assert torch.allclose(pm2(input_ids=x).logits, y, atol=1e-5)
     f = tmp_path / "p" / "adapter_model.safetensors"
     save_file({k: v for k, v in load_file(str(f)).items() if "vera_A" not in k and "vera_B" not in k}, str(f))
     m2 = adapt.import_peft(tiny_llama(), tmp_path / "p")  # without them: the key's projections

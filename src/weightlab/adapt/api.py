@@ -26,6 +26,7 @@ from .layer import AdapterLayer, layer_kind, set_weight_2d
 FORMAT = "weightlab-adapter"
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
+SHARED = "_shared."  # tensors shared by every layer of the adapter, saved once under this prefix
 
 
 def _output_embedding_names(model: nn.Module) -> set[str]:
@@ -261,8 +262,9 @@ def save(model: nn.Module, out_dir, *, force: bool = False, base_model: str | No
             "kinds": {n: m.kind for n, m in layers.items()},
             "conv_shapes": {n: list(m.base_layer.weight.shape) for n, m in layers.items() if m.kind == "conv2d"}}
     with AtomicFolder(out_dir, force=force) as tmp:
-        save_file(adapter_state(model), str(tmp / ADAPTER_FILE), metadata={"format": "pt", "weightlab.method":
-                                                                             info["method"]})
+        shared = next(iter(layers.values())).method.shared_state()  # once, not per layer (VeRA's projections)
+        sd = {**adapter_state(model), **{f"{SHARED}{k}": v.detach().cpu().contiguous() for k, v in shared.items()}}
+        save_file(sd, str(tmp / ADAPTER_FILE), metadata={"format": "pt", "weightlab.method": info["method"]})
         (tmp / CONFIG_FILE).write_text(json.dumps(conf, indent=1))
     return Path(out_dir)
 
@@ -285,6 +287,9 @@ def load(model: nn.Module, path) -> nn.Module:
     """Attach a saved weightlab adapter to the (original) base model it was trained on."""
     conf, tensors = read_folder(path)
     attach(model, conf["method"], targets=_exact(conf["targets"]), _init=False, **conf["config"])
+    shared = {k[len(SHARED):]: v for k, v in tensors.items() if k.startswith(SHARED)}
+    if shared:
+        next(iter(adapter_layers(model).values())).method.load_shared_state(shared)
     for n, m in adapter_layers(model).items():
         sub = {k[len(n) + 1:]: v for k, v in tensors.items() if k.startswith(n + ".")}
         missing = set(m.adapter.state_dict()) - set(sub)

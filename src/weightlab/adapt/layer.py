@@ -16,7 +16,8 @@ calls the method's hooks:
 - ``regularizer(layer)``: a per-layer term (SORSA), weighted by the method.
 - ``peft_factors(tensors, cfg, W)``: (B, A) with dW = B @ A for a PEFT LoRA on the original base.
 - ``prepare(model, names, cfg)`` (classmethod, once per ``attach``): state shared by all the
-  layers (VeRA's shared random projections), set as ``method.shared`` on each layer's method.
+  layers (VeRA's shared random projections), set as ``method.shared`` on each layer's method;
+  ``shared_state`` / ``load_shared_state``: what of it a saved adapter keeps (once).
 - ``merged_bias(layer)``: the bias after a fold, for methods that also change it ((IA)^3 scaling
   an output); ``None`` (the default) leaves the bias as it is.
 
@@ -89,6 +90,13 @@ class AdapterMethod:
     def prepare(cls, model: nn.Module, names: list[str], cfg) -> Any:
         """State shared by every layer of one ``attach`` (before any layer is wrapped); None by default."""
         return None
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        """Tensors of ``shared`` that a saved adapter must keep (once, not per layer); none by default."""
+        return {}
+
+    def load_shared_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Put saved ``shared_state`` tensors back (in place: the layers may hold views of them)."""
 
     def merged_bias(self, layer: "AdapterLayer") -> torch.Tensor | None:
         """The bias a fold writes (methods that scale the output also scale the bias); None: unchanged."""

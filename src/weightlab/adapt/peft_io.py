@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..registry import get_method
-from .api import _exact, adapter_layers, attach, read_folder
+from .api import SHARED, _exact, adapter_layers, attach, read_folder
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -187,8 +187,13 @@ def export_folder_peft(adapter_dir, out_dir, *, base: str | None = None, svd_ran
         per.append((n, kinds.get(n, "linear"), t, W0, tuple(conf.get("conv_shapes", {}).get(n, ()))))
     if hasattr(spec.fn, "peft_export"):  # a PEFT type of its own (IA3, VERA); VeRA regenerates its projections
         shapes = {n: tuple(conf["shapes"][n]) for n in conf["targets"]}
-        sd, pconf = spec.fn.peft_export(cfg, per, spec.fn.prepare_shapes(shapes, cfg)
-                                        if hasattr(spec.fn, "prepare_shapes") else None)
+        shared = spec.fn.prepare_shapes(shapes, cfg) if hasattr(spec.fn, "prepare_shapes") else None
+        saved = {k[len(SHARED):]: v for k, v in tensors.items() if k.startswith(SHARED)}
+        if shared is not None and saved:  # the saved projections (an imported adapter's need not be the key's)
+            meth = spec.fn(cfg)
+            meth.shared = shared
+            meth.load_shared_state(saved)
+        sd, pconf = spec.fn.peft_export(cfg, per, shared)
         return _write_native(sd, pconf, out_dir, base_model=conf.get("base_model"), force=force, dtype=None,
                              inputs=[adapter_dir])
     entries, r, alpha, rslora, fifo = _entries(spec.name, cfg, per, svd_rank)

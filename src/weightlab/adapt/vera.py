@@ -9,8 +9,9 @@ and each layer uses the slices A[:, :in] and B[:out, :]. The forward is PEFT's,
 y = base(x) + lambda_b * ((lambda_d * (drop(x) A^T)) B^T). Defaults are PEFT's (r=256, d_initial=0.1,
 key 0, dropout 0); ``weightlab tune`` passes its ``--rank`` (16 by default) as r.
 
-The projections are views of the shared tensors, kept out of weightlab's own adapter file (the key and
-the targets regenerate them, as PEFT with ``save_projection: false``); PEFT export writes them as
+The projections are views of the shared tensors (one copy in memory), saved once in weightlab's own adapter
+file (``_shared.vera_A`` / ``_shared.vera_B``: an imported adapter's projections need not be the key's); PEFT
+export writes them as
 ``base_model.vera_A`` / ``base_model.vera_B`` when ``save_projection`` (PEFT's default, true), and import
 takes them from the file when present. Linear and HF Conv1D layers (PEFT: the same). ``fold`` adds dW
 (W-independent, so ``unfold`` subtracts it).
@@ -75,6 +76,18 @@ class VeRA(AdapterMethod):
     def prepare_shapes(cls, shapes: dict[str, tuple[int, int]], cfg):
         """The shared projections from saved (out, in) shapes (export of a saved folder: no model)."""
         return projections(list(shapes.values()), cfg)
+
+    def shared_state(self):
+        return {"vera_A": self.shared["A"], "vera_B": self.shared["B"]}
+
+    def load_shared_state(self, tensors):
+        with torch.no_grad():
+            for k, key in (("A", "vera_A"), ("B", "vera_B")):
+                if key in tensors:
+                    if tensors[key].shape != self.shared[k].shape:
+                        raise ConfigError(f"vera: saved {key} of shape {tuple(tensors[key].shape)}, the targets need "
+                                          f"{tuple(self.shared[k].shape)}")
+                    self.shared[k].copy_(tensors[key])  # the layers' buffers are views: they follow
 
     def create(self, layer, W0, init=True):
         out_f, in_f = W0.shape
