@@ -163,6 +163,15 @@ def mergekit_exe() -> Path:
     sys.exit("mergekit-yaml not found: `make test` builds it in .venv-mk (or set WEIGHTLAB_MERGEKIT_YAML)")
 
 
+def mergekit_version() -> str:
+    import subprocess
+
+    py = mergekit_exe().parent / "python"
+    r = subprocess.run([str(py), "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
+                       capture_output=True, text=True)
+    return r.stdout.strip() or "unknown"
+
+
 def mergekit_cmd(cfg: Path, out: Path) -> list[str]:
     exe = mergekit_exe()
     # CPU defaults; --random-seed for reproducibility; --quiet drops progress bars (weightlab runs without them)
@@ -437,7 +446,7 @@ def render(results: dict, nparams: int, dtype: str, repeats: int, total_s: float
     rss_src = next(iter(results.values()))["rss_source"] if results else ""
     return f"""\
 Date: {C.today()}. Machine: {C.machine_line()} (shared, noisy).
-Versions: torch {C.package_version('torch')}, mergekit {C.package_version('mergekit')}, \
+Versions: torch {C.package_version('torch')}, mergekit {mergekit_version()} (its own venv), \
 weightlab {C.package_version('weightlab')}, transformers {C.package_version('transformers')}.
 
 Inputs: a Llama-style model of {nparams / 1e6:.1f}M parameters ({dtype}; hidden {MODEL['hidden_size']}, \

@@ -312,3 +312,14 @@ def test_tokenizer_union_reindexes_embedding_rows(tmp_path):
     assert torch.equal(emb[5], torch.tensor([500.0 + 10, 500.0 + 11]))  # both have it: the mean
     with pytest.raises(wl.ConfigError, match="shape mismatch"):
         run_merge(MergeJob(method="linear", models=[str(p) for p in paths]), tmp_path / "out2")
+
+
+def test_consensus_in_chunks_equals_one_pass():
+    from weightlab.merge.combine import combine_deltas, disjoint_merge
+
+    g = torch.Generator().manual_seed(3)
+    ds = [torch.randn(50, 7, generator=g) * (torch.rand(50, 7, generator=g) < 0.5) for _ in range(3)]
+    ds[1][0, 0], ds[2][0, 0], ds[0][0, 0] = 1.0, -1.0, 0.0  # a sum of exactly 0: + by the positive rule
+    for norm in (True, False):
+        want = disjoint_merge(ds, [1.0, 0.5, 0.7], "positive", norm)
+        assert torch.equal(combine_deltas(ds, [1.0, 0.5, 0.7], True, norm, "positive", chunk=13), want)

@@ -60,6 +60,7 @@ def breadcrumbs(tensors, base, ctx):
     deltas = []
     for i, t in enumerate(tensors):
         d = t - base
+        tensors[i] = None  # the engine's compute-dtype copy is not needed again: free it now
         before = d.abs().sum() if cfg.rescale else None
         d.mul_(breadcrumbs_mask(d, ctx.density(i), ctx.model_param(i, "gamma", cfg.gamma)))
         if before is not None:  # restore the L1 norm (mergekit's rescale; nothing to restore below 1e-7)

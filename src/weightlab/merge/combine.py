@@ -73,11 +73,22 @@ def rescale_to_norm(before: torch.Tensor, after: torch.Tensor, norm: str = "l1",
 
 
 def combine_deltas(deltas: list[torch.Tensor], weights: list[float], consensus: bool, normalize: bool,
-                   zero_sign: ZeroSign = "positive") -> torch.Tensor:
-    """The task-vector merges' last step: TIES' sign consensus (disjoint mean/sum) or a plain weighted sum."""
-    if consensus:
+                   zero_sign: ZeroSign = "positive", chunk: int = 1 << 20) -> torch.Tensor:
+    """The task-vector merges' last step: TIES' sign consensus (disjoint mean/sum) or a plain weighted sum.
+
+    The consensus runs ``chunk`` entries at a time where every entry's result is its own business
+    (zero_sign "positive"; "majority" looks at the whole tensor), so its stacked temporaries stay small.
+    """
+    if not consensus:
+        return weighted_sum(deltas, weights, normalize)
+    n = deltas[0].numel()
+    if zero_sign != "positive" or n <= chunk:
         return disjoint_merge(deltas, weights, zero_sign, normalize)
-    return weighted_sum(deltas, weights, normalize)
+    flat = [d.reshape(-1) for d in deltas]
+    out = torch.empty_like(flat[0])
+    for s in range(0, n, chunk):
+        out[s:s + chunk] = disjoint_merge([f[s:s + chunk] for f in flat], weights, zero_sign, normalize)
+    return out.view(deltas[0].shape)
 
 
 def nonzero_weight_sum(cfg, weights: list[float]) -> None:
