@@ -11,7 +11,7 @@ _DEV, _DT, _SEQ, _OFF, _MAXMEM = placement_options()
 
 @app.command()
 def quantize(path: str = typer.Argument(..., help="model folder (HF causal LM or encoder)"),
-             method: str = typer.Option("gptq", "--method", "-m", help="rtn, gptq, pbllm, statsq"),
+             method: str = typer.Option("gptq", "--method", "-m", help="rtn, gptq, awq, pbllm, statsq"),
              bits: int = typer.Option(None, "--bits", "-b", help="bits per weight (default: the method's)"),
              group_size: int = typer.Option(128, "--group-size", "-g", help="columns per group; -1 = per channel"),
              sym: bool = typer.Option(None, "--sym/--asym", help="symmetric grid (RTN/GPTQ); default: symmetric "
@@ -46,6 +46,10 @@ def quantize(path: str = typer.Argument(..., help="model folder (HF causal LM or
         warn=lambda m: err_console.print(f"[bold yellow]warning:[/] {m}", highlight=False))
     if rep is None:
         return
+    if rep.transforms:
+        from ..compress.awq import describe
+
+        console.print(describe(rep.transforms))
     sym_s = "sym" if result["sym"] else "asym"
     if "written_as" not in result:  # sequential: written block by block
         console.print(f"[green]quantized[/] {len(rep.layers)} layers with {rep.method} ({rep.bits} bits, group "

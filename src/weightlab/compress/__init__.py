@@ -4,7 +4,7 @@
 with any sparsity allocation ("allocate" kind).
 """
 from . import allocation, cast, dpruner, gblm, magnitude, sparsegpt, wanda  # noqa: F401  (register)
-from . import compensate, gptq, packed, pbllm, quantize, rtn, statsq  # noqa: F401  (register)
+from . import awq, compensate, gptq, packed, pbllm, quantize, rtn, statsq  # noqa: F401  (register)
 from .ap import dead_neuron_rate, iterative_prune
 from .masks import MaskKeeper, SPDFSchedule, masks_from_zeros
 from .rethinking import reinitialize_pruned

@@ -56,8 +56,8 @@ def check_request(method: str, bits: int | None, group_size: int, params: dict |
 
     params = params or {}
     method = get_method("compress", method).name  # aliases and spelling as the registry resolves them
-    if method not in ("rtn", "gptq"):
-        raise ConfigError(f"{method} layers have no compressed-tensors layout (only the affine grids of rtn/gptq "
+    if method not in ("rtn", "gptq", "awq"):
+        raise ConfigError(f"{method} layers have no compressed-tensors layout (only the affine grids of rtn/gptq/awq "
                           "do); use --format hf (dequantized weights)")
     if bits is not None and bits not in CT_BITS:
         raise ConfigError(f"compressed-tensors output is written for {' or '.join(map(str, CT_BITS))}-bit codes, "
@@ -66,7 +66,8 @@ def check_request(method: str, bits: int | None, group_size: int, params: dict |
     if group_size > 0 and group_size not in CT_GROUPS:
         raise ConfigError(f"group size {group_size} is not served by vLLM's kernels; use one of "
                           f"{', '.join(map(str, CT_GROUPS))} or -1 (per channel), or --format hf")
-    if method == "gptq" and params.get("act_order") and group_size > 0 and not params.get("static_groups"):
+    gptq = method == "gptq" or (method == "awq" and params.get("quantizer") == "gptq")
+    if gptq and params.get("act_order") and group_size > 0 and not params.get("static_groups"):
         raise ConfigError("GPTQ act-order with groups permutes the group of each column (g_idx), which "
                           "compressed-tensors 0.20 cannot write; add --param static_groups=true (groups then stay "
                           "in column order) or use --format hf")

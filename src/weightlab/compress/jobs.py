@@ -221,8 +221,10 @@ def quantize_job(path, out, method: str = "gptq", bits: int | None = None, group
         deploy.check_request(method, bits_eff, group_size, params)
     src, ck, kind = open_job(path, out, force, llm_only=True)
     check_finite(ck, src)
-    cfg_needs = spec.contract.needs
-    hessian = "hessian" in set(cfg_needs(spec.make_config(params)) if callable(cfg_needs) else cfg_needs)
+    from .quantize import quant_needs
+
+    needs = quant_needs(spec, spec.make_config(params))
+    hessian = "hessian" in needs
     seq = wants_sequential(sequential, kind, whole_only=bool(packed))
     if packed and seq:
         raise ConfigError("--packed holds every layer's codes in memory; use it with --whole-model")
@@ -250,7 +252,8 @@ def quantize_job(path, out, method: str = "gptq", bits: int | None = None, group
             dict(method=method, bits=bits, group_size=group_size, sym=sym, scale_dtype=scale_dtype, calib=calib,
                  nsamples=nsamples, seqlen=seqlen, seed=seed, sampling=sampling, keep_zeros=keep_zeros, **params),
             (eval_data, eval_tokens, no_eval), "quantize-report.json", log, hessian=hessian,
-            extra={"format": fmt, "sym": sym, "scale_dtype": scale_dtype}, **(sequential_writer(ck) if ct else {}))
+            extra={"format": fmt, "sym": sym, "scale_dtype": scale_dtype}, data=hessian or "block" in needs,
+            **(sequential_writer(ck) if ct else {}))
     single_process_only()
     dev, dt = dev_dt(ck, device, dtype)
     model, tok, evaluate = load_with_evaluator(kind, src, ck, eval_data, eval_tokens, no_eval, dtype=dt)

@@ -8,7 +8,10 @@ transformers user can load). The integer form of every layer is kept in the repo
 (``report.quantized``) for the packed format (compress/packed.py).
 
 A quantizer is registered as ``register("compress", name, kind="quantize", ...)`` with a
-function ``fn(ctx: QuantContext) -> AffineQuant | PBQuant | StatsQuant``.
+function ``fn(ctx: QuantContext) -> AffineQuant | PBQuant | StatsQuant``. A quantizer whose ``needs``
+include "block" also registers a block step (``@block_step(name)``, ``fn(ctx: BlockContext)``) that
+the engine runs on each block before its layers are quantized, with the block and its cached inputs
+(AWQ's smoothing, compress/awq.py).
 """
 from __future__ import annotations
 
@@ -56,6 +59,7 @@ class QuantReport(Result):
     quantized: dict = field(default_factory=dict)  # layer name -> AffineQuant | PBQuant | StatsQuant
     layouts: dict = field(default_factory=dict)
     seconds: float = 0.0
+    transforms: list = field(default_factory=list)  # what block steps did (AWQ: one entry per smoothed mapping)
 
     @property
     def bits_per_weight(self) -> float:
@@ -69,7 +73,41 @@ class QuantReport(Result):
         return {"method": self.method, "bits": self.bits, "group_size": self.group_size,
                 "bits_per_weight": round(self.bits_per_weight, 4), "quantized_weights": n,
                 "rel_weight_error": round((err / tot) ** 0.5, 6) if tot else 0.0,
-                "seconds": round(self.seconds, 2), "layers": self.layers}
+                "seconds": round(self.seconds, 2), "layers": self.layers,
+                **({"transforms": self.transforms} if self.transforms else {})}
+
+
+@dataclass
+class BlockContext:
+    """What a block step sees: the block and its inputs (``run``), the block's target layers and their
+    input statistics (a step that changes a layer's inputs updates them: ``LayerStats.scale_inputs_``),
+    the grid settings, the quantizer's config, and ``record`` (the report's ``transforms`` list)."""
+
+    run: object  # engine.calibration.BlockRun
+    layers: dict
+    stats: dict
+    bits: int
+    group_size: int
+    sym: bool
+    scale_dtype: str
+    cfg: object
+    record: list
+
+
+BLOCK_STEPS: dict = {}
+
+
+def block_step(name: str):
+    """Register ``fn(ctx: BlockContext)`` as the block step of quantizer ``name`` (its ``needs`` has "block")."""
+    def deco(fn):
+        BLOCK_STEPS[name] = fn
+        return fn
+    return deco
+
+
+def quant_needs(spec, cfg) -> set:
+    needs = spec.contract.needs
+    return set(needs(cfg) if callable(needs) else needs)
 
 
 def quantizers() -> list:
@@ -115,9 +153,17 @@ def quantize(model: nn.Module, method: str = "rtn", bits: int | None = None, gro
         layers = {n: m for n, m in layers.items() if layer_filter(n)}
     if not layers:
         raise ConfigError("the model has no Linear/Conv layers to quantize")
-    needs = spec.contract.needs
-    needs = set(needs(cfg) if callable(needs) else needs)
+    needs = quant_needs(spec, cfg)
     report = QuantReport(spec.name, bits, group_size)
+    step = None
+    if "block" in needs:
+        fn = BLOCK_STEPS[spec.name]
+
+        def step(run, ls, st):
+            fn(BlockContext(run, ls, st, bits, group_size, sym, scale_dtype, cfg, report.transforms))
+    # a quantizer may want the next block's inputs computed with its transformed but unquantized weights
+    # (AWQ with RTN, as llm-compressor): the quantized weights are then set once the block has run again
+    late = [] if not getattr(cfg, "propagate_quantized", True) else None
 
     def do_layers(names_mods, stats):
         for n, m in names_mods.items():
@@ -130,7 +176,10 @@ def quantize(model: nn.Module, method: str = "rtn", bits: int | None = None, gro
             if keep is not None:
                 q = _force_zeros(q, keep)
             w_hat = q.dequantize()
-            set_weight_matrix(m, w_hat)
+            if late is not None:
+                late.append((m, w_hat))
+            else:
+                set_weight_matrix(m, w_hat)
             bpw = bits_per_weight(q)
             sq = _sq_sum(w)
             (report.quantized if quantized_sink is None else quantized_sink)[n] = _to_cpu(q)
@@ -140,11 +189,20 @@ def quantize(model: nn.Module, method: str = "rtn", bits: int | None = None, gro
                                   "rel_error": (_sq_sum(w, w_hat) / max(sq, 1e-30)) ** 0.5,
                                   "kept_zeros": int(keep.sum()) if keep is not None else 0})
 
-    stats = "hessian" in needs
-    for_each_layer(model, layers, do_layers, stats=stats, hessian=stats,
-                   batches=to_batches(calib, tokenizer, nsamples, seqlen, seed, sampling) if stats else None,
-                   label=f"quantize/{spec.name}", device=device, onload=onload, after_block=after_block, dist=dist,
-                   shards=shards, offload_activations=offload_activations, show_progress=show_progress)
+    def set_late(i, name, block):
+        while late:
+            m, w_hat = late.pop()
+            set_weight_matrix(m, w_hat)
+        if after_block is not None:
+            after_block(i, name, block)
+
+    data = "hessian" in needs or step is not None
+    for_each_layer(model, layers, do_layers, stats=data, hessian="hessian" in needs,
+                   batches=to_batches(calib, tokenizer, nsamples, seqlen, seed, sampling) if data else None,
+                   label=f"quantize/{spec.name}", device=device, onload=onload,
+                   after_block=set_late if late is not None else after_block, dist=dist, shards=shards,
+                   offload_activations=offload_activations, show_progress=show_progress, block_step=step,
+                   layer_stats="hessian" in needs)  # quantizers read no other statistics
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -231,7 +289,7 @@ class QuantizeStepConfig(PlacementFields):
 
 @register("compress", "quantize", kind="transform", config=QuantizeStepConfig, regime=Regime.LAYERWISE,
           paper="(recipe step running a quantizer; see the quantizers' papers)",
-          summary="recipe step: quantize a causal LM checkpoint (RTN, GPTQ, PB-LLM, StatsQ); writes dequantized "
+          summary="recipe step: quantize a causal LM checkpoint (RTN, GPTQ, AWQ, PB-LLM, StatsQ); writes dequantized "
                   "weights or compressed-tensors", workdir=True)
 def quantize_step(source, cfg: QuantizeStepConfig, workdir, show_progress: bool | None = None):
     """The `weightlab quantize` job on the model the previous step wrote (sequential for causal LMs)."""

@@ -76,7 +76,8 @@ def open_onloaded(path, task: str, placement: Placement):
 def run_sequential(verb: str, path: str | os.PathLike, out: str | os.PathLike, *, task: str = "causal-lm",
                    placement: Placement | None = None, provenance: Provenance | None = None, force: bool = False,
                    tokenizer=None, original=None, hessian: bool = True, extra_files: dict | None = None,
-                   show_progress: bool | None = None, on_block_written=None, on_finish=None, **kwargs):
+                   show_progress: bool | None = None, on_block_written=None, on_finish=None, data: bool | None = None,
+                   **kwargs):
     """Run ``verb`` ('prune', 'quantize', 'compensate') on the checkpoint at ``path`` and write ``out``.
 
     ``kwargs`` go to the verb (method, sparsity/bits/rank, calib, nsamples, seqlen, ...). Returns
@@ -84,12 +85,14 @@ def run_sequential(verb: str, path: str | os.PathLike, out: str | os.PathLike, *
     (compensate) is the uncompressed checkpoint's path. ``on_block_written(i, name, tensors, codes)``
     may replace a block's tensors before they are written (codes: that block's integer layers);
     ``on_finish(skeleton) -> (extra files, model-card facts)`` runs before the output is published.
+    ``data``: whether the verb caches calibration activations (default: with a Hessian, and compensate;
+    AWQ needs them without one), for the memory estimate.
     """
     from ..io.reader import open_checkpoint
 
     placement = placement or Placement()
     onload, dev, dt, dist = open_onloaded(path, task, placement)
-    needs_data = hessian or verb == "compensate"
+    needs_data = (hessian or verb == "compensate") if data is None else data
     nsamples, seqlen = kwargs.get("nsamples", 32), kwargs.get("seqlen", 512)
     precision = kwargs.get("precision", "auto")  # GPTQ/SparseGPT solver dtype (tensor/obs.solver_dtype)
     solver_bytes = 8 if (precision == "float64" or (precision == "auto" and dev.type == "cpu")) else 4

@@ -96,6 +96,39 @@ def call_model(model, batch):
     return model(batch)
 
 
+@dataclass
+class BlockRun:
+    """One block during its turn in ``layerwise``: the module, its cached inputs, and a way to run it on them.
+
+    Handed to a ``block_step`` (a transform that needs the block's own forward, such as AWQ's grid
+    search) before the block's layers are compressed. ``forward(j)`` runs the block on cached input
+    ``j`` on the compute device; for a model without a block list the block is the whole model and
+    the inputs are the calibration batches. Tensors a step keeps across batches belong on
+    ``cache_device`` (the CPU with ``offload_activations``).
+    """
+
+    index: int
+    name: str  # qualified name of the block ("model.layers.3"; "" for a model that is one block)
+    block: nn.Module
+    device: torch.device
+    cache_device: torch.device
+    inputs: list
+    whole_model: bool = False
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def forward(self, j: int):
+        if self.whole_model:
+            return call_model(self.block, to_device(self.inputs[j], self.device))
+        a, k = self.inputs[j]
+        return self.block(*to_device(a, self.device), **to_device(k, self.device))
+
+    def qualified(self, local: str) -> str:
+        """The model-level name of a module named ``local`` inside the block."""
+        return f"{self.name}.{local}" if self.name and local else (self.name or local)
+
+
 def _with_hidden(args, kwargs, hidden):
     if args:
         return (hidden, *args[1:]), kwargs
@@ -105,7 +138,8 @@ def _with_hidden(args, kwargs, hidden):
 def layerwise(model: nn.Module | None, batches: list, on_block: Callable, *, hessian: bool = True,
               layer_filter: Callable[[str], bool] | None = None, show_progress: bool | None = None,
               device: torch.device | str | None = None, onload=None, after_block: Callable | None = None,
-              dist=None, shards: int = 1, offload_activations: bool = False) -> None:
+              dist=None, shards: int = 1, offload_activations: bool = False,
+              block_step: Callable | None = None, layer_stats: bool = True) -> None:
     """Run ``on_block(index, block_name, layers, stats)`` for each block in order.
 
     ``layers`` maps qualified names to modules; ``stats`` maps the same names to LayerStats
@@ -119,7 +153,13 @@ def layerwise(model: nn.Module | None, batches: list, on_block: Callable, *, hes
     ``batches``, statistics are all-reduced, rank 0 runs ``on_block`` and its weights are broadcast.
     ``shards`` > 1 (single process) keeps per-shard partial sums as ``shards`` ranks would.
     ``offload_activations``: the cached block inputs stay on the CPU, one batch at a time on the device.
+    ``block_step(run, layers, stats)``: called just before ``on_block`` with a ``BlockRun``, for transforms
+    that re-run parts of the block on its inputs (AWQ's smoothing); one process only (not with ``dist``).
+    ``layer_stats=False``: no LayerStats pass (``stats`` is empty), for a block step that needs none.
     """
+    if block_step is not None and dist is not None:
+        raise ConfigError("this method re-runs parts of each block on all calibration inputs in one process; "
+                          "it does not split them across processes (run it without torchrun)")
     if onload is not None:
         model = onload.model
     name, blocks = (onload.blocks_name, onload.blocks) if onload is not None else find_blocks(model)
@@ -143,10 +183,13 @@ def layerwise(model: nn.Module | None, batches: list, on_block: Callable, *, hes
                 cursor.shard = shard_ids[j]
                 call_model(model, to_device(b, dev))
 
-        stats = _collect(layers, run_all, hessian, cursor)
+        stats = _collect(layers, run_all, hessian, cursor) if layer_stats else {}
         _finish_stats(stats, layers, dist, dev)
         if dist is None or dist.is_main:
             with exact_matmul():
+                if block_step is not None:
+                    with torch.no_grad():
+                        block_step(BlockRun(0, "", model, dev, dev, batches, whole_model=True), layers, stats)
                 on_block(0, "", layers, stats)
         if dist is not None:
             dist.broadcast_module_(model)
@@ -169,10 +212,13 @@ def layerwise(model: nn.Module | None, batches: list, on_block: Callable, *, hes
             block.to(dev)
         layers = {n: m for n, m in prunable_layers(block, prefix).items() if layer_filter is None or layer_filter(n)}
         with torch.no_grad():
-            stats = _collect(layers, lambda: _run_each(block, inputs, dev, cursor, shard_ids), hessian, cursor)
+            stats = (_collect(layers, lambda: _run_each(block, inputs, dev, cursor, shard_ids), hessian, cursor)
+                     if layer_stats else {})
             _finish_stats(stats, layers, dist, dev)
             if dist is None or dist.is_main:
                 with exact_matmul():
+                    if block_step is not None:
+                        block_step(BlockRun(i, prefix, block, dev, cache_dev, inputs), layers, stats)
                     on_block(i, prefix, layers, stats)
             del stats
             if dist is not None:

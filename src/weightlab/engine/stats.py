@@ -86,6 +86,16 @@ class LayerStats:
         dist.all_reduce_(cnt)
         self._sq, self._xtx, self._n, self._final = [sq], [xtx], [int(cnt)], None
 
+    def scale_inputs_(self, s: torch.Tensor) -> None:
+        """The layer's inputs became x / s (a per-channel scale folded into the layer before it, AWQ):
+        the sums become those of the new inputs, sum (x/s)^2 and S^-1 (sum x x^T) S^-1."""
+        for k in range(len(self._n)):
+            inv = 1 / s.to(device=self._sq[k].device, dtype=torch.float64)
+            self._sq[k].copy_(self._sq[k].double() * inv * inv)
+            if self._xtx[k] is not None:
+                self._xtx[k].mul_(inv.to(STAT_DTYPE)[:, None]).mul_(inv.to(STAT_DTYPE)[None, :])
+        self._final = None
+
     @property
     def nsamples(self) -> int:
         return self._fold()[2]

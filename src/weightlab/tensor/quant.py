@@ -64,9 +64,16 @@ def find_params(w: torch.Tensor, bits: int, sym: bool = False, scale_dtype: str 
     return scale, zero
 
 
-def to_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integer codes in [0, 2^b - 1]; scale/zero broadcast against w."""
-    return torch.clamp(torch.round(w / scale) + zero, 0, 2 ** bits - 1)
+def to_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+             quotient_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Integer codes in [0, 2^b - 1]; scale/zero broadcast against w.
+
+    ``quotient_dtype``: divide w / scale in this dtype (compressed-tensors divides float32 weights in
+    float32). It matters at exact half steps, where the largest |w| of every symmetric group sits
+    (|w| / scale = 2^(b-1) - 1/2): the last bit of the quotient picks the level there.
+    """
+    q = w / scale if quotient_dtype is None else (w.to(quotient_dtype) / scale.to(quotient_dtype)).to(w.dtype)
+    return torch.clamp(torch.round(q) + zero, 0, 2 ** bits - 1)
 
 
 def dequant(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -109,8 +116,8 @@ class AffineQuant:
 
 
 def rtn(W: torch.Tensor, bits: int = 4, group_size: int = -1, sym: bool = False,
-        scale_dtype: str = "float16") -> AffineQuant:
-    """Round-to-nearest quantization of W (out x in)."""
+        scale_dtype: str = "float16", quotient_dtype: torch.dtype | None = None) -> AffineQuant:
+    """Round-to-nearest quantization of W (out x in); ``quotient_dtype``: see ``to_codes``."""
     check_bits(bits)
     W = W.double()  # the same arithmetic as GPTQ's loop, so GPTQ with H = I is bit-identical
     rows, cols = W.shape
@@ -123,6 +130,6 @@ def rtn(W: torch.Tensor, bits: int = 4, group_size: int = -1, sym: bool = False,
         sl = slice(0, cols) if group_size <= 0 else slice(g * group_size, min((g + 1) * group_size, cols))
         s, z = find_params(W[:, sl], bits, sym, scale_dtype)
         scales[:, g], zeros[:, g] = s, z
-        codes[:, sl] = to_codes(W[:, sl], s[:, None], z[:, None], bits)
+        codes[:, sl] = to_codes(W[:, sl], s[:, None], z[:, None], bits, quotient_dtype)
     return AffineQuant(codes.to(torch.uint8), scales.to(SCALE_DTYPES[scale_dtype]), zeros.to(torch.uint8),
                        g_idx.to(torch.int32), bits, group_size, sym)
