@@ -323,3 +323,14 @@ def test_consensus_in_chunks_equals_one_pass():
     for norm in (True, False):
         want = disjoint_merge(ds, [1.0, 0.5, 0.7], "positive", norm)
         assert torch.equal(combine_deltas(ds, [1.0, 0.5, 0.7], True, norm, "positive", chunk=13), want)
+
+
+def test_della_per_model_density_refused_before_any_output(tmp_path):
+    from weightlab.merge.engine import run_merge
+    from weightlab.merge.job import MergeJob
+
+    base, a = _layered(tmp_path, "base", 0.0), _layered(tmp_path, "a", 1.0)
+    job = MergeJob(method="della", base=str(base), models=[{"path": str(a), "density": 0.1}])  # 0.1 - 0.15 < 0
+    with pytest.raises(wl.ConfigError, match="density \\+- epsilon"):
+        run_merge(job, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

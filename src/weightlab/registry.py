@@ -39,7 +39,7 @@ class MergeRuleContract:
     raw_inputs: bool = False  # the rule reads the inputs in their own dtype (no compute-dtype cast)
     device_capable: bool = False  # may compute on an accelerator (--device)
     prepare: Callable | None = None  # prepare(inputs, cfg) -> state, once before streaming
-    check: Callable | None = None  # check(cfg, weights) raises ConfigError before any output exists
+    check: Callable | None = None  # check(cfg, weights, densities) raises ConfigError before any output exists
 
 
 @dataclass(frozen=True)

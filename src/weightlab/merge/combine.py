@@ -91,7 +91,7 @@ def combine_deltas(deltas: list[torch.Tensor], weights: list[float], consensus: 
     return out.view(deltas[0].shape)
 
 
-def nonzero_weight_sum(cfg, weights: list[float]) -> None:
+def nonzero_weight_sum(cfg, weights: list[float], densities=None) -> None:
     """A normalized weighted sum divides by the weights' sum: refuse a zero sum before merging anything."""
     from ..errors import ConfigError
 

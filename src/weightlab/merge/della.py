@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
+from ..errors import ConfigError
 from ..registry import MethodConfig, Regime, register
 from .combine import combine_deltas, rescale_to_norm
 
@@ -37,6 +38,17 @@ class DellaConfig(MethodConfig):
         return self
 
 
+def _in_range(density: float, epsilon: float) -> None:
+    if density < 1 and not (0 < density - epsilon and density + epsilon < 1):
+        raise ConfigError(f"della: density +- epsilon must lie in (0, 1), got density {density}, epsilon {epsilon}")
+
+
+def densities_in_range(cfg, weights, densities) -> None:
+    """Every model's density (its own or the method's) with epsilon, before any tensor is read."""
+    for d in densities or []:
+        _in_range(cfg.density if d is None else d, cfg.epsilon)
+
+
 def keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """Per entry: density - epsilon + 2 epsilon * (its magnitude rank in its row, scaled to 0..1)."""
     rows = delta.reshape(1, -1) if delta.dim() <= 1 else delta.reshape(-1, delta.shape[-1])
@@ -50,10 +62,7 @@ def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: str =
              generator: torch.Generator | None = None) -> torch.Tensor:
     if density >= 1:
         return delta
-    if not (0 < density - epsilon and density + epsilon < 1):
-        from ..errors import ConfigError
-
-        raise ConfigError(f"della: density +- epsilon must lie in (0, 1), got density {density}, epsilon {epsilon}")
+    _in_range(density, epsilon)
     p = keep_probabilities(delta, density, epsilon)
     keep = torch.rand(delta.shape, generator=generator, dtype=p.dtype, device=delta.device) < p
     out = delta * keep
@@ -65,6 +74,7 @@ def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: str =
 
 
 @register("merge", "della", kind="merge", config=DellaConfig, regime=Regime.STREAMING, requires_base=True,
+          check=densities_in_range,
           paper="DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling "
                 "(Deep et al., 2024)",
           summary="drop task-vector entries at random, less often the larger they are; rescale; TIES-combine")

@@ -21,14 +21,15 @@ from pathlib import Path
 import torch
 
 from ..engine.progress import progress
-from ..engine.source import StateDictSource
 from ..errors import ConfigError, TensorValueError
 from ..io.dtypes import parse_dtype
 from ..io.provenance import Provenance
-from ..io.reader import Checkpoint, open_checkpoint
+from ..io.reader import Checkpoint
 from ..io.writer import CheckpointWriter, parse_size
 from ..registry import get_method
+from .checks import check_per_tensor, count_check, slice_checks
 from .context import TensorContext
+from .inputs import MergeInputs, as_source, open_model, open_spec, permute_rows, vocab_plan
 from .job import MergeJob
 from .params import TensorParams
 from .slices import plan_slices, relayer_config
@@ -40,60 +41,6 @@ class MergeResult:
     output: Path | None
     state_dict: dict[str, torch.Tensor] | None
     report: dict = field(default_factory=dict)
-
-
-class MergeInputs:
-    """The opened inputs and the tensor plan; what a method's prepare() may read from."""
-
-    def __init__(self, models: list, base, plan, compute_dtype: torch.dtype | None):
-        self.models, self.base, self.plan = models, base, plan
-        self._dtype = compute_dtype
-        self.densities: list[float | None] = [None] * len(models)
-
-    def compute_dtype(self, tp) -> torch.dtype:
-        if self._dtype is not None:
-            return self._dtype
-        ref, ref_name = _reference(self, tp)
-        itemsize = max([ref.info(ref_name).dtype.itemsize] + [self.models[i].info(s).dtype.itemsize
-                                                                for i, s in zip(_indices(self, tp), tp.sources)])
-        # 16-bit inputs: float32 holds their differences exactly; 32-bit inputs need float64 for that
-        return torch.float64 if itemsize >= 4 else torch.float32
-
-    def load(self, i: int, tp) -> torch.Tensor:
-        return self.models[i].get(tp.sources[i]).to(self.compute_dtype(tp))
-
-    def load_base(self, tp) -> torch.Tensor | None:
-        return None if self.base is None else self.base.get(tp.name).to(self.compute_dtype(tp))
-
-    def merged_plans(self):
-        return [tp for tp in self.plan if tp.merged]
-
-
-def _as_source(x):
-    if isinstance(x, dict):
-        return StateDictSource(x)
-    if isinstance(x, (str, os.PathLike)):
-        return open_checkpoint(x)
-    if hasattr(x, "names") and hasattr(x, "get"):
-        return x
-    raise ConfigError(f"cannot merge a {type(x).__name__}; pass a path, a Checkpoint or a state dict")
-
-
-def _open_ref(ref):
-    src = open_checkpoint(ref.path)
-    if ref.lora:
-        from ..io.lora_fold import LoraFolded
-
-        return LoraFolded(src, ref.lora)
-    return src
-
-
-def _open_spec(spec: str):
-    """A path, or mergekit's MODEL+LORA (an adapter folded into the model as it is read)."""
-    from ..io.lora_fold import split_model_lora
-
-    path, lora = split_model_lora(spec)
-    return _open_ref(type("Ref", (), {"path": path, "lora": lora})())
 
 
 def run_merge(job: MergeJob, out: str | os.PathLike | None = None, *, force: bool = False,
@@ -109,11 +56,11 @@ def run_merge(job: MergeJob, out: str | os.PathLike | None = None, *, force: boo
     params = TensorParams(spec, job)  # unknown parameters are an error before any input is opened
     cfg = params.cfg or params.config("", 0.0)
     if params.static and spec.contract.check is not None:  # before any input is opened or any output exists
-        spec.contract.check(cfg, [m.weight for m in job.models])
+        spec.contract.check(cfg, [m.weight for m in job.models], [m.density for m in job.models])
     if job.slices:
-        _slice_checks(spec, job)
+        slice_checks(spec, job)
     else:
-        _count_check(spec, len(models) if models is not None else len(job.models),
+        count_check(spec, len(models) if models is not None else len(job.models),
                      base is not None or job.base is not None)
     try:
         parse_size(job.max_shard_size)  # a bad shard size is one error now, not after streaming
@@ -121,7 +68,7 @@ def run_merge(job: MergeJob, out: str | os.PathLike | None = None, *, force: boo
         raise ConfigError(f"max_shard_size: {e}") from None
     out_dtype = _dtype(job.dtype, "dtype")
     cdtype = None if job.compute_dtype == "auto" else _dtype(job.compute_dtype, "compute_dtype")
-    srcs = [_as_source(m) for m in models] if models is not None else [_open_ref(m) for m in job.models]
+    srcs = [as_source(m) for m in models] if models is not None else [open_model(m.path, m.lora) for m in job.models]
     layer_from, vocab = None, None
     if job.slices:
         if job.tokenizer_source:
@@ -130,14 +77,14 @@ def run_merge(job: MergeJob, out: str | os.PathLike | None = None, *, force: boo
         base_src = None  # the base is one of each slice's sources, read from there
         plan, layer_from = plan_slices(job, srcs, job.base)
     else:
-        base_src = _as_source(base) if base is not None else (_open_spec(job.base) if job.base else None)
+        base_src = as_source(base) if base is not None else (open_spec(job.base) if job.base else None)
         if spec.contract.requires_base and base_src is None:
             raise ConfigError(f"merge method '{spec.name}' needs a base model (the common starting point)")
-        vocab = _vocab_plan(job)
+        vocab = vocab_plan(job)
         plan = plan_tensors(srcs, base_src, [m.name_map for m in job.models],
                             vocab.is_embedding if vocab is not None else None)
     if not params.static:
-        _check_per_tensor(spec, job, params, plan)
+        check_per_tensor(spec, job, params, plan)
     inputs = MergeInputs(srcs, base_src, plan, cdtype)
     inputs.densities = [m.density for m in job.models]
     paths = [str(p) for s in [*srcs, base_src] if s is not None
@@ -174,52 +121,6 @@ def run_merge(job: MergeJob, out: str | os.PathLike | None = None, *, force: boo
               "copied_from_base": sum(not tp.merged for tp in plan), "seconds": round(time.perf_counter() - t0, 3),
               "device": str(device) if device is not None else "cpu"}
     return MergeResult(writer.out if writer else None, None if writer else result, report)
-
-
-def _count_check(spec, n_models: int, has_base: bool) -> None:
-    c = spec.contract
-    if c.min_models > n_models:
-        raise ConfigError(f"merge method '{spec.name}' needs at least {c.min_models} models")
-    if c.max_models is not None and n_models > c.max_models:
-        raise ConfigError(f"merge method '{spec.name}' takes at most {c.max_models} models, got {n_models}")
-    n = n_models + has_base
-    if c.inputs is not None and not c.inputs[0] <= n <= c.inputs[1]:
-        lo, hi = c.inputs
-        want = str(lo) if lo == hi else f"{lo} to {hi}"
-        raise ConfigError(f"merge method '{spec.name}' takes {want} inputs counting the base, got {n} "
-                          f"({n_models} model(s){' and a base' if has_base else ''})")
-
-
-def _slice_checks(spec, job) -> None:
-    """Per slice: the number of sources the method takes, and a base where it needs one."""
-    for k, sl in enumerate(job.slices):
-        b = sl.base or job.base
-        has_base = b is not None and any(s.key == b for s in sl.sources)
-        if spec.contract.requires_base and not has_base:
-            raise ConfigError(f"slices[{k}]: merge method '{spec.name}' needs a base among the slice's sources "
-                              f"(base: {b or 'not set'})")
-        try:
-            _count_check(spec, len(sl.sources) - has_base, has_base)
-        except ConfigError as e:
-            raise ConfigError(f"slices[{k}]: {e}") from None
-
-
-def _check_per_tensor(spec, job, params: TensorParams, plan) -> None:
-    """With per-layer or per-name settings: every tensor's values are valid before anything is merged."""
-    seen = set()
-    for tp in plan:
-        if not tp.merged:
-            continue
-        cfg = params.config(tp.name, tp.t, tp.slice_params)
-        refs = tp.refs or job.models
-        weights = [params.model_values(r, own, tp.t, tp.slice_params)[0] for r, own in zip(refs, tp.sources)]
-        key = (id(cfg), tuple(weights))
-        if spec.contract.check is not None and key not in seen:
-            seen.add(key)
-            try:
-                spec.contract.check(cfg, weights)
-            except ConfigError as e:
-                raise ConfigError(f"{e} (tensor {tp.name})") from None
 
 
 def _finite(t: torch.Tensor) -> bool:
@@ -269,22 +170,22 @@ def _stream(spec, params: TensorParams, job, inputs: MergeInputs, state, writer,
 
     def work(tp):
         """Read one tensor from every input, check it, merge it; runs in a worker thread."""
-        ref, ref_name = _reference(inputs, tp)
+        ref, ref_name = inputs.reference(tp)
         dt = out_dtype or ref.info(ref_name).dtype
         if not tp.merged:
             return (ref.get(ref_name) if writer is not None else ref.get(ref_name).clone()), []
-        tensors = [inputs.models[i].get(src) for i, src in zip(_indices(inputs, tp), tp.sources)]
+        tensors = [inputs.models[i].get(src) for i, src in zip(inputs.indices(tp), tp.sources)]
         if tp.base is not None:
             base_t = inputs.models[tp.base[0]].get(tp.base[1])
         else:
             base_t = inputs.base.get(tp.name) if inputs.base is not None else None
         if vocab is not None and vocab.is_embedding(tp.name, ref.info(ref_name).shape):
-            tensors, base_t = _permute_rows(vocab, job, tensors, base_t)
+            tensors, base_t = permute_rows(vocab, job, tensors, base_t)
         if device is not None:  # in the stored dtype (fewer bytes over the bus); widened below on the device
             tensors = [t.to(device) for t in tensors]
             base_t = base_t.to(device) if base_t is not None else None
         if not job.allow_nonfinite:
-            nonfinite = [f"{tp.name} ({_label(inputs, i)})" for i, t in zip(_indices(inputs, tp), tensors)
+            nonfinite = [f"{tp.name} ({inputs.label(i)})" for i, t in zip(inputs.indices(tp), tensors)
                          if not _finite(t)]
             if base_t is not None and not _finite(base_t):
                 nonfinite.append(f"{tp.name} (base)")
@@ -333,7 +234,7 @@ def _stream(spec, params: TensorParams, job, inputs: MergeInputs, state, writer,
             else:
                 result[tp.name] = merged
             del merged
-            _release(inputs, tp)
+            inputs.release(tp)
     finally:
         if pool is not None:
             for f in futures.values():
@@ -341,60 +242,6 @@ def _stream(spec, params: TensorParams, job, inputs: MergeInputs, state, writer,
             pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(torch_threads)
     return result, bad
-
-
-def _vocab_plan(job):
-    if not job.tokenizer_source:
-        return None
-    from ..io.lora_fold import split_model_lora
-    from .tokenizer import VocabPlan
-
-    base = split_model_lora(job.base)[0] if job.base else None
-    return VocabPlan(job.tokenizer_source, base, [m.path for m in job.models])
-
-
-def _permute_rows(vocab, job, tensors, base_t):
-    """Embedding/LM-head rows of every input in the output vocabulary (tokenizer_source)."""
-    from ..io.lora_fold import split_model_lora
-
-    keys = [m.path for m in job.models]
-    rows = dict(zip(keys, tensors))
-    base_key = split_model_lora(job.base)[0] if job.base else None
-    if base_t is not None:
-        rows[base_key] = base_t
-    out = vocab.permute(rows)
-    return [out[k] for k in keys], (out[base_key] if base_t is not None else None)
-
-
-def _indices(inputs: MergeInputs, tp):
-    return tp.models if tp.models is not None else range(len(inputs.models))
-
-
-def _reference(inputs: MergeInputs, tp):
-    """The input whose tensor sets the output's dtype (and is copied for integer buffers): the base, else
-    the first model."""
-    if tp.base is not None:
-        return inputs.models[tp.base[0]], tp.base[1]
-    if inputs.base is not None:
-        return inputs.base, tp.name
-    i = next(iter(_indices(inputs, tp)))
-    return inputs.models[i], tp.sources[0]
-
-
-def _release(inputs: MergeInputs, tp) -> None:
-    """Drop the input pages of a finished tensor so resident memory stays at a few tensors."""
-    for i, src in zip(_indices(inputs, tp), tp.sources):
-        if hasattr(inputs.models[i], "release"):
-            inputs.models[i].release(src)
-    if tp.base is not None and hasattr(inputs.models[tp.base[0]], "release"):
-        inputs.models[tp.base[0]].release(tp.base[1])
-    if inputs.base is not None and hasattr(inputs.base, "release"):
-        inputs.base.release(tp.name)
-
-
-def _label(inputs: MergeInputs, i: int) -> str:
-    p = getattr(inputs.models[i], "path", None)
-    return str(p) if p is not None else f"model #{i + 1}"
 
 
 def _dtype(name, what):
