@@ -11,18 +11,14 @@ from weightlab import adapt
 from weightlab.errors import ConfigError
 
 peft = pytest.importorskip("peft")
+from _peft_parity import check_peft_export, tune_cli_roundtrip  # noqa: E402
 from test_adapt import ids, perturb, tiny_llama  # noqa: E402
 from test_tune_cli import base  # noqa: E402,F401  (the tiny Llama folder with a tokenizer, for the CLI test)
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threads only add contention on a shared machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one torch thread
 
 
 def peft_dora(model, targets, **kw):
@@ -184,31 +180,14 @@ def test_export_loads_in_peft_with_equal_logits(cfg, targets, tmp_path):
     x = ids()
     adapt.attach(m, "dora", targets=targets, **cfg)
     perturb(m)
-    y = m(x).logits
-    adapt.export_peft(m, tmp_path / "peft")
-    conf = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    sd = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    # one rank: exactly the keys PEFT's save_pretrained writes (mixed ranks are padded, so only loading is compared)
+    ref = peft_dora(base, targets, use_rslora=cfg.get("rslora", False)) if cfg["r"] == 4 else None
+    conf = check_peft_export(m, base, x, m(x).logits, tmp_path, reference=ref, same=_same_logits)
     assert conf["use_dora"] is True
-    if cfg["r"] == 4:  # one rank: PEFT's own hyperparameters and exactly the keys PEFT's save_pretrained writes
+    if cfg["r"] == 4:  # PEFT's own hyperparameters
         assert (conf["r"], conf["lora_alpha"], conf["use_rslora"]) == (4, 8, cfg.get("rslora", False))
-        ref = peft_dora(base, targets, use_rslora=cfg.get("rslora", False))
-        ref.save_pretrained(str(tmp_path / "ref"))
-        ref_sd = load_file(str(tmp_path / "ref" / "adapter_model.safetensors"))
-        assert {k: v.shape for k, v in sd.items()} == {k: v.shape for k, v in ref_sd.items()}
+        sd = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
         assert any(k.endswith(".lora_magnitude_vector") for k in sd)
-    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft")).eval()
-    assert _same_logits(pm(input_ids=x).logits, y)
-    # PEFT's own merge equals weightlab's fold
-    merged = pm.merge_and_unload()
-    folded = adapt.fold(copy.deepcopy(m))
-    for n in adapt.adapter_layers(m):
-        w_p, w_w = merged.get_submodule(n).weight, folded.get_submodule(n).weight
-        assert (w_p - w_w).abs().max() <= 1e-6 * w_p.abs().max(), n
-    # from a saved weightlab folder (the CLI path)
-    adapt.save(m, tmp_path / "wl")
-    adapt.export_folder_peft(tmp_path / "wl", tmp_path / "peft2")
-    pm2 = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "peft2")).eval()
-    assert _same_logits(pm2(input_ids=x).logits, y)
 
 
 @pytest.mark.parametrize("rslora", [False, True])
@@ -303,26 +282,7 @@ def test_conv_layers_match_peft(make, tmp_path):
 
 
 def test_tune_cli_trains_dora_and_exports_it_to_peft(base, tmp_path):  # noqa: F811
-    from transformers import AutoModelForCausalLM
-
-    from weightlab.cli import main
-    from weightlab.io.hf import load_causal_lm
-
-    out = tmp_path / "t"
-    assert main(["tune", str(base / "model"), "--data", str(base / "text.txt"), "-m", "dora", "--steps", "3",
-                 "--seqlen", "16", "--batch-size", "2", "--rank", "4", "--lr", "1e-2", "-o", str(out)]) == 0
-    conf = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert conf["method"] == "dora" and conf["config"]["r"] == 4
-    ref, tok = load_causal_lm(base / "model")
-    adapt.load(ref, out / "adapter")
+    conf, ref = tune_cli_roundtrip(base, tmp_path, "dora", "--rank", "4")
+    assert conf["config"]["r"] == 4
     lay = next(iter(adapt.adapter_layers(ref).values()))
     assert not torch.allclose(lay.adapter.magnitude, lay.weight_2d().norm(dim=1))  # m trained
-    x = tok("the cat sat on a mat and then it ran.", return_tensors="pt")["input_ids"]
-    merged = AutoModelForCausalLM.from_pretrained(str(out / "merged")).eval()
-    with torch.no_grad():
-        y = ref(x).logits
-        assert torch.allclose(merged(x).logits, y, atol=1e-5)
-    assert main(["adapter", "export", str(out / "adapter"), "-o", str(tmp_path / "peft")]) == 0
-    pm = peft.PeftModel.from_pretrained(load_causal_lm(base / "model")[0], str(tmp_path / "peft")).eval()
-    with torch.no_grad():
-        assert torch.allclose(pm(input_ids=x).logits, y, atol=1e-5)

@@ -10,18 +10,14 @@ from torch import nn
 from weightlab import adapt
 
 peft = pytest.importorskip("peft")
+from _peft_parity import adamw_lockstep, check_peft_export, tune_cli_roundtrip  # noqa: E402
 from test_adapt import ids, perturb, tiny_llama  # noqa: E402
 from test_tune_cli import base  # noqa: E402,F401  (the tiny Llama folder with a tokenizer, for the CLI test)
 
 TARGETS = ["k_proj", "v_proj", "down_proj"]  # PEFT's IA3 default for Llama; down_proj is feed-forward
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one torch thread
 
 
 def peft_ia3(model, targets=TARGETS, ff=("down_proj",), **kw):
@@ -99,59 +95,28 @@ def test_gradients_and_adamw_steps_match_peft(dtype):
     m = copy.deepcopy(base)
     adapt.attach(m, "ia3", targets=TARGETS)
     copy_from_peft(pm, m)
-    pm.train()
-    m.train()
-    opt_p = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
-    opt_w = adapt.make_optimizer(m, 1e-2)
-    tol = 1e-5 if dtype == torch.float32 else 1e-10
-    for step in range(3):
-        x = ids(seed=step)
-        lp, lw = pm(input_ids=x, labels=x).loss, m(x, labels=x).loss
-        assert abs(float(lp) - float(lw)) <= tol * max(1.0, abs(float(lp)))
-        lp.backward()
-        lw.backward()
-        if step == 0:
-            for n, lay in adapt.adapter_layers(m).items():
-                g, gp = lay.adapter.ia3_l.grad, pm.base_model.model.get_submodule(n).ia3_l["default"].grad
-                assert g.abs().max() > 0
-                assert (g - gp.reshape(-1)).abs().max() <= 10 * tol * gp.abs().max(), n
-        for o in (opt_p, opt_w):
-            o.step()
-            o.zero_grad()
+
+    def grads(tol):
+        for n, lay in adapt.adapter_layers(m).items():
+            g, gp = lay.adapter.ia3_l.grad, pm.base_model.model.get_submodule(n).ia3_l["default"].grad
+            assert g.abs().max() > 0
+            assert (g - gp.reshape(-1)).abs().max() <= 10 * tol * gp.abs().max(), n
+
+    tol = adamw_lockstep(pm, m, dtype, grads)
     for n, lay in adapt.adapter_layers(m).items():
         theirs = pm.base_model.model.get_submodule(n).ia3_l["default"].reshape(-1)
         assert (lay.adapter.ia3_l - theirs).abs().max() <= tol, n
 
 
 def test_export_loads_in_peft_with_equal_logits_and_peft_merge_equals_fold(tmp_path):
-    from safetensors.torch import load_file
-
     base = tiny_llama()
     m = copy.deepcopy(base)
     x = ids()
     adapt.attach(m, "ia3", targets=TARGETS)
     perturb(m)
-    y = m(x).logits
-    adapt.export_peft(m, tmp_path / "peft")
-    conf = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    conf = check_peft_export(m, base, x, m(x).logits, tmp_path, reference=peft_ia3(base))
     assert conf["peft_type"] == "IA3" and len(conf["target_modules"]) == 6
     assert all(n.endswith("down_proj") for n in conf["feedforward_modules"]) and len(conf["feedforward_modules"]) == 2
-    sd = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
-    ref = peft_ia3(base)
-    ref.save_pretrained(str(tmp_path / "ref"))
-    ref_sd = load_file(str(tmp_path / "ref" / "adapter_model.safetensors"))
-    assert {k: v.shape for k, v in sd.items()} == {k: v.shape for k, v in ref_sd.items()}  # PEFT's keys and shapes
-    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft")).eval()
-    assert torch.allclose(pm(input_ids=x).logits, y, atol=1e-5)
-    merged = pm.merge_and_unload()
-    folded = adapt.fold(copy.deepcopy(m))
-    for n in adapt.adapter_layers(m):
-        w_p, w_w = merged.get_submodule(n).weight, folded.get_submodule(n).weight
-        assert (w_p - w_w).abs().max() <= 1e-6 * w_p.abs().max(), n
-    adapt.save(m, tmp_path / "wl")  # the CLI path: from a saved weightlab folder
-    adapt.export_folder_peft(tmp_path / "wl", tmp_path / "peft2")
-    pm2 = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "peft2")).eval()
-    assert torch.allclose(pm2(input_ids=x).logits, y, atol=1e-5)
 
 
 @pytest.mark.parametrize("ff", [["down_proj"], "model\\.layers\\.\\d+\\.mlp\\.down_proj"], ids=["list", "regex"])
@@ -227,29 +192,10 @@ def test_conv_layers_match_peft(kind, feedforward, tmp_path):
 
 
 def test_tune_cli_trains_ia3_on_pefts_default_targets(base, tmp_path):  # noqa: F811
-    from transformers import AutoModelForCausalLM
-
-    from weightlab.cli import main
-    from weightlab.io.hf import load_causal_lm
-
-    out = tmp_path / "t"
-    assert main(["tune", str(base / "model"), "--data", str(base / "text.txt"), "-m", "ia3", "--steps", "3",
-                 "--seqlen", "16", "--batch-size", "2", "--lr", "1e-2", "-o", str(out)]) == 0
-    conf = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert conf["method"] == "ia3" and {t.rsplit(".", 1)[1] for t in conf["targets"]} == set(TARGETS)
-    ref, tok = load_causal_lm(base / "model")
-    adapt.load(ref, out / "adapter")
+    conf, ref = tune_cli_roundtrip(base, tmp_path, "ia3")
+    assert {t.rsplit(".", 1)[1] for t in conf["targets"]} == set(TARGETS)
     assert any(not torch.equal(lay.adapter.ia3_l, torch.ones_like(lay.adapter.ia3_l))
                for lay in adapt.adapter_layers(ref).values())
-    x = tok("the cat sat on a mat and then it ran.", return_tensors="pt")["input_ids"]
-    merged = AutoModelForCausalLM.from_pretrained(str(out / "merged")).eval()
-    with torch.no_grad():
-        y = ref(x).logits
-        assert torch.allclose(merged(x).logits, y, atol=1e-5)
-    assert main(["adapter", "export", str(out / "adapter"), "-o", str(tmp_path / "peft")]) == 0
-    pm = peft.PeftModel.from_pretrained(load_causal_lm(base / "model")[0], str(tmp_path / "peft")).eval()
-    with torch.no_grad():
-        assert torch.allclose(pm(input_ids=x).logits, y, atol=1e-5)
 
 
 @pytest.mark.parametrize("method,peft_type", [("ia3", "IA3"), ("vera", "VERA"), ("loha", "LOHA"), ("lokr", "LOKR")])

@@ -1,7 +1,6 @@
 """LoHa and LoKr: PEFT's LOHA / LOKR semantics (tensor names and shapes, init, gradients and steps, conv) and PEFT
 folders both ways."""
 import copy
-import json
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ from torch import nn
 from weightlab import adapt
 
 peft = pytest.importorskip("peft")
+from _peft_parity import adamw_lockstep, check_peft_export, tune_cli_roundtrip  # noqa: E402
 from test_adapt import ids, perturb, tiny_llama  # noqa: E402
 from test_tune_cli import base  # noqa: E402,F401  (the tiny Llama folder with a tokenizer, for the CLI test)
 
@@ -25,12 +25,7 @@ CASES = [("loha", dict(r=4, alpha=8), dict(r=4, alpha=8)),
 IDS = ["loha", "lokr-full-w2", "lokr-lowrank-w2", "lokr-both"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one torch thread
 
 
 def peft_model(method, model, targets=TARGETS, **kw):
@@ -96,26 +91,15 @@ def test_tensors_gradients_and_adamw_steps_match_peft(method, cfg, pcfg, dtype):
         assert {k: v.shape for k, v in lay.adapter.named_parameters()} == \
             {k: v.shape for k, v in peft_params(pm, method, n).items()}, n
     copy_from_peft(pm, method, m)
-    pm.train()
-    m.train()
-    opt_p = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
-    opt_w = adapt.make_optimizer(m, 1e-2)
-    tol = 1e-5 if dtype == torch.float32 else 1e-10
-    for step in range(3):
-        x = ids(seed=step)
-        lp, lw = pm(input_ids=x, labels=x).loss, m(x, labels=x).loss
-        assert abs(float(lp) - float(lw)) <= tol * max(1.0, abs(float(lp)))
-        lp.backward()
-        lw.backward()
-        if step == 0:
-            for n, lay in adapt.adapter_layers(m).items():
-                theirs = peft_params(pm, method, n)
-                for k, p in lay.adapter.named_parameters():
-                    assert p.grad.abs().max() > 0, (n, k)
-                    assert (p.grad - theirs[k].grad).abs().max() <= 10 * tol * theirs[k].grad.abs().max(), (n, k)
-        for o in (opt_p, opt_w):
-            o.step()
-            o.zero_grad()
+
+    def grads(tol):
+        for n, lay in adapt.adapter_layers(m).items():
+            theirs = peft_params(pm, method, n)
+            for k, p in lay.adapter.named_parameters():
+                assert p.grad.abs().max() > 0, (n, k)
+                assert (p.grad - theirs[k].grad).abs().max() <= 10 * tol * theirs[k].grad.abs().max(), (n, k)
+
+    tol = adamw_lockstep(pm, m, dtype, grads)
     for n, lay in adapt.adapter_layers(m).items():
         theirs = peft_params(pm, method, n)
         for k, p in lay.adapter.named_parameters():
@@ -124,33 +108,13 @@ def test_tensors_gradients_and_adamw_steps_match_peft(method, cfg, pcfg, dtype):
 
 @pytest.mark.parametrize("method,cfg,pcfg", CASES, ids=IDS)
 def test_export_loads_in_peft_with_equal_logits(method, cfg, pcfg, tmp_path):
-    from safetensors.torch import load_file
-
     base = tiny_llama()
     m = copy.deepcopy(base)
     x = ids()
     adapt.attach(m, method, targets=TARGETS, **cfg)
     perturb(m)
-    y = m(x).logits
-    adapt.export_peft(m, tmp_path / "peft")
-    conf = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    conf = check_peft_export(m, base, x, m(x).logits, tmp_path, reference=peft_model(method, base, **pcfg))
     assert conf["peft_type"] == method.upper() and conf["r"] == cfg["r"]
-    sd = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
-    ref = peft_model(method, base, **pcfg)
-    ref.save_pretrained(str(tmp_path / "ref"))
-    ref_sd = load_file(str(tmp_path / "ref" / "adapter_model.safetensors"))
-    assert {k: v.shape for k, v in sd.items()} == {k: v.shape for k, v in ref_sd.items()}  # PEFT's keys and shapes
-    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft")).eval()
-    assert torch.allclose(pm(input_ids=x).logits, y, atol=1e-5)
-    merged = pm.merge_and_unload()
-    folded = adapt.fold(copy.deepcopy(m))
-    for n in adapt.adapter_layers(m):
-        w_p, w_w = merged.get_submodule(n).weight, folded.get_submodule(n).weight
-        assert (w_p - w_w).abs().max() <= 1e-6 * w_p.abs().max(), n
-    adapt.save(m, tmp_path / "wl")
-    adapt.export_folder_peft(tmp_path / "wl", tmp_path / "peft2")
-    pm2 = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "peft2")).eval()
-    assert torch.allclose(pm2(input_ids=x).logits, y, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["loha", "lokr"])
@@ -212,24 +176,5 @@ def test_conv2d_matches_peft(method, cfg, tmp_path):
 
 @pytest.mark.parametrize("method", ["loha", "lokr"])
 def test_tune_cli_trains_and_exports_to_peft(method, base, tmp_path):  # noqa: F811
-    from transformers import AutoModelForCausalLM
-
-    from weightlab.cli import main
-    from weightlab.io.hf import load_causal_lm
-
-    out = tmp_path / "t"
-    assert main(["tune", str(base / "model"), "--data", str(base / "text.txt"), "-m", method, "--steps", "3",
-                 "--seqlen", "16", "--batch-size", "2", "--rank", "4", "--lr", "1e-2", "-o", str(out)]) == 0
-    conf = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert conf["method"] == method and conf["config"]["r"] == 4
-    ref, tok = load_causal_lm(base / "model")
-    adapt.load(ref, out / "adapter")
-    x = tok("the cat sat on a mat and then it ran.", return_tensors="pt")["input_ids"]
-    merged = AutoModelForCausalLM.from_pretrained(str(out / "merged")).eval()
-    with torch.no_grad():
-        y = ref(x).logits
-        assert torch.allclose(merged(x).logits, y, atol=1e-5)
-    assert main(["adapter", "export", str(out / "adapter"), "-o", str(tmp_path / "peft")]) == 0
-    pm = peft.PeftModel.from_pretrained(load_causal_lm(base / "model")[0], str(tmp_path / "peft")).eval()
-    with torch.no_grad():
-        assert torch.allclose(pm(input_ids=x).logits, y, atol=1e-5)
+    conf, _ = tune_cli_roundtrip(base, tmp_path, method, "--rank", "4")
+    assert conf["config"]["r"] == 4

@@ -1,7 +1,6 @@
 """VeRA: PEFT's VERA semantics (shared projections bit-equal to PEFT's, init, fold, gradients and steps) and PEFT
 folders both ways (with and without saved projections)."""
 import copy
-import json
 
 import pytest
 import torch
@@ -11,18 +10,14 @@ from torch import nn
 from weightlab import adapt
 
 peft = pytest.importorskip("peft")
+from _peft_parity import adamw_lockstep, check_peft_export, tune_cli_roundtrip  # noqa: E402
 from test_adapt import ids, perturb, tiny_llama  # noqa: E402
 from test_tune_cli import base  # noqa: E402,F401  (the tiny Llama folder with a tokenizer, for the CLI test)
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]  # shapes (32, 32), (16, 32), (64, 32): A and B sliced per layer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one torch thread
 
 
 def peft_vera(model, targets=TARGETS, **kw):
@@ -110,30 +105,17 @@ def test_gradients_and_adamw_steps_match_peft(dtype, dropout):
     m = copy.deepcopy(base)
     adapt.attach(m, "vera", targets=TARGETS, r=4, dropout=dropout)
     copy_from_peft(pm, m)
-    pm.train()
-    m.train()
-    opt_p = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
-    opt_w = adapt.make_optimizer(m, 1e-2)
-    tol = 1e-5 if dtype == torch.float32 else 1e-10
-    for step in range(3):
-        x = ids(seed=step)
-        torch.manual_seed(100 + step)  # the same dropout masks: one per layer, in layer order
-        lp = pm(input_ids=x, labels=x).loss
-        torch.manual_seed(100 + step)
-        lw = m(x, labels=x).loss
-        assert abs(float(lp) - float(lw)) <= tol * max(1.0, abs(float(lp)))
-        lp.backward()
-        lw.backward()
-        if step == 0:
-            for n, lay in adapt.adapter_layers(m).items():
-                p = peft_layer(pm, n)
-                for mine, theirs in ((lay.adapter.lambda_b, p.vera_lambda_b["default"]),
-                                     (lay.adapter.lambda_d, p.vera_lambda_d["default"])):
-                    assert mine.grad.abs().max() > 0
-                    assert (mine.grad - theirs.grad).abs().max() <= 10 * tol * theirs.grad.abs().max(), n
-        for o in (opt_p, opt_w):
-            o.step()
-            o.zero_grad()
+
+    def grads(tol):
+        for n, lay in adapt.adapter_layers(m).items():
+            p = peft_layer(pm, n)
+            for mine, theirs in ((lay.adapter.lambda_b, p.vera_lambda_b["default"]),
+                                 (lay.adapter.lambda_d, p.vera_lambda_d["default"])):
+                assert mine.grad.abs().max() > 0
+                assert (mine.grad - theirs.grad).abs().max() <= 10 * tol * theirs.grad.abs().max(), n
+
+    # the same dropout masks in both: one per layer, in layer order
+    tol = adamw_lockstep(pm, m, dtype, grads, seeded_dropout=True)
     for n, lay in adapt.adapter_layers(m).items():
         p = peft_layer(pm, n)
         assert (lay.adapter.lambda_b - p.vera_lambda_b["default"]).abs().max() <= tol, n
@@ -142,35 +124,19 @@ def test_gradients_and_adamw_steps_match_peft(dtype, dropout):
 
 @pytest.mark.parametrize("save_projection", [True, False])
 def test_export_loads_in_peft_with_equal_logits(save_projection, tmp_path):
-    from safetensors.torch import load_file
-
     base = tiny_llama()
     m = copy.deepcopy(base)
     x = ids()
     adapt.attach(m, "vera", targets=TARGETS, r=4, save_projection=save_projection)
     perturb(m)
     y = m(x).logits
-    adapt.export_peft(m, tmp_path / "peft")
-    conf = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+
+    def reload(folder):  # a saved weightlab folder loads back (projections regenerated)
+        assert torch.allclose(adapt.load(tiny_llama(), folder)(x).logits, y, atol=1e-5)
+
+    conf = check_peft_export(m, base, x, y, tmp_path, reference=peft_vera(base, save_projection=save_projection),
+                             after_save=reload)
     assert conf["peft_type"] == "VERA" and conf["r"] == 4 and conf["save_projection"] is save_projection
-    sd = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
-    ref = peft_vera(base, save_projection=save_projection)
-    ref.save_pretrained(str(tmp_path / "ref"))
-    ref_sd = load_file(str(tmp_path / "ref" / "adapter_model.safetensors"))
-    assert {k: v.shape for k, v in sd.items()} == {k: v.shape for k, v in ref_sd.items()}  # PEFT's keys and shapes
-    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft")).eval()
-    assert torch.allclose(pm(input_ids=x).logits, y, atol=1e-5)
-    merged = pm.merge_and_unload()
-    folded = adapt.fold(copy.deepcopy(m))
-    for n in adapt.adapter_layers(m):
-        w_p, w_w = merged.get_submodule(n).weight, folded.get_submodule(n).weight
-        assert (w_p - w_w).abs().max() <= 1e-6 * w_p.abs().max(), n
-    adapt.save(m, tmp_path / "wl")  # the CLI path: from a saved weightlab folder (projections regenerated)
-    fresh = adapt.load(tiny_llama(), tmp_path / "wl")
-    assert torch.allclose(fresh(x).logits, y, atol=1e-5)
-    adapt.export_folder_peft(tmp_path / "wl", tmp_path / "peft2")
-    pm2 = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "peft2")).eval()
-    assert torch.allclose(pm2(input_ids=x).logits, y, atol=1e-5)
 
 
 def test_import_peft_vera_adapter(tmp_path):
@@ -257,25 +223,6 @@ def test_hf_conv1d_matches_peft_and_conv2d_is_refused():
 
 
 def test_tune_cli_trains_vera_and_exports_it_to_peft(base, tmp_path):  # noqa: F811
-    from transformers import AutoModelForCausalLM
-
-    from weightlab.cli import main
-    from weightlab.io.hf import load_causal_lm
-
-    out = tmp_path / "t"
-    assert main(["tune", str(base / "model"), "--data", str(base / "text.txt"), "-m", "vera", "--steps", "3",
-                 "--seqlen", "16", "--batch-size", "2", "--rank", "8", "--lr", "1e-2", "-o", str(out)]) == 0
-    conf = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert conf["method"] == "vera" and conf["config"]["r"] == 8
-    ref, tok = load_causal_lm(base / "model")
-    adapt.load(ref, out / "adapter")
+    conf, ref = tune_cli_roundtrip(base, tmp_path, "vera", "--rank", "8")
+    assert conf["config"]["r"] == 8
     assert any(lay.adapter.lambda_b.abs().max() > 0 for lay in adapt.adapter_layers(ref).values())
-    x = tok("the cat sat on a mat and then it ran.", return_tensors="pt")["input_ids"]
-    merged = AutoModelForCausalLM.from_pretrained(str(out / "merged")).eval()
-    with torch.no_grad():
-        y = ref(x).logits
-        assert torch.allclose(merged(x).logits, y, atol=1e-5)
-    assert main(["adapter", "export", str(out / "adapter"), "-o", str(tmp_path / "peft")]) == 0
-    pm = peft.PeftModel.from_pretrained(load_causal_lm(base / "model")[0], str(tmp_path / "peft")).eval()
-    with torch.no_grad():
-        assert torch.allclose(pm(input_ids=x).logits, y, atol=1e-5)
