@@ -11,7 +11,7 @@ from weightlab import adapt
 from weightlab.errors import ConfigError
 
 peft = pytest.importorskip("peft")
-from _peft_parity import check_peft_export, tune_cli_roundtrip  # noqa: E402
+from _peft_parity import adamw_lockstep, check_peft_export, tune_cli_roundtrip  # noqa: E402
 from test_adapt import ids, perturb, tiny_llama  # noqa: E402
 from test_tune_cli import base  # noqa: E402,F401  (the tiny Llama folder with a tokenizer, for the CLI test)
 
@@ -133,32 +133,17 @@ def test_gradients_and_adamw_steps_match_peft(dtype, dropout):
     m = copy.deepcopy(base)
     adapt.attach(m, "dora", targets=TARGETS, r=4, alpha=8, dropout=dropout)
     copy_from_peft(pm, m)
-    pm.train()
-    m.train()
-    lr = 1e-3
-    opt_p = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    opt_w = adapt.make_optimizer(m, lr)
-    tol = 1e-5 if dtype == torch.float32 else 1e-10
-    for step in range(3):
-        x = ids(seed=step)
-        torch.manual_seed(100 + step)  # the same dropout masks: both draw one mask per layer, in layer order
-        lp = pm(input_ids=x, labels=x).loss
-        torch.manual_seed(100 + step)
-        lw = m(x, labels=x).loss
-        assert abs(float(lp) - float(lw)) <= tol * max(1.0, abs(float(lp)))
-        lp.backward()
-        lw.backward()
-        if step == 0:
-            for n, lay in adapt.adapter_layers(m).items():
-                a = lay.adapter
-                for mine, theirs in zip((a.lora_A, a.lora_B, a.magnitude), peft_tensors(pm, n)):
-                    assert mine.grad.abs().max() > 0
-                    err = (mine.grad - theirs.grad.reshape(mine.shape)).abs().max()
-                    assert err <= 10 * tol * theirs.grad.abs().max(), (n, float(err))
-        opt_p.step()
-        opt_w.step()
-        opt_p.zero_grad()
-        opt_w.zero_grad()
+
+    def grads(tol):
+        for n, lay in adapt.adapter_layers(m).items():
+            a = lay.adapter
+            for mine, theirs in zip((a.lora_A, a.lora_B, a.magnitude), peft_tensors(pm, n)):
+                assert mine.grad.abs().max() > 0
+                err = (mine.grad - theirs.grad.reshape(mine.shape)).abs().max()
+                assert err <= 10 * tol * theirs.grad.abs().max(), (n, float(err))
+
+    # the same dropout masks: both draw one mask per layer, in layer order
+    tol = adamw_lockstep(pm, m, dtype, grads, lr=1e-3, seeded_dropout=True)
     for n, lay in adapt.adapter_layers(m).items():
         a = lay.adapter
         for mine, theirs in zip((a.lora_A, a.lora_B, a.magnitude), peft_tensors(pm, n)):
