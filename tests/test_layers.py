@@ -1,13 +1,13 @@
 """The package's layers, read from the imports: tensor <- zoo <- io <- engine <- families <- recipe, demo <- cli.
 
 A module may import from its own layer or a lower one; families (inspect, adapt, merge, compress, data,
-align) share one layer. Top-level modules (errors, registry, configfile) are the foundation."""
+align, elastic) share one layer. Top-level modules (errors, registry, configfile) are the foundation."""
 import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "weightlab"
 RANK = {"tensor": 0, "zoo": 0.5, "io": 1, "engine": 2, "inspect": 3, "adapt": 3, "merge": 3, "compress": 3,
-        "data": 3, "align": 3, "recipe": 4, "demo": 4, "cli": 5}
+        "data": 3, "align": 3, "elastic": 3, "recipe": 4, "demo": 4, "cli": 5}
 
 
 def _imports(path: Path):

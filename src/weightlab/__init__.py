@@ -29,7 +29,7 @@ __all__ = [
     "tune", "heads", "neurons", "load_merge_config", "prune", "quantize", "compensate",
 ]
 
-_LAZY = {"zoo", "engine", "inspect", "adapt", "merge", "compress", "data", "tensor", "align"}
+_LAZY = {"zoo", "engine", "inspect", "adapt", "merge", "compress", "data", "tensor", "align", "elastic"}
 _LAZY_FUNCS = {  # the verbs, model first: op(model, method, **params)
     "tune": ("weightlab.adapt.training", "tune"),
     "heads": ("weightlab.inspect.heads", "analyze_heads"),

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import ConfigError
 
-FAMILIES = ("inspect", "adapt", "merge", "compress", "data", "align")
+FAMILIES = ("inspect", "adapt", "merge", "compress", "data", "align", "elastic")
 
 
 @dataclass(frozen=True)

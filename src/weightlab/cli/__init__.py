@@ -33,7 +33,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
         console.quiet = True
 
 
-from . import adapt, align, data, demo, export, info, inspect, merge, methods, prune, quantize, run, signature, zoo  # noqa: E402,F401,E501  (commands register on the app)
+from . import adapt, align, data, demo, elastic, export, info, inspect, merge, methods, prune, quantize, run, signature, zoo  # noqa: E402,F401,E501  (commands register on the app)
 from . import internals  # noqa: E402,F401  (neurons, heads)
 
 

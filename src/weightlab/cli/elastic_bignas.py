@@ -1,0 +1,1 @@
+"""weightlab elastic commands of bignas (registered on cli.elastic's apps)."""

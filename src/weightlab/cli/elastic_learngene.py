@@ -1,0 +1,1 @@
+"""weightlab elastic commands of learngene (registered on cli.elastic's apps)."""
