@@ -14,10 +14,15 @@ def _same(a, b):
     return torch.allclose(a, b, atol=1e-5)
 
 
-def adamw_lockstep(pm, m, dtype, on_first_grads, steps: int = 3, lr: float = 1e-2, seeded_dropout: bool = False):
+def adamw_lockstep(pm, m, dtype, on_first_grads, steps: int = 3, lr: float = 1e-2, seeded_dropout: bool = False,
+                   regularize: bool = False, after_step=None):
     """Train the PEFT model ``pm`` and the weightlab model ``m`` side by side (AdamW, same batches): the
     losses agree every step; ``on_first_grads(tol)`` compares the gradients after the first backward.
     ``seeded_dropout``: the same torch seed before each forward, so dropout draws the same masks.
+    ``regularize``: weightlab's loss gets ``adapt.regularizers(m)`` as PEFT's AdaLoRA forward adds its own
+    (in place, so in the loss's dtype: float32 from HF even for a float64 model, whose loss then agrees to
+    float32 rounding only: the regularizers' sums differ in order at 1e-16, and a logit may round the other way).
+    ``after_step(step, tol)``: called after both optimizer steps, before the gradients are cleared (step 1-based).
     Returns the tolerance used (1e-5 in fp32, 1e-10 in fp64)."""
     pm.train()
     m.train()
@@ -32,14 +37,21 @@ def adamw_lockstep(pm, m, dtype, on_first_grads, steps: int = 3, lr: float = 1e-
         if seeded_dropout:
             torch.manual_seed(100 + step)
         lw = m(x, labels=x).loss
-        assert abs(float(lp) - float(lw)) <= tol * max(1.0, abs(float(lp)))
+        ltol = tol
+        if regularize:
+            lw = (lw + adapt.regularizers(m)).to(lw.dtype)
+            ltol = max(tol, 4 * torch.finfo(lw.dtype).eps)
+        assert abs(float(lp) - float(lw)) <= ltol * max(1.0, abs(float(lp)))
         lp.backward()
         lw.backward()
         if step == 0:
             on_first_grads(tol)
-        for o in (opt_p, opt_w):
-            o.step()
-            o.zero_grad()
+        opt_p.step()
+        opt_w.step()
+        if after_step is not None:
+            after_step(step + 1, tol)
+        opt_p.zero_grad()
+        opt_w.zero_grad()
     return tol
 
 

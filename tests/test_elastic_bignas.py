@@ -47,7 +47,7 @@ def _params(net):
 
 
 # ---------------------------------------------------------------------------------------------- views
-@pytest.mark.parametrize("make", [_cnn, _mlp])
+@pytest.mark.parametrize("make", [_cnn, lambda: _cnn(dims=1), _mlp])
 def test_child_tensors_are_views_inside_the_parents_storage(make):
     net = make()
     rng = random.Random(0)
@@ -155,6 +155,17 @@ def test_distillation_target_is_detached_and_min_loss_grads_stay_in_its_slice():
     assert all(b.conv1.weight.grad is None for st in net.stages for b in st.blocks)  # depth 1: no blocks run
 
 
+def test_dropout_only_while_the_largest_child_runs():
+    net = _cnn(dropout=0.5)
+    net.train()
+    x = torch.randn(16, 64)
+    mid = Child((4, 8), (2, 2), (3, 5))
+    for child, stochastic in [(net.max_child(), True), (net.min_child(), False), (mid, False)]:
+        net.set_child(child)
+        a, b = net(x), net(x)
+        assert (not torch.equal(a, b)) == stochastic, child
+
+
 # ----------------------------------------------------------------------------------------- init and LR
 def test_zero_init_makes_depth_children_identical_until_trained():
     net = _cnn()
@@ -197,9 +208,10 @@ def test_lr_rule_warmup_exponential_decay_and_floor():
 
 
 # ------------------------------------------------------------------------------------------- BN + export
-def test_calibration_equals_torch_cumulative_bn_and_export_matches():
-    net = _cnn()
-    x = torch.randn(200, 64) * 2 + 0.5
+@pytest.mark.parametrize("dims", [2, 1])
+def test_calibration_equals_torch_cumulative_bn_and_export_matches(dims):
+    net = _cnn(dims)
+    x = torch.randn(200, 64 if dims == 2 else 12) * 2 + 0.5
     child = Child((2, 8), (2, 1), (3, 5))
     net.set_child(child)
     net.eval()
@@ -209,7 +221,7 @@ def test_calibration_equals_torch_cumulative_bn_and_export_matches():
     # torch's own BatchNorm with momentum=None over the same batches, on an uncalibrated copy
     ref = net.static_child(child)
     for m in ref.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
+        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
             m.reset_running_stats()
             m.momentum = None
     ref.train()

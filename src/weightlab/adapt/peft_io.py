@@ -8,7 +8,7 @@ r / lora_alpha / use_rslora; the others are written with the scale folded into B
 (r = lora_alpha = R, scale 1), zero-padded to one rank R across layers. DoRA exports as PEFT's DoRA
 (``use_dora: true``: lora_A, lora_B and ``lora_magnitude_vector``, the keys PEFT's save_pretrained
 writes), and ``import_peft`` reads PEFT DoRA folders as weightlab's ``dora``. Methods with their own
-PEFT type ((IA)^3, VeRA, LoHa, LoKr, OFT, BOFT) write and read it themselves (``peft_export`` / ``peft_import``,
+PEFT type ((IA)^3, VeRA, LoHa, LoKr, AdaLoRA) write and read it themselves (``peft_export`` / ``peft_import``,
 ``peft_type`` in the config): they are not LoRA-shaped.
 """
 from __future__ import annotations
@@ -213,7 +213,7 @@ def import_peft(model: nn.Module, adapter_dir) -> nn.Module:
     if not (p / PEFT_CONFIG).is_file() or not (p / PEFT_WEIGHTS).is_file():
         raise ConfigError(f"'{adapter_dir}' is not a PEFT adapter folder (needs {PEFT_WEIGHTS} and {PEFT_CONFIG})")
     conf = json.loads((p / PEFT_CONFIG).read_text())
-    native = {"IA3": "ia3", "VERA": "vera", "LOHA": "loha", "LOKR": "lokr", "OFT": "oft", "BOFT": "boft"}
+    native = {"IA3": "ia3", "VERA": "vera", "LOHA": "loha", "LOKR": "lokr", "ADALORA": "adalora"}
     if conf.get("peft_type") in native:
         try:
             spec = get_method("adapt", native[conf["peft_type"]])
@@ -223,7 +223,7 @@ def import_peft(model: nn.Module, adapter_dir) -> nn.Module:
             return spec.fn.peft_import(model, conf, load_file(str(p / PEFT_WEIGHTS)), _attach_exact)
     if conf.get("peft_type") != "LORA":
         raise ConfigError(f"PEFT adapters of type {conf.get('peft_type')} cannot be imported (LORA, "
-                          "LORA with use_dora, IA3, VERA, LOHA, LOKR, OFT and BOFT can)")
+                          "LORA with use_dora, IA3, VERA, LOHA, LOKR and ADALORA can)")
     method = "dora" if conf.get("use_dora") else "lora"
     sd = load_file(str(p / PEFT_WEIGHTS))
     rx = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")

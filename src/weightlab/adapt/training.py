@@ -214,8 +214,11 @@ def tune(model, tokenizer, method: str = "lora", data: str = "wiki", *, rank: in
     out = Path(out) if out is not None else None
     ckpt = out / "checkpoint" if out is not None else None
     cfg = dict(method_config or {})
-    if rank is not None and "r" in get_method("adapt", method).config.model_fields:
+    fields = get_method("adapt", method).config.model_fields
+    if rank is not None and "r" in fields:
         cfg.setdefault("r", rank)  # methods without a rank (SaRA, compander, ConTraCon) do not take one
+    if "total_step" in fields:
+        cfg.setdefault("total_step", steps)  # schedules over the run (AdaLoRA's rank budget), kept in its config
     weighting = (LossWeighting(loss_weighting, loss_weighting_config, num_samples=getattr(tr, "num_samples", 0))
                  if loss_weighting else None)
     start, history = 0, []
