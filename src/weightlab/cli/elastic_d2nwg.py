@@ -19,7 +19,7 @@ def train_d2nwg_cmd(
     models_per_task: int = typer.Option(None, "--models-per-task", help="zoo models per task (default 5)"),
     seed: int = typer.Option(None, "--seed", help="seed of the task choice, the zoo and the training (default 0)"),
     param: list[str] = typer.Option(None, "--param", "-p", help="D2NWG parameter KEY=VALUE (repeatable), see "
-                                                                "`weightlab methods -f elastic`"),
+                                                                "`weightlab methods d2nwg`"),
     json_out: str = json_option("the training summary"),
     force: bool = force_option(),
 ) -> None:
