@@ -247,3 +247,16 @@ def test_cli_train_expand_and_errors(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert "teacher" not in out["seconds"] and math.isclose(out["teacher_test_acc"], json.loads(
         (lg / "config.json").read_text())["teacher_test_acc"])
+
+
+def test_sequence_inputs_patchify_in_order():
+    from weightlab.elastic.learngene_model import shape_for
+
+    s = shape_for(40, 10)
+    assert s.input_shape == (40,) and s.patch == 4 and s.tokens == 10
+    img = shape_for(64, 10)
+    assert img.input_shape == (8, 8) and img.tokens == 16
+    x = torch.arange(64.0).reshape(1, 64)
+    patches = build(img, 1).tokens(x)
+    assert patches[0, 0].tolist() == [0, 1, 8, 9] and patches[0, 1].tolist() == [2, 3, 10, 11]
+    assert build(s, 2)(torch.randn(3, 40)).shape == (3, 10)
