@@ -62,6 +62,9 @@ def get_weight_2d(m: nn.Module) -> torch.Tensor:
 
 def set_weight_2d(m: nn.Module, w2d: torch.Tensor) -> None:
     """Write an (out, in) weight back into the layer, in the layer's own layout and dtype."""
+    if hasattr(m, "set_weight_2d"):  # a layer that stores its weight itself (a QuantLinear re-quantizes it)
+        m.set_weight_2d(w2d)
+        return
     k = layer_kind(m)
     w = m.weight
     if k == "conv1d":

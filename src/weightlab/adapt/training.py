@@ -301,7 +301,9 @@ def tune(model, tokenizer, method: str = "lora", data: str = "wiki", *, rank: in
         result["loss_weighting"] = {"name": weighting.name, "params": weighting.params}
     if out is not None and is_main:
         out.mkdir(parents=True, exist_ok=True)
-        adapt.save(raw, out / "adapter", force=True)
+        # the base it was trained on (a path here; PEFT export keeps only its public name)
+        adapt.save(raw, out / "adapter", force=True, base_model=getattr(getattr(raw, "config", None), "_name_or_path",
+                                                                        None) or None)
         (out / "history.json").write_text(json.dumps(result, indent=1))
         if merged:
             _save_merged(raw, tokenizer, out / "merged")

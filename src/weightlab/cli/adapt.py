@@ -34,6 +34,8 @@ def tune(path: str = typer.Argument(..., help="causal-LM folder (HF) or zoo:NAME
                                                        "burn_in=0)"),
          save_every: int = typer.Option(None, "--save-every", help="checkpoint every N steps (default steps/4)"),
          no_merged: bool = typer.Option(False, "--no-merged", help="skip the merged-model export"),
+         dequantize_base: bool = typer.Option(False, "--dequantize-base", help="load a compressed-tensors base "
+                                              "dense (fp32) instead of keeping its packed 4/8-bit Linears"),
          out: str = typer.Option(..., "--out", "-o"), force: bool = typer.Option(False, "--force"),
          no_resume: bool = typer.Option(False, "--no-resume", help="ignore OUT/checkpoint"),
          device: str = device_option()) -> None:
@@ -45,7 +47,6 @@ def tune(path: str = typer.Argument(..., help="causal-LM folder (HF) or zoo:NAME
 
     from ..adapt.training import tune as run_tune
     from ..io.atomic import check_not_input
-    from ..io.hf import load_causal_lm
     from ..io.refs import resolve_model
 
     from ..engine.device import resolve_device
@@ -67,7 +68,11 @@ def tune(path: str = typer.Argument(..., help="causal-LM folder (HF) or zoo:NAME
     if targets:
         tg = targets[3:] if targets.startswith("re:") else ("all-linear" if targets == "all-linear"
                                                              else [t.strip() for t in targets.split(",")])
-    model, tok = load_causal_lm(src)
+    from .adapt_qbase import load_tune_base
+
+    model, tok, note = load_tune_base(src, dequantize_base)
+    if note:
+        console.print(note, highlight=False)
 
     def on_eval(step, loss):
         console.print(f"step {step:>5}: held-out loss {loss:.4f}")
@@ -174,3 +179,6 @@ def extract(base: str = typer.Argument(..., help="base model: HF folder, .safete
                   highlight=False)
     for w in res.warnings:
         console.print(f"  [yellow]warning:[/] {escape(w)}", highlight=False)
+
+
+from . import adapt_qbase  # noqa: E402,F401  (weightlab adapter fold)
