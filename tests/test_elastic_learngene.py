@@ -193,6 +193,9 @@ def test_copy_layers_baseline_picks_evenly_spaced_layers():
     assert c.learngene_mapping == [0, 0, 1, 2, 2, 3]
     assert torch.equal(c.blocks[3].qkv.weight, plain.blocks[2].qkv.weight)
     assert copy_layers(plain, 2).learngene_mapping == [0, 2]
+    assert copy_layers(plain, 5, keep=[0, 3]).learngene_mapping == [0, 0, 0, 3, 3]
+    with pytest.raises(ConfigError, match="keep must name layers 0..3"):
+        copy_layers(plain, 3, keep=[4])
     with pytest.raises(ConfigError):
         copy_layers(aux_model(), 3)
 

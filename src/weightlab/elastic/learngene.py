@@ -202,16 +202,21 @@ def expand(learngene, depth: int, *, allocation: list[int] | None = None, mappin
     return child.eval()
 
 
-def copy_layers(model: TinyViT, depth: int, seed: int = 0, drop_path: float = 0.0) -> TinyViT:
-    """Baseline: a depth-``depth`` model from plain pretrained-layer copying (the paper's Heur-LG style).
+def copy_layers(model: TinyViT, depth: int, seed: int = 0, drop_path: float = 0.0,
+                keep: list[int] | None = None) -> TinyViT:
+    """Baseline: a depth-``depth`` model by plain pretrained-layer copying (the paper's Heur-LG style).
 
-    Layer j copies ``model``'s layer floor(j L / D) (evenly spaced, in order; repeated when D > L), with
-    the embeddings, final norm and head. Same result type as ``expand``, for equal-steps comparisons.
+    ``keep`` are the layers of ``model`` that are stored (default all L); descendant layer j copies
+    keep[floor(j K / D)] (evenly spaced, in order, repeated when D > K), with the embeddings, final norm
+    and head. ``keep`` of S evenly spaced layers stores as many blocks as an S-stage learngene.
     """
     if model.stages is not None:
         raise ConfigError("copy_layers takes a plain (unshared) model; use expand for a learngene")
-    L = model.depth
-    src = [model.layout.layer_block[j * L // depth] for j in range(depth)]
+    keep = list(range(model.depth)) if keep is None else [int(k) for k in keep]
+    if not keep or any(not 0 <= k < model.depth for k in keep):
+        raise ConfigError(f"keep must name layers 0..{model.depth - 1} of the model, got {keep}")
+    K = len(keep)
+    src = [keep[j * K // depth] for j in range(depth)]
     child = build(model.shape, depth, seed=seed, drop_path=drop_path)
     with torch.no_grad():
         for j, b in enumerate(src):
