@@ -212,6 +212,8 @@ def test_registered_and_trains_a_learngene_from_a_given_teacher():
     res = train_learngene(small, teacher=teacher, stages=[1, 1], dim=8, heads=2, epochs=1)
     assert res.aux.stages == [1, 1] and res.history.steps == 2 and "teacher" not in res.seconds
     assert res.as_dict()["learngene_params"] == sum(t.numel() for t in res.aux.state_dict().values())
+    with pytest.raises(ConfigError, match="positive layer counts"):
+        train_learngene(small, stages=[2, 0], dim=8, heads=2, teacher_epochs=1000)  # before any training
     with pytest.raises(ConfigError, match="predicts 5 classes"):
         train_learngene(small, teacher=build(SHAPE, 2), stages=[1, 1], dim=8, heads=2, epochs=1)
 

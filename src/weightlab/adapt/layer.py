@@ -26,6 +26,8 @@ Weights are handled in the (out, in) layout of ``nn.Linear`` whatever the layer 
 """
 from __future__ import annotations
 
+import re
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -164,30 +166,130 @@ class AdapterMethod:
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-class AdapterLayer(nn.Module):
-    """``AdapterLayer(base_layer, method)``: the base layer frozen, the method's tensors in ``adapter``."""
+DEFAULT = "default"
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
-    def __init__(self, base_layer: nn.Module, method: AdapterMethod, name: str = "", init: bool = True):
+
+def slot(adapter_name: str) -> str:
+    """The submodule that holds a named adapter's tensors: ``adapter`` for "default" (the names every
+    single-adapter model has always had), ``adapter_<name>`` for the others."""
+    return "adapter" if adapter_name == DEFAULT else f"adapter_{adapter_name}"
+
+
+def check_adapter_name(adapter_name: str) -> str:
+    if not isinstance(adapter_name, str) or not _NAME.fullmatch(adapter_name):
+        raise ConfigError(f"adapter name {adapter_name!r} is not valid: use letters, digits, '_' or '-' "
+                          "(it becomes a module name, so no '.')")
+    return adapter_name
+
+
+class AdapterLayer(nn.Module):
+    """``AdapterLayer(base_layer, method)``: the base layer frozen, one or more named adapters on it.
+
+    Each adapter has its method (``methods[name]``) and its tensors (a submodule, see :func:`slot`).
+    The method hooks read ``layer.adapter`` / ``layer.method``: they resolve to the adapter being
+    worked on (``with layer.using(name)``), else to the first active one, so methods written for
+    one adapter per layer need no change. Only the active adapters that are not folded contribute to
+    the forward; several active adapters add their updates over the same frozen base:
+    y = base(x) + sum_i (f_i(x) - base(x)), which for additive updates (LoRA, LoHa, LoKr, VeRA) is
+    PEFT's sum of the adapters' terms.
+    """
+
+    def __init__(self, base_layer: nn.Module, method: AdapterMethod, name: str = "", init: bool = True,
+                 adapter_name: str = DEFAULT):
         super().__init__()
         kind = layer_kind(base_layer)
         if kind is None or kind not in method.layer_kinds:
             raise ConfigError(f"adapter '{method.name}' does not support layer '{name}' of type "
                               f"{type(base_layer).__name__} (supported: {', '.join(method.layer_kinds)})")
         self.base_layer = base_layer
-        self.method = method
         self.kind = kind
         self.layer_name = name
-        self.adapter = nn.Module()
-        self.merged = False
+        self.methods: dict[str, AdapterMethod] = {}
+        self.active: list[str] = [adapter_name]
+        self.merged_names: list[str] = []
+        self._merge_stack: list[tuple[list[str], torch.Tensor | None, torch.Tensor | None]] = []
+        self._current: str | None = None
         for p in base_layer.parameters():
             p.requires_grad_(False)
-        W0 = get_weight_2d(base_layer).detach().float()
-        with torch.no_grad():
+        self.add(adapter_name, method, init)
+
+    # -- named adapters -------------------------------------------------------------------
+    def check_add(self, adapter_name: str, method: AdapterMethod) -> None:
+        """Raise the error ``add`` would raise, changing nothing (``attach`` checks every layer first)."""
+        check_adapter_name(adapter_name)
+        where = f"layer '{self.layer_name}'"
+        if self.kind not in method.layer_kinds:
+            raise ConfigError(f"adapter '{method.name}' does not support {where} ({type(self.base_layer).__name__}); "
+                              f"choose targets among {', '.join(method.layer_kinds)} layers")
+        if adapter_name in self.methods:
+            raise ConfigError(f"{where} already has an adapter named '{adapter_name}'")
+        if self.merged_names:
+            raise ConfigError(f"{where} has folded adapters {self.merged_names}: unfold before adding '{adapter_name}'")
+        if self.methods and (method.changes_base or any(m.changes_base for m in self.methods.values())):
+            other = method.name if method.changes_base else next(m.name for m in self.methods.values()
+                                                                 if m.changes_base)
+            raise ConfigError(f"{where}: '{other}' replaces the frozen base weight by a residual, so it cannot "
+                              f"share the layer with another adapter ({sorted(self.methods)} + '{adapter_name}')")
+
+    def add(self, adapter_name: str, method: AdapterMethod, init: bool = True) -> None:
+        """Create adapter ``adapter_name`` of ``method`` on this layer (its tensors from the current base)."""
+        self.check_add(adapter_name, method)
+        self._modules[slot(adapter_name)] = nn.Module()  # not add_module: the ``adapter`` property shadows it
+        self.methods[adapter_name] = method
+        with self.using(adapter_name), torch.no_grad():
+            W0 = get_weight_2d(self.base_layer).detach().float()
             Wb = method.create(self, W0, init=init)
             if Wb is not W0:
-                set_weight_2d(base_layer, Wb)
-        dev = base_layer.weight.device
-        self.adapter.to(dev)
+                set_weight_2d(self.base_layer, Wb)
+        self._modules[slot(adapter_name)].to(self.base_layer.weight.device)
+
+    def remove(self, adapter_name: str) -> None:
+        del self._modules[slot(adapter_name)]
+        del self.methods[adapter_name]
+        self.active = [n for n in self.active if n != adapter_name]
+        self.merged_names = [n for n in self.merged_names if n != adapter_name]
+
+    def adapter_module(self, adapter_name: str) -> nn.Module:
+        return self._modules[slot(adapter_name)]
+
+    def set_active(self, names: list[str]) -> None:
+        self.active = [n for n in names if n in self.methods]
+
+    @contextmanager
+    def using(self, adapter_name: str):
+        """``layer.adapter`` / ``layer.method`` are adapter ``adapter_name``'s inside the block."""
+        prev, self._current = self._current, adapter_name
+        try:
+            yield self
+        finally:
+            self._current = prev
+
+    @property
+    def current(self) -> str:
+        if self._current is not None:
+            return self._current
+        return next((n for n in self.active if n in self.methods), None) or next(iter(self.methods))
+
+    @property
+    def adapter(self) -> nn.Module:
+        return self._modules[slot(self.current)]
+
+    @property
+    def method(self) -> AdapterMethod:
+        return self.methods[self.current]
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_names)
+
+    @merged.setter
+    def merged(self, value: bool) -> None:
+        if value and not self.merged_names:
+            self.merged_names = list(self.active)
+            self._merge_stack.append((list(self.active), None, None))
+        elif not value:
+            self.merged_names, self._merge_stack = [], []
 
     # -- shape helpers ------------------------------------------------------------
     @property
@@ -210,21 +312,36 @@ class AdapterLayer(nn.Module):
         return F.linear(x, W2d, bias)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.merged:
+        live = [n for n in self.active if n in self.methods and n not in self.merged_names]
+        if not live:
             return self.base_layer(x, *args, **kwargs)
-        return self.method.forward(self, x)
+        if len(live) == 1:  # the one-adapter path, unchanged
+            with self.using(live[0]):
+                return self.method.forward(self, x)
+        base = self.base_layer(x, *args, **kwargs)
+        y = base
+        for n in live:
+            with self.using(n):
+                y = y + (self.method.forward(self, x) - base)
+        return y
 
-    def merged_weight(self) -> torch.Tensor:
-        """W' = W + dW in float32, (out, in)."""
+    def merged_weight(self, names: list[str] | None = None) -> torch.Tensor:
+        """W' = W + sum of the adapters' dW (each on the same W) in float32, (out, in); default: the current one."""
         W = self.weight_2d().detach().float()
         with torch.no_grad():
-            return W + self.method.delta(self, W)
+            dW = None
+            for n in names or [self.current]:
+                with self.using(n):
+                    d = self.method.delta(self, W)
+                dW = d if dW is None else dW + d
+            return W + dW
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         return dict(self.adapter.state_dict())
 
     def extra_repr(self) -> str:
-        return f"method={self.method.name}, kind={self.kind}, merged={self.merged}"
+        ads = ", ".join(f"{n}={m.name}" for n, m in self.methods.items())
+        return f"adapters=[{ads}], active={self.active}, kind={self.kind}, merged={self.merged_names}"
 
 
 def rank_of(r: int, out_f: int, in_f: int) -> int:

@@ -10,6 +10,13 @@ r / lora_alpha / use_rslora; the others are written with the scale folded into B
 writes), and ``import_peft`` reads PEFT DoRA folders as weightlab's ``dora``. Methods with their own
 PEFT type ((IA)^3, VeRA, LoHa, LoKr, AdaLoRA) write and read it themselves (``peft_export`` / ``peft_import``,
 ``peft_type`` in the config): they are not LoRA-shaped.
+
+Named adapters: ``export_peft(model, out, name=)`` writes one adapter, ``import_peft(model, path, name=)``
+attaches a folder under a name, ``import_peft_all`` every adapter of a PEFT ``save_pretrained`` folder
+(default at the top, the others in sub-folders named after them). Per-layer r / alpha (weightlab's
+``rank_pattern`` / ``alpha_pattern``, or ranks that differ between layers) are written as PEFT's
+``rank_pattern`` / ``alpha_pattern``: the adapter's own keys where they reproduce every layer, else the
+full module names.
 """
 from __future__ import annotations
 
@@ -22,7 +29,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..registry import get_method
-from .api import SHARED, _exact, adapter_layers, attach, read_folder
+from .api import (SHARED, _exact, _one, adapter_info, adapter_layers, attach, layer_config, pattern_key,
+                  read_folder)
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -30,7 +38,8 @@ PEFT_CONFIG = "adapter_config.json"
 
 def _write_peft(entries, out_dir, *, r: int, alpha: float, rslora: bool, fan_in_fan_out: bool,
                 base_model: str | None, force: bool, dtype: torch.dtype | None, inputs=(),
-                magnitudes: dict[str, torch.Tensor] | None = None) -> Path:
+                magnitudes: dict[str, torch.Tensor] | None = None, rank_pattern: dict | None = None,
+                alpha_pattern: dict | None = None) -> Path:
     from safetensors.torch import save_file
 
     from ..io.atomic import AtomicFolder
@@ -50,7 +59,7 @@ def _write_peft(entries, out_dir, *, r: int, alpha: float, rslora: bool, fan_in_
             "bias": "none", "target_modules": sorted(n for n, _, _ in entries), "init_lora_weights": True,
             # a name, never a local path: the adapter is shared beyond this machine
             "base_model_name_or_path": public_name(base_model) if base_model else None, "inference_mode": True,
-            "modules_to_save": None}
+            "modules_to_save": None, "rank_pattern": rank_pattern or {}, "alpha_pattern": alpha_pattern or {}}
     if magnitudes is not None:
         conf["use_dora"] = True
     with AtomicFolder(out_dir, force=force, inputs=inputs) as tmp:
@@ -76,9 +85,48 @@ def _write_native(sd, conf, out_dir, *, base_model, force, dtype, inputs=()) -> 
     return Path(out_dir)
 
 
-def _attach_exact(model, method: str, names: list[str], **cfg) -> dict:
-    attach(model, method, targets=_exact(names), **cfg)
-    return adapter_layers(model)
+def _attach_exact(model, method: str, names: list[str], *, name: str = "default", **cfg) -> dict:
+    """For the methods' ``peft_import``: attach adapter ``name`` on exactly ``names``; a later call with the
+    same name adds layers to it (an import attaches one group of layers per (r, alpha))."""
+    attach(model, method, targets=_exact(names), name=name, _extend=True, **cfg)
+    return {n: _Named(lay, name) for n, lay in adapter_layers(model, name).items()}
+
+
+class _Named:
+    """A layer seen through one named adapter: ``.adapter`` is that adapter's tensors (for ``peft_import``)."""
+
+    def __init__(self, layer, name: str):
+        self.layer, self.adapter, self.method = layer, layer.adapter_module(name), layer.methods[name]
+
+    def __getattr__(self, k):
+        return getattr(self.layer, k)
+
+
+def peft_patterns(values: dict[str, float], base, own: dict | None) -> dict:
+    """A PEFT pattern dict ({key: value}) giving each layer of ``values`` its value (``base`` where no key
+    matches): ``own`` (the adapter's patterns) if it does so with every key used, else the module names."""
+    def ok(pat):
+        return (all(any(pattern_key([k], n) for n in values) for k in pat) and
+                all((pat[k] if (k := pattern_key(pat, n)) is not None else base) == v for n, v in values.items()))
+
+    if all(v == base for v in values.values()):
+        return {}
+    for cand in (own or {}, {n: v for n, v in values.items() if v != base},
+                 {re.escape(n): v for n, v in values.items() if v != base}):
+        if cand and ok(cand):
+            return dict(cand)
+    raise ConfigError(f"no PEFT pattern reproduces the per-layer values {values}")
+
+
+def _with_patterns(conf: dict, cfg, layer_cfgs: dict, own: tuple[dict | None, dict | None] = (None, None)) -> dict:
+    """A native PEFT config with ``rank_pattern`` / ``alpha_pattern`` where the layers' r / alpha differ."""
+    fields = type(cfg).model_fields
+    if "r" in fields and "rank_pattern" in conf:
+        conf["rank_pattern"] = peft_patterns({n: c.r for n, c in layer_cfgs.items()}, cfg.r, own[0])
+    if "alpha" in fields and "alpha_pattern" in conf:
+        conf["alpha_pattern"] = peft_patterns({n: float(c.alpha) for n, c in layer_cfgs.items()},
+                                              float(cfg.alpha), own[1])
+    return conf
 
 
 def _pad_entries(raw, kinds, conv_shapes):
@@ -97,8 +145,9 @@ def _pad_entries(raw, kinds, conv_shapes):
     return out, R
 
 
-def _entries(method_name: str, cfg, per_layer, svd_rank):
-    """per_layer: [(name, kind, tensors, W0 or None, conv_shape)] -> PEFT entries and LoRA hyperparameters."""
+def _entries(method_name: str, cfg, per_layer, svd_rank, layer_cfgs=None, own=(None, None)):
+    """per_layer: [(name, kind, tensors, W0 or None, conv_shape)] -> PEFT entries, LoRA hyperparameters and
+    the rank / alpha patterns (LoRA and DoRA whose layers differ in r or alpha)."""
     cls = get_method("adapt", method_name).fn
     kinds = {n: k for n, k, *_ in per_layer}
     conv = {n: cs for n, _, _, _, cs in per_layer}
@@ -106,22 +155,24 @@ def _entries(method_name: str, cfg, per_layer, svd_rank):
         raise ConfigError("cannot export Linear and Conv1D layers in one PEFT folder (one fan_in_fan_out flag)")
     fifo = "conv1d" in kinds.values()
     lora_shaped = method_name in ("lora", "dora")
-    ranks = {t["lora_A"].shape[0] for _, _, t, _, _ in per_layer} if lora_shaped else set()
-    if lora_shaped and len(ranks) == 1:
-        r = ranks.pop()
+    if lora_shaped:
+        ranks = {n: t["lora_A"].shape[0] for n, _, t, _, _ in per_layer}
+        alphas = {n: float((layer_cfgs or {}).get(n, cfg).alpha) for n in ranks}
+        r = cfg.r if cfg.r in ranks.values() else max(set(ranks.values()), key=list(ranks.values()).count)
+        rp, ap = peft_patterns(ranks, r, own[0]), peft_patterns(alphas, float(cfg.alpha), own[1])
         entries = []
         for n, k, t, _, cs in per_layer:
             A, B = t["lora_A"], t["lora_B"]
             if k == "conv2d":
                 A, B = A.reshape(r, *cs[1:]), B[:, :, None, None]
             entries.append((n, B, A))
-        return entries, r, cfg.alpha, cfg.rslora, fifo
+        return entries, r, cfg.alpha, cfg.rslora, fifo, rp, ap
     raw = []
     for n, k, t, W0, _ in per_layer:
         B, A = cls.peft_factors(t, cfg, W0, svd_rank)
         raw.append((n, B, A))
-    entries, R = _pad_entries(raw, kinds, conv)  # DoRA: s folded into B leaves ||W0 + s B A|| as it was
-    return entries, R, float(R), False, fifo
+    entries, R = _pad_entries(raw, kinds, conv)
+    return entries, R, float(R), False, fifo, {}, {}
 
 
 def _magnitudes(method_name: str, per_layer):
@@ -133,29 +184,37 @@ def _magnitudes(method_name: str, per_layer):
 
 
 def export_peft(model: nn.Module, out_dir, *, svd_rank: int | None = None, force: bool = False,
-                base_model: str | None = None, dtype: torch.dtype | None = None) -> Path:
-    """Write the model's adapter as a PEFT LoRA folder that ``peft.PeftModel.from_pretrained`` loads."""
-    layers = adapter_layers(model)
-    info = getattr(model, "_weightlab_adapter", None)
-    if not layers or info is None:
+                base_model: str | None = None, dtype: torch.dtype | None = None, name: str | None = None) -> Path:
+    """Write one adapter of the model (``name``; default the only / the active one) as a PEFT folder that
+    ``peft.PeftModel.from_pretrained`` loads."""
+    if not adapter_layers(model) or getattr(model, "_weightlab_adapter", None) is None:
         raise ConfigError("the model has no adapter attached")
+    name = _one(model, name)
+    info = adapter_info(model, name)
+    layers = adapter_layers(model, name)
     per = []
     for n, m in layers.items():
-        if m.merged:
+        if name in m.merged_names:
             raise ConfigError("unmerge the adapter before exporting it")
-        W0 = m.method.original_weight(m).detach()
-        t = {k: v.detach() for k, v in m.adapter.state_dict().items()}
+        with m.using(name):
+            W0 = m.method.original_weight(m).detach()
+            t = {k: v.detach() for k, v in m.adapter.state_dict().items()}
         per.append((n, m.kind, t, W0, tuple(m.base_layer.weight.shape)))
     spec = get_method("adapt", info["method"])
+    cfg = spec.make_config(info["config"])
+    layer_cfgs = {n: m.methods[name].cfg for n, m in layers.items()}
+    own = (info.get("rank_pattern"), info.get("alpha_pattern"))
     if hasattr(spec.fn, "peft_export"):  # a PEFT type of its own (IA3, VERA)
         first = next(iter(layers.values()))
-        sd, conf = spec.fn.peft_export(spec.make_config(info["config"]), per, first.method.shared)
-        return _write_native(sd, conf, out_dir, base_model=base_model, force=force, dtype=dtype)
-    entries, r, alpha, rslora, fifo = _entries(spec.name, spec.make_config(info["config"]), per, svd_rank)
+        sd, conf = spec.fn.peft_export(cfg, per, first.methods[name].shared)
+        return _write_native(sd, _with_patterns(conf, cfg, layer_cfgs, own), out_dir, base_model=base_model,
+                             force=force, dtype=dtype)
+    entries, r, alpha, rslora, fifo, rp, ap = _entries(spec.name, cfg, per, svd_rank, layer_cfgs, own)
     if dtype is None and spec.name not in ("lora", "dora"):
         dtype = next(iter(layers.values())).base_layer.weight.dtype
     return _write_peft(entries, out_dir, r=r, alpha=alpha, rslora=rslora, fan_in_fan_out=fifo,
-                       base_model=base_model, force=force, dtype=dtype, magnitudes=_magnitudes(spec.name, per))
+                       base_model=base_model, force=force, dtype=dtype, magnitudes=_magnitudes(spec.name, per),
+                       rank_pattern=rp, alpha_pattern=ap)
 
 
 def export_folder_peft(adapter_dir, out_dir, *, base: str | None = None, svd_rank: int | None = None,
@@ -171,6 +230,8 @@ def export_folder_peft(adapter_dir, out_dir, *, base: str | None = None, svd_ran
 
         ck = open_checkpoint(resolve_model(base))
     kinds = conf.get("kinds", {})
+    own = (conf.get("rank_pattern") or None, conf.get("alpha_pattern") or None)
+    layer_cfgs = {n: layer_config(cfg, n, *own) for n in conf["targets"]}
     per = []
     for n in conf["targets"]:
         t = {k[len(n) + 1:]: v for k, v in tensors.items() if k.startswith(n + ".")}
@@ -194,22 +255,51 @@ def export_folder_peft(adapter_dir, out_dir, *, base: str | None = None, svd_ran
             meth.shared = shared
             meth.load_shared_state(saved)
         sd, pconf = spec.fn.peft_export(cfg, per, shared)
-        return _write_native(sd, pconf, out_dir, base_model=conf.get("base_model"), force=force, dtype=None,
+        return _write_native(sd, _with_patterns(pconf, cfg, layer_cfgs, own), out_dir, base_model=conf.get("base_model"), force=force, dtype=None,
                              inputs=[adapter_dir])
-    entries, r, alpha, rslora, fifo = _entries(spec.name, cfg, per, svd_rank)
+    entries, r, alpha, rslora, fifo, rp, ap = _entries(spec.name, cfg, per, svd_rank, layer_cfgs, own)
     dtype = None if spec.name in ("lora", "dora") else tensors[next(iter(tensors))].dtype
     return _write_peft(entries, out_dir, r=r, alpha=alpha, rslora=rslora, fan_in_fan_out=fifo,
                        base_model=conf.get("base_model"), force=force, dtype=dtype, inputs=[adapter_dir],
-                       magnitudes=_magnitudes(spec.name, per))
+                       magnitudes=_magnitudes(spec.name, per), rank_pattern=rp, alpha_pattern=ap)
 
 
-def import_peft(model: nn.Module, adapter_dir) -> nn.Module:
-    """Attach a PEFT LoRA folder (adapter_model.safetensors + adapter_config.json) as weightlab LoRA layers.
+def peft_folders(path) -> dict[str, Path]:
+    """The adapters of a PEFT ``save_pretrained`` folder by name: "default" at the top, every other adapter
+    in a sub-folder named after it."""
+    p = Path(path)
+    out = {}
+    if (p / PEFT_CONFIG).is_file():
+        out["default"] = p
+    if p.is_dir():
+        out.update({d.name: d for d in sorted(p.iterdir()) if d.is_dir() and (d / PEFT_CONFIG).is_file()})
+    if not out:
+        raise ConfigError(f"'{path}' holds no PEFT adapter ({PEFT_CONFIG}, at the top or in sub-folders)")
+    return out
 
-    A PEFT DoRA folder (``use_dora: true``) becomes weightlab ``dora`` layers with its magnitudes."""
+
+def import_peft_all(model: nn.Module, path) -> list[str]:
+    """Attach every adapter of a PEFT ``save_pretrained`` folder under its PEFT name; returns the names."""
+    folders = peft_folders(path)
+    for n, d in folders.items():
+        import_peft(model, d, name=n)
+    return list(folders)
+
+
+def import_peft(model: nn.Module, adapter_dir, name: str = "default") -> nn.Module:
+    """Attach a PEFT folder (adapter_model.safetensors + adapter_config.json) as weightlab adapter ``name``.
+
+    LoRA becomes weightlab ``lora`` layers (r / alpha per layer from PEFT's rank_pattern / alpha_pattern), a
+    PEFT DoRA folder (``use_dora: true``) ``dora`` layers with its magnitudes, IA3 / VeRA / LoHa / LoKr their
+    methods. A folder without adapter files whose sub-folder ``name`` has them (PEFT's layout for a named
+    adapter) is read from there."""
+    from functools import partial
+
     from safetensors.torch import load_file
 
     p = Path(adapter_dir)
+    if not (p / PEFT_CONFIG).is_file() and (p / name / PEFT_CONFIG).is_file():
+        p = p / name
     if not (p / PEFT_CONFIG).is_file() or not (p / PEFT_WEIGHTS).is_file():
         raise ConfigError(f"'{adapter_dir}' is not a PEFT adapter folder (needs {PEFT_WEIGHTS} and {PEFT_CONFIG})")
     conf = json.loads((p / PEFT_CONFIG).read_text())
@@ -220,7 +310,8 @@ def import_peft(model: nn.Module, adapter_dir) -> nn.Module:
         except ConfigError:
             spec = None
         if spec is not None and hasattr(spec.fn, "peft_import"):
-            return spec.fn.peft_import(model, conf, load_file(str(p / PEFT_WEIGHTS)), _attach_exact)
+            return spec.fn.peft_import(model, conf, load_file(str(p / PEFT_WEIGHTS)),
+                                       partial(_attach_exact, name=name))
     if conf.get("peft_type") != "LORA":
         raise ConfigError(f"PEFT adapters of type {conf.get('peft_type')} cannot be imported (LORA, "
                           "LORA with use_dora, IA3, VERA, LOHA, LOKR and ADALORA can)")
@@ -243,21 +334,23 @@ def import_peft(model: nn.Module, adapter_dir) -> nn.Module:
         if lacking:
             raise ConfigError(f"{p / PEFT_WEIGHTS}: a DoRA adapter (use_dora) without lora_magnitude_vector or "
                               f"lora_A for {lacking[:3]}")
-    alpha_pat = conf.get("alpha_pattern") or {}
-    groups: dict[tuple[int, float], list[str]] = {}
-    for n, t in layers.items():
-        r = t["A"].shape[0]
-        alpha = next((a for key, a in alpha_pat.items() if n == key or n.endswith("." + key)), conf["lora_alpha"])
-        groups.setdefault((r, float(alpha)), []).append(n)
-    for (r, alpha), names in groups.items():
-        attach(model, method, targets=_exact(names), r=r, alpha=alpha, rslora=bool(conf.get("use_rslora")),
-               dropout=0.0)
-    wrapped = adapter_layers(model)
+    own_r, own_a = conf.get("rank_pattern") or {}, conf.get("alpha_pattern") or {}
+    ranks = {n: int(t["A"].shape[0]) for n, t in layers.items()}  # the tensors decide; PEFT's patterns the alphas
+    alphas = {n: float(own_a[k]) if (k := pattern_key(own_a, n)) is not None else float(conf["lora_alpha"])
+              for n in layers}
+    r0, a0 = int(conf.get("r", 8)), float(conf["lora_alpha"])
+    attach(model, method, targets=_exact(list(layers)), name=name, r=r0, alpha=a0,
+           rank_pattern=peft_patterns(ranks, r0, own_r) or None, alpha_pattern=peft_patterns(alphas, a0, own_a) or None,
+           rslora=bool(conf.get("use_rslora")), dropout=0.0)
+    wrapped = adapter_layers(model, name)
     with torch.no_grad():
         for n, t in layers.items():
-            lay = wrapped[n]
-            lay.adapter.lora_A.copy_(t["A"].reshape(lay.adapter.lora_A.shape))
-            lay.adapter.lora_B.copy_(t["B"].reshape(lay.adapter.lora_B.shape))
+            ad = wrapped[n].adapter_module(name)
+            if ad.lora_A.shape[0] != ranks[n]:
+                raise ConfigError(f"{p / PEFT_WEIGHTS}: layer {n} has rank {ranks[n]}, more than its shape "
+                                  f"{tuple(wrapped[n].weight_2d().shape)} allows here")
+            ad.lora_A.copy_(t["A"].reshape(ad.lora_A.shape))
+            ad.lora_B.copy_(t["B"].reshape(ad.lora_B.shape))
             if method == "dora":
-                lay.adapter.magnitude.copy_(t["m"].reshape(-1))
+                ad.magnitude.copy_(t["m"].reshape(-1))
     return model

@@ -182,3 +182,4 @@ def extract(base: str = typer.Argument(..., help="base model: HF folder, .safete
 
 
 from . import adapt_qbase  # noqa: E402,F401  (weightlab adapter fold)
+from . import adapt_combine  # noqa: E402,F401  (weightlab adapter combine)

@@ -29,7 +29,7 @@ import torch
 from ..engine.result import Result
 from ..errors import ConfigError
 from ..registry import MethodConfig, Regime, register
-from .learngene_model import TinyViT, ViTShape, build, shape_for, unique_params
+from .learngene_model import Layout, TinyViT, ViTShape, build, shape_for, unique_params
 from .learngene_train import History, Recipe, accuracy, train
 
 PAPER = ("Xia, Zhu, Yang, Geng 2024, Exploring Learngene via Stage-wise Weight Sharing for Initializing "
@@ -115,6 +115,7 @@ def train_learngene(dataset: Any = "digits", cfg: LearngeneConfig | None = None,
     shape = shape_for(data.num_features, data.num_classes, cfg.patch, dim=cfg.dim, heads=cfg.heads,
                       mlp_ratio=cfg.mlp_ratio)
     Recipe(cfg.epochs, cfg.lr, batch_size=cfg.batch_size, alpha=cfg.alpha, tau=cfg.tau)  # checked before work
+    Layout(sum(cfg.stages), list(cfg.stages))  # bad stage lengths fail before the ancestry model trains
     seconds, t_hist = {}, None
     if teacher is None:
         t0 = time.perf_counter()
