@@ -294,6 +294,8 @@ def test_bad_configs_are_config_errors():
         adapt.attach(tiny_llama(), "boft", targets=TARGETS, block_size=12)
     with pytest.raises(ConfigError, match="even"):
         adapt.attach(tiny_llama(), "boft", targets=TARGETS, block_size=0, block_num=32, n_butterfly_factor=2)
+    with pytest.raises(ConfigError, match="ungrouped"):  # PEFT's OFT/BOFT layouts have no groups
+        adapt.attach(_Net(nn.Conv2d(4, 8, 3, groups=2)), "oft", targets=["layer"], block_size=6)
     with pytest.warns(UserWarning, match="using 16"):  # PEFT's adjustment to the nearest divisor
         m = adapt.attach(tiny_llama(), "oft", targets=["q_proj"], block_size=15)
     assert next(iter(adapt.adapter_layers(m).values())).adapter.oft_R.shape == (2, 120)

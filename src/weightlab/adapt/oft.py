@@ -102,9 +102,9 @@ class OFT(AdapterMethod):
     def create(self, layer, W0, init=True):
         c = self.cfg
         b_ = layer.base_layer
-        if layer.kind == "conv2d" and b_.kernel_size[0] != b_.kernel_size[1]:
-            raise ConfigError(f"OFT on '{layer.layer_name}': PEFT's OFT handles square kernels only "
-                              f"(kernel {tuple(b_.kernel_size)})")
+        if layer.kind == "conv2d" and (b_.groups > 1 or b_.kernel_size[0] != b_.kernel_size[1]):
+            raise ConfigError(f"OFT on '{layer.layer_name}': PEFT's OFT handles square, ungrouped kernels only "
+                              f"(kernel {tuple(b_.kernel_size)}, groups {b_.groups})")
         r, b = block_layout(W0.shape[1], c.block_size, c.blocks, layer.layer_name)
         if b < 2:
             raise ConfigError(f"OFT on '{layer.layer_name}': block size {b} has no free parameter; "

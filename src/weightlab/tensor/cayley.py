@@ -7,14 +7,22 @@ A block-diagonal rotation acts on the last dimension of x split as (n, b): ``x @
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 
+@functools.lru_cache(maxsize=64)
+def _triu(b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Strict upper-triangle indices of a b x b block, made once per (b, device): every forward needs them."""
+    rows, cols = torch.triu_indices(b, b, 1, device=device)
+    return rows, cols
+
+
 def skew_from_upper(upper: torch.Tensor, b: int) -> torch.Tensor:
     """(n, b(b-1)/2) strict upper triangles -> (n, b, b) skew-symmetric S = U - U^T."""
-    rows, cols = torch.triu_indices(b, b, 1, device=upper.device)
+    rows, cols = _triu(b, upper.device)
     S = upper.new_zeros(upper.shape[0], b, b)
     S[:, rows, cols] = upper
     return S - S.transpose(-2, -1)
@@ -22,8 +30,7 @@ def skew_from_upper(upper: torch.Tensor, b: int) -> torch.Tensor:
 
 def upper_of(S: torch.Tensor) -> torch.Tensor:
     """(n, b, b) -> its strict upper triangles (n, b(b-1)/2), the inverse of :func:`skew_from_upper`."""
-    b = S.shape[-1]
-    rows, cols = torch.triu_indices(b, b, 1, device=S.device)
+    rows, cols = _triu(S.shape[-1], S.device)
     return S[:, rows, cols]
 
 
@@ -66,7 +73,7 @@ def cayley(S: torch.Tensor, neumann_terms: int | None = None) -> torch.Tensor:
         while power < p:  # S^p by repeated products, in PEFT's order
             P = S if P is None else torch.bmm(P, S)
             power += 1
-        R = R + coef * P if coef != 1.0 else R + P
+        R = torch.add(R, P, alpha=coef)  # fused, as PEFT's add_(alpha=2): no separate product
     return R
 
 
