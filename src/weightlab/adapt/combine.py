@@ -63,9 +63,9 @@ def linear_factors(parts):
         ws = w * s
         wa.append(math.sqrt(abs(ws)) * (1 if ws >= 0 else -1))  # the sign on A only, or it would cancel
         wb.append(math.sqrt(abs(ws)))
-    dtype = parts[0][0].dtype
-    A = (torch.stack([a for a, *_ in parts]) * torch.tensor(wa).view(-1, 1, 1)).sum(0)
-    B = (torch.stack([b for _, b, *_ in parts]) * torch.tensor(wb).view(-1, 1, 1)).sum(0)
+    dtype, dev = parts[0][0].dtype, parts[0][0].device
+    A = (torch.stack([a for a, *_ in parts]) * torch.tensor(wa).to(dev).view(-1, 1, 1)).sum(0)
+    B = (torch.stack([b for _, b, *_ in parts]) * torch.tensor(wb).to(dev).view(-1, 1, 1)).sum(0)
     return A.to(dtype), B.to(dtype)
 
 
