@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import ConfigError, MissingDependencyError
 from ..tensor.quant import AffineQuant
+from ..tensor.quant8 import FloatQuant, scale_from_absmax
 
 FORMATS = ("compressed-tensors", "hf")
 # vLLM's WNA16 kernels serve 4- and 8-bit codes; CT changed how 3/5/6/7-bit codes straddle int32
@@ -56,9 +57,14 @@ def check_request(method: str, bits: int | None, group_size: int, params: dict |
 
     params = params or {}
     method = get_method("compress", method).name  # aliases and spelling as the registry resolves them
-    if method not in ("rtn", "gptq", "awq"):
-        raise ConfigError(f"{method} layers have no compressed-tensors layout (only the affine grids of rtn/gptq/awq "
-                          "do); use --format hf (dequantized weights)")
+    if method not in ("rtn", "gptq", "awq", "smoothquant", "fp8"):
+        raise ConfigError(f"{method} layers have no compressed-tensors layout (only the affine grids of rtn/gptq/awq/"
+                          "smoothquant and fp8's do); use --format hf (dequantized weights)")
+    if method == "fp8":
+        if group_size > 0:
+            raise ConfigError(f"fp8 scales are per channel or per tensor, not groups of {group_size}; pass "
+                              "--group-size -1")
+        return
     if bits is not None and bits not in CT_BITS:
         raise ConfigError(f"compressed-tensors output is written for {' or '.join(map(str, CT_BITS))}-bit codes, "
                           f"not {bits}: CT 0.18 changed the {bits}-bit packing without a version gate and vLLM "
@@ -66,7 +72,7 @@ def check_request(method: str, bits: int | None, group_size: int, params: dict |
     if group_size > 0 and group_size not in CT_GROUPS:
         raise ConfigError(f"group size {group_size} is not served by vLLM's kernels; use one of "
                           f"{', '.join(map(str, CT_GROUPS))} or -1 (per channel), or --format hf")
-    gptq = method == "gptq" or (method == "awq" and params.get("quantizer") == "gptq")
+    gptq = method == "gptq" or (method in ("awq", "smoothquant") and params.get("quantizer") == "gptq")
     if gptq and params.get("act_order") and group_size > 0 and not params.get("static_groups"):
         raise ConfigError("GPTQ act-order with groups permutes the group of each column (g_idx), which "
                           "compressed-tensors 0.20 cannot write; add --param static_groups=true (groups then stay "
@@ -92,6 +98,13 @@ def linear_in_features(layers: dict) -> dict:
 def weight_args(quantized: dict, layers: dict) -> dict:
     """The single CT ``weights`` QuantizationArgs all quantized layers share (or a ConfigError)."""
     kinds = set()
+    fp8 = {type(q) is FloatQuant for q in quantized.values()}
+    if fp8 == {True}:
+        strategies = {q.strategy for q in quantized.values()}
+        if len(strategies) != 1:
+            raise ConfigError(f"fp8 layers with different scale strategies {sorted(strategies)}; one compressed-tensors "
+                              "config group needs one")
+        return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategies.pop()}
     for name, q in quantized.items():
         if not isinstance(q, AffineQuant):
             raise ConfigError(f"{name}: {type(q).__name__} layers have no compressed-tensors layout; use --format hf")
@@ -133,12 +146,45 @@ def sparsity_of(weights) -> dict:
     return {"sparsity": zeros / total if total else 0.0, "pattern": "2:4" if two_four and total else None}
 
 
-def scheme_name(args: dict) -> str:
-    return f"W{args['num_bits']}A16" + ("" if args["symmetric"] else "_ASYM")
+def scheme_name(args: dict, inputs: dict | None = None, kv: bool = False) -> str:
+    """llm-compressor's preset name where one fits (W4A16, W8A8, FP8, FP8_DYNAMIC), else a description."""
+    if inputs is None:
+        name = f"W{args['num_bits']}A16" + ("" if args["symmetric"] else "_ASYM")
+        if args["type"] == "float":
+            name = "FP8A16"
+    elif args["type"] == "int":
+        name = "W8A8" if inputs["dynamic"] else "W8A8_STATIC"
+    elif (args["strategy"], inputs["dynamic"]) == ("channel", True):
+        name = "FP8_DYNAMIC"
+    elif (args["strategy"], inputs["dynamic"]) == ("tensor", False):
+        name = "FP8"
+    else:
+        name = f"FP8_{args['strategy'].upper()}_{'DYNAMIC' if inputs['dynamic'] else 'STATIC'}"
+    return name + ("+KV_FP8" if kv else "")
+
+
+def input_args(act, quantized: dict) -> dict | None:
+    """CT ``input_activations`` QuantizationArgs of an activations.ActScheme (None: weight-only)."""
+    if act is None or act.inputs == "none":
+        return None
+    if act.inputs == "dynamic":
+        return {"num_bits": 8, "type": act.kind, "symmetric": True, "strategy": "token", "dynamic": True}
+    missing = [n for n, q in quantized.items() if q.input_absmax is None]
+    if missing:
+        raise ConfigError(f"{missing[0]}: static activations need a calibrated input range (quantize with "
+                          "activations='static')")
+    return {"num_bits": 8, "type": act.kind, "symmetric": True, "strategy": "tensor", "dynamic": False,
+            "observer": act.observer}
+
+
+def kv_args(act) -> dict:
+    """CT ``kv_cache_scheme``: FP8 per tensor, static (llm-compressor's kv_cache_scheme for vLLM's FP8 KV cache)."""
+    return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False,
+            "observer": act.observer}
 
 
 def save_compressed_tensors(out, quantized: dict, model: nn.Module, ck, *, provenance=None, force: bool = False,
-                            extra_files: dict | None = None, inputs=()) -> dict:
+                            extra_files: dict | None = None, inputs=(), act=None) -> dict:
     """Write ``model`` (fake-quantized; integer layers in ``quantized``) as a CT pack-quantized folder.
 
     ``ck`` is the source checkpoint: every tensor it holds is written (in its dtype), quantized
@@ -148,7 +194,7 @@ def save_compressed_tensors(out, quantized: dict, model: nn.Module, ck, *, prove
     """
     from ..io.writer import CheckpointWriter
 
-    tensors, config, summary = to_compressed_tensors(quantized, model, ck)
+    tensors, config, summary = to_compressed_tensors(quantized, model, ck, act)
     if provenance is not None:
         provenance.card = merge_card(provenance.card, ct_card(summary, config))
     with CheckpointWriter(out, template=ck.path, provenance=provenance, force=force, inputs=inputs) as w:
@@ -185,15 +231,26 @@ class _quiet_tqdm:
             mod.tqdm = orig
 
 
-def to_compressed_tensors(quantized: dict, model: nn.Module, ck) -> tuple[dict, dict, dict]:
-    """(tensors to write in ``ck``'s order, config.json with quantization_config, summary); see save_..."""
+def to_compressed_tensors(quantized: dict, model: nn.Module, ck, act=None) -> tuple[dict, dict, dict]:
+    """(tensors to write in ``ck``'s order, config.json with quantization_config, summary); see save_...
+
+    ``act``: the activations.ActScheme the model was quantized with (input_activations, kv_cache_scheme);
+    ``quantized`` may hold activations.KVRange entries (attention module -> calibrated k/v ranges)."""
     ct = _ct()
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationStatus,
+                                                 apply_quantization_config)
 
+    from .activations import KVRange
+
+    kv = {n: r for n, r in quantized.items() if isinstance(r, KVRange)}
+    quantized = {n: q for n, q in quantized.items() if not isinstance(q, KVRange)}
+    if kv and not (act is not None and act.kv_cache):
+        raise ConfigError("KV-cache ranges without a KV-cache scheme (pass the report's act)")
     mods = dict(model.named_modules())
     args = weight_args(quantized, {n: mods[n] for n in quantized})
+    iargs = input_args(act, quantized)
     first = next(iter(quantized))
     dtype = ck.info(f"{first}.weight").dtype
     for name, q in quantized.items():
@@ -205,9 +262,10 @@ def to_compressed_tensors(quantized: dict, model: nn.Module, ck) -> tuple[dict, 
                               f"{str(dtype).removeprefix('torch.')}")
     ignore = sorted(n for n, m in mods.items() if isinstance(m, nn.Linear) and n not in quantized)
     for name, q in quantized.items():
-        # float32 s*q is exact (<= 11-bit scale times <= 8-bit code), so CT's round(w/s) finds q again
+        # float32 s*q is within a few ulps of the grid value, so CT's round(w/s) finds q again (checked below)
         mods[name].weight = nn.Parameter(q.dequantize(), requires_grad=False)
-    qc = QuantizationConfig(config_groups={"group_0": {"targets": ["Linear"], "weights": args}}, ignore=ignore)
+    group = {"targets": ["Linear"], "weights": args, **({"input_activations": iargs} if iargs else {})}
+    qc = QuantizationConfig(config_groups={"group_0": group}, ignore=ignore)
     with _quiet_tqdm():  # the library's own bars, once per call (per block when writing sequentially)
         apply_quantization_config(model, qc)
     for name, q in quantized.items():
@@ -215,29 +273,17 @@ def to_compressed_tensors(quantized: dict, model: nn.Module, ck) -> tuple[dict, 
         m.weight_scale.data.copy_(q.scales.to(torch.float32).reshape(m.weight_scale.shape))
         if not args["symmetric"]:
             m.weight_zero_point.data.copy_(ct_codes(q)[1].reshape(m.weight_zero_point.shape))
+        if iargs and not iargs["dynamic"]:
+            m.input_scale.data.copy_(scale_from_absmax(q.input_absmax, act.kind).reshape(m.input_scale.shape))
         m.quantization_status = QuantizationStatus.FROZEN
     comp = ModelCompressor.from_pretrained_model(model)
     with _quiet_tqdm():
         comp.compress_model(model)
-
     sd = model.state_dict()
-    numel = 0
-    for name, q in quantized.items():
-        codes, zeros = ct_codes(q)
-        got = unpack_from_int32(sd[f"{name}.weight_packed"], q.bits, torch.Size(q.codes.shape))
-        if not torch.equal(got.to(torch.int16), codes):
-            bad = int((got.to(torch.int16) != codes).sum())
-            raise ConfigError(f"{name}: compressed-tensors packed {bad} codes differently from weightlab's "
-                              "(weights off the quantization grid?); nothing was written")
-        if not args["symmetric"]:
-            zp = sd[f"{name}.weight_zero_point"]
-            if zp.dtype == torch.int32:  # group/channel zero points are packed along the output dim
-                zp = unpack_from_int32(zp, q.bits, torch.Size(zeros.shape), packed_dim=0)
-            if not torch.equal(zp.to(torch.int16), zeros):
-                raise ConfigError(f"{name}: compressed-tensors stored other zero points than weightlab's")
-        elif f"{name}.weight_zero_point" in sd:
-            raise ConfigError(f"{name}: a symmetric scheme must not carry weight_zero_point (vLLM refuses it)")
-        numel += q.codes.numel()
+    _check_stored(quantized, sd, args, unpack_from_int32)
+    numel = sum(q.codes.numel() for q in quantized.values())
+    if kv:  # CT infers the scheme from attention modules; a holder of Linears has none, so it is set here
+        comp.quantization_config.kv_cache_scheme = QuantizationArgs(**kv_args(act))
 
     with tempfile.TemporaryDirectory() as tmp:
         # update_config is CT's own writer of the quantization_config block: use it, then read it back
@@ -245,14 +291,21 @@ def to_compressed_tensors(quantized: dict, model: nn.Module, ck) -> tuple[dict, 
         comp.update_config(tmp)
         config = json.loads((Path(tmp) / "config.json").read_text())
 
-    suffixes = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+    suffixes = ("weight_packed", "weight", "weight_scale", "weight_shape", "weight_zero_point", "input_scale")
     stored = {f"{layer}.{s}": sd[f"{layer}.{s}"] for layer in quantized for s in suffixes if f"{layer}.{s}" in sd}
-    stored = {n: t.to(dtype) if t.is_floating_point() else t for n, t in stored.items()}
-    packed_bits = sum(t.numel() * t.element_size() * 8 for t in stored.values())
+    # scales in the checkpoint dtype; the codes (int32 words, int8 or float8 weights) as CT stored them
+    stored = {n: t.to(dtype) if n.endswith("_scale") else t for n, t in stored.items()}
+    for attn, r in kv.items():  # the names vLLM's compressed-tensors KV-cache loader reads
+        ks, vs = r.scales()
+        stored[f"{attn}.k_scale"], stored[f"{attn}.v_scale"] = ks.reshape(1).to(dtype), vs.reshape(1).to(dtype)
+    packed_bits = sum(t.numel() * t.element_size() * 8 for n, t in stored.items() if not n.endswith(("k_scale",
+                                                                                                      "v_scale")))
     # pruning shows as zeros in the weights that were quantized (the source's); zero *codes* alone
     # are not sparsity (a 4-bit grid rounds ~15% of a dense layer to 0)
     sparsity = sparsity_of(ck.get(f"{n}.weight") for n in quantized)
-    summary = {"format": "compressed-tensors", "scheme": scheme_name(args), "weights": args, "ignore": ignore,
+    summary = {"format": "compressed-tensors", "ct_format": config["quantization_config"]["format"],
+               "scheme": scheme_name(args, iargs, bool(kv)), "weights": args, "input_activations": iargs,
+               "kv_cache_scheme": kv_args(act) if kv else None, "ignore": ignore,
                "compressed_tensors_version": ct.__version__, "quantized_layers": len(quantized),
                "quantized_weights": numel, "bits_per_weight": packed_bits / numel if numel else 0.0,
                **sparsity, "warnings": [] if args["symmetric"] else [ASYM_WARNING]}
@@ -263,7 +316,35 @@ def to_compressed_tensors(quantized: dict, model: nn.Module, ck) -> tuple[dict, 
             tensors.update({f"{layer}.{s}": stored[f"{layer}.{s}"] for s in suffixes if f"{layer}.{s}" in stored})
         else:
             tensors[n] = sd[n].to(ck.info(n).dtype) if n in sd else ck.get(n)
+    for attn in kv:
+        tensors[f"{attn}.k_scale"], tensors[f"{attn}.v_scale"] = stored[f"{attn}.k_scale"], stored[f"{attn}.v_scale"]
     return tensors, config, summary
+
+
+def _check_stored(quantized: dict, sd: dict, args: dict, unpack_from_int32) -> None:
+    """Every code CT stored equals weightlab's (packed int32 words, int8 or float8 weights); or a ConfigError."""
+    for name, q in quantized.items():
+        if isinstance(q, FloatQuant):
+            got = sd[f"{name}.weight"]
+            same = got.dtype == q.codes.dtype and torch.equal(got.view(torch.uint8), q.codes.view(torch.uint8))
+        else:
+            codes, zeros = ct_codes(q)
+            if f"{name}.weight_packed" in sd:
+                got = unpack_from_int32(sd[f"{name}.weight_packed"], q.bits, torch.Size(q.codes.shape))
+            else:  # int-quantized: int8 codes as they are
+                got = sd[f"{name}.weight"]
+            same = not got.is_floating_point() and torch.equal(got.to(torch.int16), codes)
+        if not same:
+            raise ConfigError(f"{name}: compressed-tensors stored other codes than weightlab's (weights off the "
+                              "quantization grid?); nothing was written")
+        if not args["symmetric"]:
+            zp = sd[f"{name}.weight_zero_point"]
+            if zp.dtype == torch.int32:  # group/channel zero points are packed along the output dim
+                zp = unpack_from_int32(zp, q.bits, torch.Size(zeros.shape), packed_dim=0)
+            if not torch.equal(zp.to(torch.int16), zeros):
+                raise ConfigError(f"{name}: compressed-tensors stored other zero points than weightlab's")
+        elif any(f"{name}.{z}" in sd for z in ("weight_zero_point", "input_zero_point")):
+            raise ConfigError(f"{name}: a symmetric scheme must not carry zero points (vLLM refuses them)")
 
 
 USAGE_CT = ("Load with transformers (`pip install compressed-tensors`): "
@@ -288,15 +369,21 @@ def sparsity_card(sparsity: float, pattern: str | None) -> dict:
 def ct_card(summary: dict, config: dict | None = None) -> dict:
     a = summary["weights"]
     causal = any(str(x).endswith("ForCausalLM") for x in (config or {}).get("architectures") or [])
+    grid = f"fp{a['num_bits']}" if a.get("type") == "float" else f"int{a['num_bits']}"
     card = {"base_model_relation": "quantized", "library_name": "transformers",
             "pipeline_tag": "text-generation" if causal else None,
-            "tags": ["compressed-tensors", summary["scheme"].lower().replace("_", "-"), f"int{a['num_bits']}"],
-            "details": {"format": "compressed-tensors pack-quantized", "scheme": summary["scheme"],
-                        "bits": a["num_bits"], "group_size": a.get("group_size", -1), "strategy": a["strategy"],
-                        "symmetric": a["symmetric"], "bits_per_weight": round(summary["bits_per_weight"], 4),
+            "tags": ["compressed-tensors", summary["scheme"].lower().replace("_", "-"), grid],
+            "details": {"format": f"compressed-tensors {summary.get('ct_format', 'pack-quantized')}",
+                        "scheme": summary["scheme"], "bits": a["num_bits"], "group_size": a.get("group_size", -1),
+                        "strategy": a["strategy"], "symmetric": a["symmetric"],
+                        "bits_per_weight": round(summary["bits_per_weight"], 4),
                         "quantized_layers": summary["quantized_layers"], "not_quantized": summary["ignore"],
                         "compressed_tensors_version": summary["compressed_tensors_version"]},
             "warnings": list(summary["warnings"]), "usage": USAGE_CT if a["symmetric"] else USAGE_ASYM}
+    if summary.get("input_activations"):
+        card["details"]["input_activations"] = summary["input_activations"]
+    if summary.get("kv_cache_scheme"):
+        card["details"]["kv_cache_scheme"] = summary["kv_cache_scheme"]
     return merge_card(card, sparsity_card(summary["sparsity"], summary["pattern"]))
 
 

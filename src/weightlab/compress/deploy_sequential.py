@@ -40,6 +40,8 @@ def _holder(codes: dict) -> nn.Module:
     """A module tree with one bias-free Linear per quantized layer, under the layer's own name."""
     root = nn.Module()
     for name, q in codes.items():
+        if not hasattr(q, "codes"):  # an attention module's KV-cache ranges: no Linear of its own
+            continue
         parent = root
         *path, leaf = name.split(".")
         for p in path:
@@ -51,15 +53,16 @@ def _holder(codes: dict) -> nn.Module:
     return root
 
 
-def sequential_writer(ck) -> dict:
-    """``on_block_written`` / ``on_finish`` hooks for compress.sequential.run_sequential."""
+def sequential_writer(ck, act=None) -> dict:
+    """``on_block_written`` / ``on_finish`` hooks for compress.sequential.run_sequential (``act``: the
+    activations.ActScheme of W8A8/FP8 and KV-cache quantization, or None)."""
     acc = {"config": None, "summary": None, "bits": 0.0, "numel": 0, "zeros": 0.0, "total": 0, "two_four": True,
            "quantized": set()}
 
     def on_block_written(i, name, tensors, codes):
         if not codes:
             return tensors
-        out, config, summary = to_compressed_tensors(codes, _holder(codes), _BlockView(ck, tensors, codes))
+        out, config, summary = to_compressed_tensors(codes, _holder(codes), _BlockView(ck, tensors, codes), act)
         acc["config"] = acc["config"] or config
         acc["summary"] = acc["summary"] or summary
         n = summary["quantized_weights"]
@@ -68,7 +71,7 @@ def sequential_writer(ck) -> dict:
         acc["zeros"] += summary["sparsity"] * n
         acc["total"] += n
         acc["two_four"] &= summary["pattern"] == "2:4"
-        acc["quantized"].update(codes)
+        acc["quantized"].update(n for n, q in codes.items() if hasattr(q, "codes"))
         return out
 
     def on_finish(model: nn.Module):

@@ -201,9 +201,11 @@ def quantize_job(path, out, method: str = "gptq", bits: int | None = None, group
                  no_eval: bool = False, fmt: str = "compressed-tensors", packed: str | None = None,
                  params: dict | None = None, device: str = "auto", dtype: str = "auto",
                  sequential: bool | None = None, offload_activations: bool = False, max_memory: str | None = None,
-                 force: bool = False, log: Callable[[str], None] = _quiet, warn: Callable[[str], None] = _quiet):
+                 force: bool = False, log: Callable[[str], None] = _quiet, warn: Callable[[str], None] = _quiet,
+                 activations: str = "none", observer: str = "static_minmax", kv_cache: bool = False):
     """Quantize the checkpoint at ``path`` into ``out`` (compressed-tensors by default, or dequantized hf);
-    returns (QuantReport, result dict) (None on other ranks)."""
+    returns (QuantReport, result dict) (None on other ranks). ``activations``/``observer``/``kv_cache``: W8A8 and
+    FP8 activation and KV-cache quantization (compress/activations.py), compressed-tensors only."""
     from ..engine.source import StateDictSource
     from ..engine.streaming import write_source
     from ..io.provenance import Provenance
@@ -217,6 +219,15 @@ def quantize_job(path, out, method: str = "gptq", bits: int | None = None, group
     sym = ct if sym is None else sym
     bits_eff = check_quant_request(method, bits, group_size, params)
     spec = get_method("compress", method)
+    from .activations import ActScheme
+
+    act = ActScheme(activations, observer, "float" if spec.name == "fp8" else "int", kv_cache)
+    if act.active and not ct:
+        raise ConfigError("activation and KV-cache scales are stored only in compressed-tensors checkpoints; use "
+                          "--format compressed-tensors, or --activations none without --kv-cache")
+    if act.inputs != "none" and bits_eff != 8:
+        raise ConfigError(f"quantized activations (W8A8, FP8) take 8-bit weights; got {bits_eff} bits: pass --bits 8")
+    akw = dict(activations=activations, observer=observer, kv_cache=kv_cache) if act.active else {}
     if ct:  # the cheap refusals first, before loading the model
         deploy.check_request(method, bits_eff, group_size, params)
     src, ck, kind = open_job(path, out, force, llm_only=True)
@@ -240,8 +251,10 @@ def quantize_job(path, out, method: str = "gptq", bits: int | None = None, group
         deploy.check_request(method, bits_eff, group_size, params, deploy.linear_in_features(layers))
         del skeleton
         # CT stores scales in the checkpoint's dtype; fit them in it exactly (bf16 models: bf16 scales)
+        # (float32 models: float16 scales for pack-quantized, as before; W8A8/FP8 keep float32 as llm-compressor)
         scale_dtype = {"bfloat16": "bfloat16", "float16": "float16"}.get(
-            str(ck.info(f"{next(iter(layers))}.weight").dtype).removeprefix("torch."), "float16")
+            str(ck.info(f"{next(iter(layers))}.weight").dtype).removeprefix("torch."),
+            "float32" if act.active or spec.name == "fp8" else "float16")
         if not sym:
             warn(deploy.ASYM_WARNING)
     if seq:
@@ -250,10 +263,14 @@ def quantize_job(path, out, method: str = "gptq", bits: int | None = None, group
         return run_sequential_job(
             "quantize", src, ck, kind, out, force, _placement(device, dtype, offload_activations, max_memory),
             dict(method=method, bits=bits, group_size=group_size, sym=sym, scale_dtype=scale_dtype, calib=calib,
-                 nsamples=nsamples, seqlen=seqlen, seed=seed, sampling=sampling, keep_zeros=keep_zeros, **params),
+                 nsamples=nsamples, seqlen=seqlen, seed=seed, sampling=sampling, keep_zeros=keep_zeros, **params,
+                 **akw),
             (eval_data, eval_tokens, no_eval), "quantize-report.json", log, hessian=hessian,
-            extra={"format": fmt, "sym": sym, "scale_dtype": scale_dtype}, data=hessian or "block" in needs,
-            **(sequential_writer(ck) if ct else {}))
+            extra={"format": fmt, "sym": sym, "scale_dtype": scale_dtype,
+                   **({"after_note": "weights only: the streamed evaluation does not quantize activations"}
+                      if act.inputs != "none" else {})},
+            data=hessian or "block" in needs or act.calibrates,
+            **(sequential_writer(ck, act if act.active else None) if ct else {}))
     single_process_only()
     dev, dt = dev_dt(ck, device, dtype)
     model, tok, evaluate = load_with_evaluator(kind, src, ck, eval_data, eval_tokens, no_eval, dtype=dt)
@@ -262,8 +279,14 @@ def quantize_job(path, out, method: str = "gptq", bits: int | None = None, group
         log(f"before: {before}")
     rep = do_quantize(model, method, bits, group_size, sym=sym, scale_dtype=scale_dtype, calib=calib, tokenizer=tok,
                       nsamples=nsamples, seqlen=seqlen, seed=seed, sampling=sampling, device=dev,
-                      offload_activations=offload_activations, keep_zeros=keep_zeros, **params)
-    after = evaluate(model) if evaluate else None
+                      offload_activations=offload_activations, keep_zeros=keep_zeros, **params, **akw)
+    if evaluate and rep.act is not None:  # W8A8/FP8: evaluated with its activations (and KV cache) quantized
+        from .activations import fake_quant
+
+        with fake_quant(model, rep.quantized, rep.act):
+            after = evaluate(model)
+    else:
+        after = evaluate(model) if evaluate else None
     if after:
         log(f"after:  {after}")
     result = {**rep.as_dict(), "sym": sym, "scale_dtype": scale_dtype, "params": params, "before": before,
@@ -276,7 +299,7 @@ def quantize_job(path, out, method: str = "gptq", bits: int | None = None, group
     report_file = {"quantize-report.json": json.dumps(result, indent=1)}
     if ct:
         summ = deploy.save_compressed_tensors(out, rep.quantized, model, ck, provenance=prov, force=force,
-                                              extra_files=report_file, inputs=[src])
+                                              extra_files=report_file, inputs=[src], act=rep.act)
         result["bits_per_weight_on_disk"] = summ["bits_per_weight"]
         result["written_as"] = f"compressed-tensors {summ['scheme']}"
     else:

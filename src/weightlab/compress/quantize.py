@@ -15,6 +15,7 @@ the engine runs on each block before its layers are quantized, with the block an
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -60,6 +61,7 @@ class QuantReport(Result):
     layouts: dict = field(default_factory=dict)
     seconds: float = 0.0
     transforms: list = field(default_factory=list)  # what block steps did (AWQ: one entry per smoothed mapping)
+    act: object = None  # activations.ActScheme when activations or the KV cache are quantized (W8A8, FP8)
 
     @property
     def bits_per_weight(self) -> float:
@@ -74,7 +76,8 @@ class QuantReport(Result):
                 "bits_per_weight": round(self.bits_per_weight, 4), "quantized_weights": n,
                 "rel_weight_error": round((err / tot) ** 0.5, 6) if tot else 0.0,
                 "seconds": round(self.seconds, 2), "layers": self.layers,
-                **({"transforms": self.transforms} if self.transforms else {})}
+                **({"transforms": self.transforms} if self.transforms else {}),
+                **({"activations": dataclasses.asdict(self.act)} if self.act is not None else {})}
 
 
 @dataclass
@@ -121,7 +124,8 @@ def quantize(model: nn.Module, method: str = "rtn", bits: int | None = None, gro
              seqlen: int = 512, seed: int = 0, sampling: str = "random", show_progress: bool | None = None,
              layer_filter=None, device: str | torch.device | None = None, after_block=None, dist=None,
              shards: int = 1, offload_activations: bool = False, quantized_sink: dict | None = None,
-             keep_zeros: bool = True, **method_params) -> QuantReport:
+             keep_zeros: bool = True, activations: str = "none", observer: str = "static_minmax",
+             kv_cache: bool = False, **method_params) -> QuantReport:
     """Quantize ``model`` in place (weights := dequantized values); return the report with integer layers.
 
     ``group_size <= 0`` means one group per output row (per-channel); a partial last group is allowed.
@@ -133,6 +137,10 @@ def quantize(model: nn.Module, method: str = "rtn", bits: int | None = None, gro
     ``keep_zeros``: a weight that is exactly 0 before quantization (a pruned model) is exactly 0
     after it - the zero level is on every affine grid, and GPTQ compensates the error of keeping
     it. Quantizers without a zero level (StatsQ, PB-LLM) refuse a pruned layer unless this is off.
+    ``activations``: none (weight-only), ``dynamic`` (8-bit per-token input scales at run time) or ``static``
+    (one input scale per layer, max |x| over the calibration inputs by ``observer``; kept in each integer layer's
+    ``input_absmax``); int8 with integer weights, FP8 with fp8's. ``kv_cache``: FP8 keys/values with calibrated
+    per-tensor scales (report.quantized gets an activations.KVRange per attention module). compress/activations.py.
     """
     t0 = time.perf_counter()
     onload = model if hasattr(model, "load_block") else None
@@ -148,22 +156,32 @@ def quantize(model: nn.Module, method: str = "rtn", bits: int | None = None, gro
         raise ConfigError(f"{spec.name}: bits must be an integer in [{lo}, {hi}], got {bits!r}")
     if scale_dtype not in ("float16", "float32", "bfloat16"):
         raise ConfigError(f"scale_dtype must be float16, float32 or bfloat16, got {scale_dtype!r}")
+    act = _act_scheme(spec.name, bits, activations, observer, kv_cache)
     layers = target_layers(model, _blocks_of(onload))
     if layer_filter is not None:
         layers = {n: m for n, m in layers.items() if layer_filter(n)}
     if not layers:
         raise ConfigError("the model has no Linear/Conv layers to quantize")
     needs = quant_needs(spec, cfg)
-    report = QuantReport(spec.name, bits, group_size)
+    report = QuantReport(spec.name, bits, group_size, act=act if act.active else None)
+    sink = report.quantized if quantized_sink is None else quantized_sink
+    observed: dict = {"inputs": {}, "kv": {}}  # this block's calibrated activation ranges
     step = None
-    if "block" in needs:
-        fn = BLOCK_STEPS[spec.name]
+    if "block" in needs or act.calibrates:
+        fn = BLOCK_STEPS.get(spec.name) if "block" in needs else None
 
         def step(run, ls, st):
-            fn(BlockContext(run, ls, st, bits, group_size, sym, scale_dtype, cfg, report.transforms))
+            if fn is not None:
+                fn(BlockContext(run, ls, st, bits, group_size, sym, scale_dtype, cfg, report.transforms))
+            if act.calibrates:  # after the block's transform, on the inputs the quantized layers will see
+                from .activations import observe_block
+
+                observed["inputs"], observed["kv"] = observe_block(run, ls, act)
     # a quantizer may want the next block's inputs computed with its transformed but unquantized weights
-    # (AWQ with RTN, as llm-compressor): the quantized weights are then set once the block has run again
-    late = [] if not getattr(cfg, "propagate_quantized", True) else None
+    # (AWQ/SmoothQuant with RTN, as llm-compressor): the quantized weights are then set once the block has run
+    # again; so do data-free quantizers whose activation scales are
+    # calibrated: llm-compressor calibrates them with its quantization disabled, on the full-precision model
+    late = [] if not getattr(cfg, "propagate_quantized", "hessian" in needs or not act.calibrates) else None
 
     def do_layers(names_mods, stats):
         for n, m in names_mods.items():
@@ -175,19 +193,25 @@ def quantize(model: nn.Module, method: str = "rtn", bits: int | None = None, gro
             q = spec.fn(ctx)
             if keep is not None:
                 q = _force_zeros(q, keep)
+            if act.inputs == "static":
+                q.input_absmax = observed["inputs"].get(n)
+                if q.input_absmax is None:
+                    raise ConfigError(f"no calibration input reached {n}, so it has no static input scale")
             w_hat = q.dequantize()
             if late is not None:
                 late.append((m, w_hat))
             else:
                 set_weight_matrix(m, w_hat)
-            bpw = bits_per_weight(q)
+            bpw = _bits_per_weight(q)
             sq = _sq_sum(w)
-            (report.quantized if quantized_sink is None else quantized_sink)[n] = _to_cpu(q)
+            sink[n] = _to_cpu(q)
             report.layouts[n] = layout_of(m)
             report.layers.append({"name": n, "shape": list(w.shape), "numel": w.numel(),
                                   "bits_per_weight": round(bpw, 4), "sq_norm": sq,
                                   "rel_error": (_sq_sum(w, w_hat) / max(sq, 1e-30)) ** 0.5,
                                   "kept_zeros": int(keep.sum()) if keep is not None else 0})
+        sink.update(observed["kv"])  # KVRange per attention module of the block
+        observed["kv"] = {}
 
     def set_late(i, name, block):
         while late:
@@ -205,6 +229,24 @@ def quantize(model: nn.Module, method: str = "rtn", bits: int | None = None, gro
                    layer_stats="hessian" in needs)  # quantizers read no other statistics
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _bits_per_weight(q) -> float:
+    from ..tensor.quant8 import FloatQuant
+
+    if isinstance(q, FloatQuant):  # one byte a weight plus its scales (the packed format has no FP8 layout)
+        return (q.codes.numel() + q.scales.numel() * q.scales.element_size()) * 8 / q.codes.numel()
+    return bits_per_weight(q)
+
+
+def _act_scheme(method: str, bits: int, activations: str, observer: str, kv_cache: bool):
+    from .activations import ActScheme
+
+    act = ActScheme(activations, observer, "float" if method == "fp8" else "int", bool(kv_cache))
+    if act.inputs != "none" and bits != 8:
+        raise ConfigError(f"quantized activations are 8-bit (W8A8 int8 or FP8) and take 8-bit weights; got "
+                          f"{bits}-bit weights: pass --bits 8, or --activations none (weight-only)")
+    return act
 
 
 def _zeros_to_keep(name: str, w: torch.Tensor, spec) -> torch.Tensor | None:

@@ -99,6 +99,7 @@ class AffineQuant:
     bits: int
     group_size: int
     sym: bool = False
+    input_absmax: torch.Tensor | None = None  # calibrated max |x| of the layer's input (static W8A8 activations)
 
     def dequantize(self, rows: int = 256) -> torch.Tensor:
         # row chunks: the gathered scales, zeros and float codes of the whole matrix would be three more
