@@ -259,8 +259,13 @@ def test_cli_tune_on_a_4bit_base_then_fold_both_ways(folders, tmp_path):
     assert conf["base_model"] == str(folders / "ct")
     merged, _ = load_quantized_causal_lm(out / "merged", torch.float32)  # re-quantized, still packed
     assert any(isinstance(m, QuantLinear) for m in merged.modules())
-    for extra, fmt in (([], None), (["--requantize", "rtn"], "pack-quantized")):
-        o = tmp_path / f"fold{len(extra)}"
+    gptq = ["--requantize", "gptq", "--calib", str(folders / "text.txt"), "--nsamples", "4", "--seqlen", "16",
+            "--device", "cpu"]
+    for i, (extra, fmt) in enumerate((([], None), (["--requantize", "rtn"], "pack-quantized"), (gptq, "pack-quantized"))):
+        o = tmp_path / f"fold{i}"
         assert main(["adapter", "fold", str(out / "adapter"), "--base", str(folders / "ct"), *extra, "-o", str(o)]) \
             in (0, None)
         assert json.loads((o / "config.json").read_text()).get("quantization_config", {}).get("format") == fmt
+        if fmt:
+            load_quantized_causal_lm(o)  # the base's scheme again: it loads packed
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
