@@ -9,7 +9,9 @@
    the same token batch for weightlab and PEFT; weightlab's SORSA r=16 beside it. Every tool runs
    in its own child process (clean peak RSS); the order alternates between rounds; the step time
    is the median over the timed steps, taken after one warm-up step. DoRA (PEFT ``use_dora``) with
-   the same r, alpha, targets and batch, weightlab's against PEFT's.
+   the same r, alpha, targets and batch, weightlab's against PEFT's; OFT (block size 32, PEFT's
+   default Cayley-Neumann rotation) on the same targets and batch, weightlab's against PEFT's, with
+   a verdict on the per-round ratios (ratio_verdict: met only when every one of >= 3 rounds is <= 1x).
 2. Convergence: every method of CONVERGENCE at about the same trainable budget (LoRA r=8 on the
    same seven projections; the table gives each method's measured count) fine-tunes SmolLM2 on
    Python's own documentation (pydoc text of ~60 standard-library modules, a domain the zoo's
@@ -34,7 +36,8 @@ REPRO = ".venv/bin/python benchmarks/adapt.py"
 FIGURE = C.BENCH_DIR / "figures" / "adapt_convergence.png"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SPEED_TOOLS = (("weightlab", "lora"), ("peft", "lora"), ("weightlab", "sorsa"), ("weightlab", "dora"),
-               ("peft", "dora"))
+               ("peft", "dora"), ("weightlab", "oft"), ("peft", "oft"))
+OFT_BLOCK = 32  # PEFT's default oft_block_size; divides SmolLM2's 576 and 1536
 # One line per method. Parameters give about LoRA r=8's budget on SmolLM2's seven projections
 # (2.44M); the results table prints each method's real count. A method not registered is skipped.
 CONVERGENCE = [
@@ -110,14 +113,19 @@ def child_speed(tool: str, method: str, batch: int, seqlen: int, steps: int) -> 
     if tool == "peft":
         import peft
 
-        cfg = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, bias="none",
-                              task_type="CAUSAL_LM", use_dora=method == "dora")
+        if method == "oft":
+            cfg = peft.OFTConfig(oft_block_size=OFT_BLOCK, r=0, target_modules=TARGETS, task_type="CAUSAL_LM")
+        else:
+            cfg = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, bias="none",
+                                  task_type="CAUSAL_LM", use_dora=method == "dora")
         model = peft.get_peft_model(model, cfg)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
         reg = None
     else:
-        adapt.attach(model, method, targets=TARGETS, r=16, **({"alpha": 32} if method in ("lora", "dora") else {}))
+        kw = {"block_size": OFT_BLOCK} if method == "oft" else {"r": 16, **({"alpha": 32} if method in ("lora", "dora")
+                                                                             else {})}
+        adapt.attach(model, method, targets=TARGETS, **kw)
         params = adapt.trainable_parameters(model)
         opt = adapt.make_optimizer(model, 1e-4)
         reg = adapt.backward_regularizers
@@ -140,8 +148,9 @@ def child_speed(tool: str, method: str, batch: int, seqlen: int, steps: int) -> 
 
 
 def run_speed(args) -> dict:
-    out = {f"{t}:{m}": [] for t, m in SPEED_TOOLS}
-    order = list(SPEED_TOOLS)
+    keep = set(args.tools.split(",")) if args.tools else None  # e.g. --tools oft: only OFT's pair
+    order = [(t, m) for t, m in SPEED_TOOLS if keep is None or m in keep]
+    out = {f"{t}:{m}": [] for t, m in order}
     loads = [os.getloadavg()[0]]  # other processes on the machine: said beside the times
     for rnd in range(args.rounds):
         for tool, method in (order if rnd % 2 == 0 else order[::-1]):
@@ -248,27 +257,35 @@ def report(args, speed: dict | None, conv: dict | None) -> str:
                      f"{args.rounds} round(s) in alternating order, each tool in its own process, "
                      f"{args.threads} threads" + (f"; 1-minute load average {load[0]:.1f}-{load[1]:.1f} during the "
                                                   "run" if load else "") + ")")
-        peft_t = statistics.median(r["step_s"] for r in speed["peft:lora"])
-        lora_t = statistics.median(r["step_s"] for r in speed["weightlab:lora"])
+        med = {k: statistics.median(r["step_s"] for r in v) for k, v in speed.items()}
+        peft_t, lora_t = med.get("peft:lora"), med.get("weightlab:lora")  # absent in a --tools run
         rows = []
         for key, runs in speed.items():
             t = statistics.median(r["step_s"] for r in runs)
             rss = max(r["peak_rss_mib"] for r in runs)
             every = [x for r in runs for x in r["steps"]]
             rows.append([key.replace(":", " "), f"{runs[0]['trainable']:,}",
-                         f"{t:.2f} ({min(every):.2f}-{max(every):.2f})", C.fmt_ratio(t / peft_t),
-                         C.fmt_ratio(t / lora_t), f"{rss:.0f}", f"{runs[0]['loss0']:.4f}"])
+                         f"{t:.2f} ({min(every):.2f}-{max(every):.2f})", C.fmt_ratio(peft_t and t / peft_t),
+                         C.fmt_ratio(lora_t and t / lora_t), f"{rss:.0f}", f"{runs[0]['loss0']:.4f}"])
         parts.append(C.md_table(["tool method", "trainable", "step s (min-max)", "vs PEFT LoRA", "vs weightlab LoRA",
                                  "peak RSS MiB", "first loss"], rows))
-        sorsa_t = statistics.median(r["step_s"] for r in speed["weightlab:sorsa"])
         dora = ""
-        if "weightlab:dora" in speed and "peft:dora" in speed:  # results saved before DoRA joined have none
+        if lora_t and "weightlab:dora" in speed and "peft:dora" in speed:  # results saved before DoRA joined have none
             dora_t, peft_dora_t = (statistics.median(r["step_s"] for r in speed[k]) for k in ("weightlab:dora",
                                                                                             "peft:dora"))
             dora = (f"; weightlab DoRA / PEFT DoRA (use_dora, same r, alpha, targets, batch) = "
                     f"{dora_t / peft_dora_t:.2f}x (target <= 1x), DoRA / LoRA = {dora_t / lora_t:.2f}x")
-        parts.append(f"Targets: weightlab LoRA / PEFT LoRA = {lora_t / peft_t:.2f}x (target <= 1x); SORSA / LoRA = "
-                     f"{sorsa_t / lora_t:.2f}x (target <= 1.2x){dora}. The same first-step loss shows both tools "
+        oft = ""
+        if "weightlab:oft" in speed and "peft:oft" in speed:  # results saved before OFT joined have none
+            pairs = [w["step_s"] / p["step_s"] for w, p in zip(speed["weightlab:oft"], speed["peft:oft"])]
+            oft_t, peft_oft_t = (statistics.median(r["step_s"] for r in speed[k]) for k in ("weightlab:oft",
+                                                                                          "peft:oft"))
+            oft = (f"; weightlab OFT / PEFT OFT (block size {OFT_BLOCK}, Cayley-Neumann, same targets and batch) = "
+                   f"{oft_t / peft_oft_t:.2f}x, per round {', '.join(f'{x:.2f}' for x in pairs)}: target <= 1x "
+                   f"{C.ratio_verdict(pairs, 1.0)}")
+        lora = (f"weightlab LoRA / PEFT LoRA = {lora_t / peft_t:.2f}x (target <= 1x); SORSA / LoRA = "
+                f"{med['weightlab:sorsa'] / lora_t:.2f}x (target <= 1.2x)" if lora_t and peft_t else "LoRA not run")
+        parts.append(f"Targets: {lora}{dora}{oft}. The same first-step loss shows both tools "
                      "start from the same function on the same batch. Shared machine: per-step times vary.")
     if conv:
         args = argparse.Namespace(**{**vars(args), **conv.get("_args", {})})
@@ -355,6 +372,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--speed-steps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--tools", default=None, help="speed: only these methods' tools (comma list, e.g. oft)")
     ap.add_argument("--methods", default=",".join(m for m, _ in CONVERGENCE))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=30)
@@ -377,6 +395,8 @@ def main() -> None:
     if args.only in (None, "speed"):
         speed = run_speed(args)
         speed["_args"] = {k: getattr(args, k) for k in ("batch", "seqlen", "speed_steps", "rounds", "threads")}
+        if args.tools:
+            speed["_args"]["tools"] = args.tools
         speed["_cmd"] = _flags(speed["_args"])
     if args.only in (None, "convergence"):
         cmd = [sys.executable, __file__, "_converge", "--methods", args.methods, "--seeds", str(args.seeds),
