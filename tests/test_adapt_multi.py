@@ -304,7 +304,7 @@ def test_cli_combine_equals_peft(tmp_path):
     adapt.import_peft_all(m, tmp_path / "p")
     adapt.save(m, tmp_path / "wa", name="p")
     adapt.save(m, tmp_path / "wb", name="b")
-    assert main(["adapter", "combine", str(tmp_path / "wa"), str(tmp_path / "wb"), "-w", "0.7,0.3", "-c", "cat",
+    assert main(["adapter", "combine", str(tmp_path / "wa"), str(tmp_path / "wb"), "--weights", "0.7,0.3", "-c", "cat",
                  "-o", str(tmp_path / "wcat")]) == 0
     adapt.add_weighted(m, ["p", "b"], [0.7, 0.3], "cat", combination="cat")
     adapt.set_active(m, "cat")

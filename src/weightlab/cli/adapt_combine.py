@@ -12,7 +12,7 @@ from .adapt import adapter_app
 
 @adapter_app.command("combine")
 def combine(paths: list[str] = typer.Argument(..., help="LoRA adapter folders (PEFT or weightlab), one or more"),
-            weights: str = typer.Option(..., "--weights", "-w", help="one weight per adapter, comma-separated, "
+            weights: str = typer.Option(..., "--weights", help="one weight per adapter, comma-separated, "
                                                                       "e.g. 0.7,0.3 (negative subtracts)"),
             combination: str = typer.Option("svd", "--combination", "-c",
                                             help="svd (rank-R SVD of the weighted sum of the updates), cat "
