@@ -258,6 +258,9 @@ def load_quantized_causal_lm(path, dtype: torch.dtype = torch.float32):
                                           f"{want.dtype} for a {m.out_features}x{m.in_features} layer",
                                           p, f"{n}.{suffix}")
                 setattr(ql, suffix, t.clone())  # out of the memory map: the model owns its bytes
+            if ql.weight_shape.tolist() != [m.out_features, m.in_features]:
+                raise CheckpointError(f"weight_shape {ql.weight_shape.tolist()} does not match the model's "
+                                      f"{m.out_features}x{m.in_features} layer", p, f"{n}.weight_shape")
             _set_module(model, n, ql)
         sd, quant = {}, {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
         for key, t in model.state_dict(keep_vars=True).items():
