@@ -113,6 +113,11 @@ def report(results: list[dict], seeds: list[int], depths: list[int], epochs: int
         f"{statistics.mean(r['learngene_cpu_s'] for r in results):.0f} CPU s per seed; the copies need only the "
         f"ancestry model. At depth 4 copy-4 and copy-8 are the same model (both copy ancestry layers 0, 2, 4, 6).",
         "",
+        "Per seed, ancestry / Aux-Net test accuracy: " + ", ".join(
+            f"seed {s}: {100 * r['teacher_acc']:.1f} / {100 * r['aux_acc']:.1f}"
+            + (" (the Aux-Net's distillation diverged)" if r["aux_acc"] < 0.5 else "") for s, r in zip(seeds, results))
+        + ". The means above mix these; read the per-seed wins below.",
+        "",
         f"Claim, at equal fine-tuning steps, final accuracy: learngene starts beat random init in "
         f"{wins['random']}/{n} (depth, seed) pairs, copying 4 ancestry layers (equal storage) in "
         f"{wins['copy-4']}/{n} and copying all 8 (twice the storage) in {wins['copy-8']}/{n}.",
