@@ -7,16 +7,25 @@ in a projected space: for a 2-D gradient G (M x N) take the top-rank SVD of G, r
 two-sided U^T G V ("full"); Adam runs on R and scale * project_back(update) is applied.
 ``wl.adapt.make_optimizer(model, lr)`` returns that optimizer (:class:`ProjectedAdamW`).
 The paper's form is implemented (the released code's quirks are not copied).
+
+Projection rank: the paper's 128 is for pretraining full weight matrices. The trainable 2-D tensors
+here are the factors A (r x in) and B (out x r), whose small side is r = 8, so rank 128 would be a
+complete (identity-sized) projection that saves nothing. The default ``proj_rank=None`` therefore
+projects onto r // 2 directions (4 at r = 8): Adam's m and v of A are (r/2) x in instead of r x in,
+of B out x (r/2) instead of out x r, about half of LoRA's optimizer state (see :func:`state_bytes`).
 """
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
+from pydantic import Field
+
 from ..registry import MethodConfig, Regime, register
 from ..tensor.svd import lowrank_factor
 from .layer import AdapterMethod, rank_of
@@ -25,7 +34,8 @@ from .layer import AdapterMethod, rank_of
 class GradNormLoRPConfig(MethodConfig):
     r: int = 8
     alpha: float = 16.0
-    proj_rank: int = 128
+    proj_rank: int | None = Field(None, ge=1, description="rank of the gradient projection; None: r // 2 "
+                                  "(a rank >= r projects the r-sided factors completely and saves no memory)")
     update_proj_gap: int = 200
     proj_scale: float = 0.25
     proj_type: Literal["std", "full"] = "std"
@@ -86,8 +96,30 @@ class GradNormLoRP(AdapterMethod):
 
     @staticmethod
     def make_optimizer(params, lr, cfg, weight_decay=0.0):
-        return ProjectedAdamW(params, lr=lr, rank=cfg.proj_rank, update_proj_gap=cfg.update_proj_gap,
+        rank = projection_rank(cfg)
+        if rank >= cfg.r:
+            warnings.warn(f"gradnormlorp proj_rank={rank} >= r={cfg.r}: the projection of the rank-{cfg.r} "
+                          "factors is complete, so the optimizer state is as large as LoRA's; use proj_rank < r "
+                          "(default r // 2) to shrink it", stacklevel=2)
+        return ProjectedAdamW(params, lr=lr, rank=rank, update_proj_gap=cfg.update_proj_gap,
                               scale=cfg.proj_scale, proj_type=cfg.proj_type, weight_decay=weight_decay)
+
+
+def projection_rank(cfg: GradNormLoRPConfig) -> int:
+    """The gradient-projection rank the optimizer uses: ``proj_rank``, or r // 2 (at least 1) when None."""
+    return cfg.proj_rank if cfg.proj_rank is not None else max(1, cfg.r // 2)
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor an optimizer keeps in its state (moments, projectors, step counters):
+    the measured optimizer memory, comparable across AdamW and :class:`ProjectedAdamW`."""
+    def nbytes(x):
+        if torch.is_tensor(x):
+            return x.numel() * x.element_size()
+        if isinstance(x, (tuple, list)):
+            return sum(nbytes(y) for y in x)
+        return 0
+    return sum(nbytes(v) for st in opt.state.values() for v in st.values())
 
 
 class ProjectedAdamW(torch.optim.Optimizer):
