@@ -356,7 +356,7 @@ def test_cli_errors(trained, tmp_path, capsys):
     r = _cli(capsys, "elastic", "eval", str(tmp_path / "nope"), "--dataset", "digits")
     assert r.exit_code == 1 and "does not exist" in r.output
     r = _cli(capsys, "elastic", "train", "bignas", "--dataset", "wine", "-o", str(tmp_path / "s"))
-    assert r.exit_code == 1 and "digits or mnist1d" in r.output
+    assert r.exit_code == 1 and "digits, mnist1d or text" in r.output
     r = _cli(capsys, "elastic", "train", "bignas", "--dataset", "digits", "-o", sup)
     assert r.exit_code == 1 and "already exists" in r.output
     r = _cli(capsys, "elastic", "train", "bignas", "--dataset", "digits")

@@ -10,6 +10,11 @@ lr0 * rate ** ((epoch - warmup) / decay_epochs), never below ``lr_floor`` * lr0 
 constant ending"; rate 0.97 per 2.4 epochs in the paper's ImageNet run; here decay_epochs defaults to the
 value that reaches the floor at 70% of training, because CPU runs are ~10x shorter). After training, BN
 statistics are recalibrated per child (``calibrate``) before it is evaluated or exported.
+
+net="lm" (a char-level decoder-only transformer on the text zoo, ``bignas_lm.py``): the same step on
+next-character targets (every position is one sample; the soft targets are the largest child's per-position
+distributions). It has no BN, so calibration is a no-op; its own defaults (``LM_DEFAULTS``, used where a field is
+not given) are AdamW, lr 2e-3, no label smoothing, dropout 0.1, 12 epochs.
 """
 from __future__ import annotations
 
@@ -29,6 +34,9 @@ from ..errors import ConfigError
 from ..registry import MethodConfig, Regime, register
 from .bignas_nets import Child, ElasticCNN, ElasticMLP, ElasticNet
 
+LM_DEFAULTS = {"optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.01, "label_smoothing": 0.0, "dropout": 0.1,
+               "epochs": 12, "warmup_epochs": 0.5}
+
 PAPER = ("BigNAS: Scaling Up Neural Architecture Search with Big Single-Stage Models (Yu et al., ECCV 2020, "
          "arXiv 2003.11142)")
 
@@ -37,10 +45,10 @@ class BigNASConfig(MethodConfig):
     """Paper rules at CPU scale: sandwich with 2 random children, in-place KD at T=1, label smoothing 0.1 and
     dropout 0.2 on the largest child only, wd once per step, exp decay 0.97 to a 5% floor after warmup."""
 
-    net: Literal["mlp", "cnn"] = "cnn"
+    net: Literal["mlp", "cnn", "lm"] = "cnn"
     epochs: int = Field(40, ge=1)
     batch_size: int = Field(64, ge=2)
-    optimizer: Literal["sgd", "rmsprop"] = "sgd"  # the paper: RMSProp; public BigNAS-style code: SGD-nesterov
+    optimizer: Literal["sgd", "rmsprop", "adamw"] = "sgd"  # paper: RMSProp; public BigNAS-style code: SGD
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-5, ge=0)
@@ -56,6 +64,15 @@ class BigNASConfig(MethodConfig):
     dropout: float = Field(0.2, ge=0, lt=1)
     calib_batches: int = Field(64, ge=1)
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lm_defaults(cls, data):
+        """A transformer trains badly with the CNN recipe (SGD lr 0.05, label smoothing): net="lm" fills the
+        fields not given from LM_DEFAULTS."""
+        if isinstance(data, dict) and data.get("net") == "lm":
+            data = {**LM_DEFAULTS, **data}
+        return data
 
     @model_validator(mode="after")
     def _schedule_fits(self):
@@ -90,6 +107,10 @@ def make_supernet(cfg: BigNASConfig, num_features: int, num_classes: int) -> Ela
         torch.manual_seed(cfg.seed)
         if cfg.net == "mlp":
             return ElasticMLP(num_features, num_classes, dropout=cfg.dropout)
+        if cfg.net == "lm":  # num_features: the context length of the windows; num_classes: the vocabulary
+            from .bignas_lm import ElasticLM
+
+            return ElasticLM(num_classes, num_features, dropout=cfg.dropout)
         side = math.isqrt(num_features)
         if side * side == num_features and side <= 16:
             return ElasticCNN(num_classes, 2, side, dropout=cfg.dropout)
@@ -120,17 +141,19 @@ def sandwich_step(net: ElasticNet, opt: torch.optim.Optimizer, x: torch.Tensor, 
     others = [net.random_child(rng) for _ in range(cfg.num_random)] + [mn]
     opt.zero_grad(set_to_none=True)
     net.set_child(mx)
-    out = net(x)
+    flat = (lambda o: o.flatten(0, -2)) if y.dim() > 1 else (lambda o: o)  # LM: every position is a sample
+    y = y.reshape(-1)
+    out = flat(net(x))
     loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
     loss.backward()
     if cfg.teacher_forward == "clean":
         with torch.no_grad(), _no_dropout(net):
-            out = net(x)
+            out = flat(net(x))
     teacher = F.softmax(out.detach(), dim=1)
     losses = [loss.item()]
     for c in others:
         net.set_child(c)
-        o = net(x)
+        o = flat(net(x))
         la = soft_ce(o, teacher) if cfg.inplace_kd else F.cross_entropy(o, y)
         la.backward()
         losses.append(la.item())
@@ -140,6 +163,8 @@ def sandwich_step(net: ElasticNet, opt: torch.optim.Optimizer, x: torch.Tensor, 
 
 
 def make_optimizer(net: ElasticNet, cfg: BigNASConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":  # the transformer's optimizer (weight decay decoupled, once per step)
+        return torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "rmsprop":  # TF-style RMSProp as in EfficientNet/BigNAS: decay 0.9, eps 1e-3
         return torch.optim.RMSprop(net.parameters(), lr=cfg.lr, alpha=0.9, eps=1e-3, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay)

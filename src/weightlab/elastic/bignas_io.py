@@ -6,7 +6,10 @@
   whose BN statistics the buffers hold, the training config) and the supernet's tensors.
 - A child folder holds only the child's own tensors (its parameter count is its own). MLP children are the zoo's
   MLP in the zoo classifier format (``weightlab-zoo-classifier``, kind mlp), which ``weightlab align`` and the
-  other families load; CNN children are ``weightlab-bignas-cnn`` folders (a residual CNN the zoo lacks).
+  other families load; CNN children are ``weightlab-bignas-cnn`` folders (a residual CNN the zoo lacks); LM
+  children are ``weightlab-bignas-lm`` folders (config.json: the arch - vocab_size, context, d_model, head_dim, heads
+  and mlp_hidden per block - and the vocabulary string; the zoo has no small transformer format).
+- The "text" dataset: windows of the zoo's Wikipedia text in a fixed character vocabulary (bignas_lm.py).
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ from .bignas_nets import Child, ElasticNet, build_child, build_supernet
 
 SUPERNET = "weightlab-bignas-supernet"
 CHILD_CNN = "weightlab-bignas-cnn"
+CHILD_LM = "weightlab-bignas-lm"
+TEXT = "text"
 ZOO_CLASSIFIER = "weightlab-zoo-classifier"  # the zoo classifier format (align/models.py reads it)
 VAL_FRACTION, VAL_SEED = 0.1, 0
 
@@ -38,7 +43,12 @@ class Split:
 
 
 def load_split(name: str) -> Split:
-    """A zoo dataset (digits, mnist1d, ...) with 10% of its training set held out for validation."""
+    """A zoo dataset (digits, mnist1d, ...) with 10% of its training set held out for validation, or "text"."""
+    if name == TEXT:
+        from .bignas_lm import VOCAB_SIZE, text_arrays
+
+        a = text_arrays()
+        return Split(TEXT, a["x_train"], a["y_train"], a["x_val"], a["y_val"], a["x_test"], a["y_test"], VOCAB_SIZE)
     from ..zoo import load_dataset
     from ..zoo.tabular import stratified_split
 
@@ -128,6 +138,13 @@ def save_child(net: ElasticNet, child: Child, dataset: str, out, *, inputs=(), f
         cfg = {"architectures": ["WeightlabZooClassifier"], "model_type": ZOO_CLASSIFIER, "kind": "mlp",
                "dataset": dataset, "num_features": arch["in_features"], "num_classes": arch["num_classes"],
                "hidden": arch["hidden"], "bignas": info}
+    elif arch["net"] == "lm":
+        from .bignas_lm import VOCAB
+
+        cfg = {"architectures": ["BigNASLM"], "model_type": CHILD_LM, "dataset": dataset, "arch": arch,
+               "num_hidden_layers": len(arch["heads"]), "hidden_size": arch["d_model"],
+               "vocab_size": arch["vocab_size"], "max_position_embeddings": arch["context"], "vocab": VOCAB,
+               "bignas": info}
     else:
         cfg = {"architectures": ["BigNASCNN"], "model_type": CHILD_CNN, "dataset": dataset, "arch": arch,
                "bignas": info}
@@ -144,6 +161,13 @@ def load_model(path) -> tuple[torch.nn.Module, dict]:
         return load_supernet(path)
     if mt == CHILD_CNN:
         return _load_into(build_child(cfg.get("arch") or {}), path, "BigNAS CNN child"), cfg
+    if mt == CHILD_LM:
+        from .bignas_lm import VOCAB
+
+        if cfg.get("vocab", VOCAB) != VOCAB:
+            raise CheckpointError("this LM child's vocabulary differs from weightlab's character vocabulary",
+                                  Path(path) / "config.json")
+        return _load_into(build_child(cfg.get("arch") or {}), path, "BigNAS LM child"), cfg
     if mt in (ZOO_CLASSIFIER, "weightlab-zoo-mlp"):
         from ..zoo import SmallCNN, load_dataset
 

@@ -23,26 +23,28 @@ from torch import nn
 from ..errors import ConfigError
 
 WIDTH_MULTS = (0.25, 0.5, 0.75, 1.0)
-NETS = ("mlp", "cnn")
+NETS = ("mlp", "cnn", "lm")
 
 
 @dataclass(frozen=True)
 class Child:
-    """One architecture of the space. widths: units per hidden layer (MLP) or channels per stage (CNN);
-    depths: (hidden layers,) for the MLP, blocks per stage for the CNN; kernels: per stage (CNN only)."""
+    """One architecture of the space. widths: units per hidden layer (MLP), channels per stage (CNN) or MLP
+    hidden units per block (LM); depths: (hidden layers,) for the MLP and (blocks,) for the LM, blocks per stage
+    for the CNN; kernels: per stage (CNN only); heads: attention heads per block (LM only)."""
 
     widths: tuple[int, ...]
     depths: tuple[int, ...]
     kernels: tuple[int, ...] = field(default=())
+    heads: tuple[int, ...] = field(default=())
 
-    def as_dict(self) -> dict:
-        return {k: list(v) for k, v in asdict(self).items()}
+    def as_dict(self) -> dict:  # heads only where the net has them (MLP / CNN dicts stay as they were)
+        return {k: list(v) for k, v in asdict(self).items() if k != "heads" or v}
 
     @classmethod
     def from_dict(cls, d: dict) -> Child:
         try:
             return cls(tuple(int(w) for w in d["widths"]), tuple(int(x) for x in d["depths"]),
-                       tuple(int(k) for k in d.get("kernels", ())))
+                       tuple(int(k) for k in d.get("kernels", ())), tuple(int(h) for h in d.get("heads", ())))
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"a child needs integer lists widths, depths (and kernels): {d!r} ({e})") from None
 
@@ -112,6 +114,10 @@ class ElasticNet(nn.Module):
     def child_params(self, child: Child) -> int:
         """Trainable parameters of the child (what a stand-alone copy holds, buffers excluded)."""
         return sum(t.numel() for t in self.child_tensors(child, buffers=False).values())
+
+    def example_input(self, batch: int = 1) -> torch.Tensor:
+        """A random input batch of the supernet's input shape (latency measurement)."""
+        return torch.randn(batch, getattr(self, "in_features", None) or self.side ** self.dims)
 
     def static_child(self, child: Child) -> nn.Module:
         """A stand-alone copy of the child (its own storage), in eval mode."""
@@ -358,6 +364,11 @@ def build_child(arch: dict) -> nn.Module:
         if arch["net"] == "cnn":
             return BigNASCNN(arch["num_classes"], arch["dims"], arch["side"], arch["widths"], arch["depths"],
                              arch["kernels"])
+        if arch["net"] == "lm":
+            from .bignas_lm import BigNASLM
+
+            return BigNASLM(arch["vocab_size"], arch["context"], arch["d_model"], arch["head_dim"], arch["heads"],
+                            arch["mlp_hidden"])
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"incomplete BigNAS child description {arch!r}: {e}") from None
     raise ConfigError(f"unknown BigNAS net {arch.get('net')!r}; valid: {', '.join(NETS)}")
@@ -372,6 +383,11 @@ def build_supernet(arch: dict) -> ElasticNet:
         if net == "cnn":
             return ElasticCNN(a["num_classes"], a["dims"], a["side"], tuple(a["widths"]), tuple(a["depths"]),
                               tuple(a["kernels"]), a.get("dropout", 0.2))
+        if net == "lm":
+            from .bignas_lm import ElasticLM
+
+            return ElasticLM(a["vocab_size"], a["context"], a["d_model"], a["layers"], a["heads"], a["mlp_hidden"],
+                             a["head_dim"], a.get("dropout", 0.1))
     except (KeyError, TypeError) as e:
         raise ConfigError(f"incomplete BigNAS supernet description {arch!r}: {e}") from None
     raise ConfigError(f"unknown BigNAS net {net!r}; valid: {', '.join(NETS)}")

@@ -6,7 +6,9 @@ coordinate of the best child (a layer's width, a stage's depth or kernel) is cha
 that fits and measures better replaces it. Unlike xfey/pytorch-BigNAS's search, the coarse grid is the whole
 grid (not the first items of an ordered product) and de-duplication uses the mutated child. With
 ``exhaustive=True`` every child of the space is measured (small spaces; tests). The result is always the best
-child measured, and never one over the budget.
+child measured, and never one over the budget. A transformer (lm) supernet is scored by minus its validation bits
+per character (``lm_score``); the coarse grid ties its heads to the width multiplier, the fine phase mutates
+one block's heads or MLP width.
 """
 from __future__ import annotations
 
@@ -26,8 +28,7 @@ from .bignas_nets import WIDTH_MULTS, Child, ElasticNet
 def latency_ms(net: ElasticNet, child: Child, batch: int = 1, repeats: int = 20) -> float:
     """Median wall time (ms) of one forward of the stand-alone child on a batch of `batch` inputs, CPU."""
     model = net.static_child(child)
-    n_in = getattr(net, "in_features", None) or (net.side ** net.dims)
-    x = torch.randn(batch, n_in)
+    x = net.example_input(batch)
     times = []
     with torch.no_grad():
         model(x)  # warm-up
@@ -46,11 +47,13 @@ class SearchResult(Result):
     budget: dict
     history: list[dict] = field(default_factory=list)  # every child measured: child, params, score, phase
     seconds: float = 0.0
+    metric: str = "accuracy"  # or "bits_per_char" (score = minus bits per character)
 
     def as_dict(self) -> dict:
-        return {"child": self.child.as_dict(), "accuracy": self.score, "parameters": self.params,
-                "budget": self.budget, "measured": len(self.history), "history": self.history,
-                "seconds": self.seconds}
+        value = {"accuracy": self.score} if self.metric == "accuracy" else {self.metric: -self.score}
+        return {"child": self.child.as_dict(), **value, "score": self.score, "metric": self.metric,
+                "parameters": self.params, "budget": self.budget, "measured": len(self.history),
+                "history": self.history, "seconds": self.seconds}
 
 
 def coarse_grid(net: ElasticNet) -> list[Child]:
@@ -86,7 +89,8 @@ def all_children(net: ElasticNet) -> list[Child]:
 
 def search(net: ElasticNet, score: Callable[[Child], float], *, max_params: int | None = None,
            max_latency_ms: float | None = None, fine_steps: int = 30, seed: int = 0,
-           exhaustive: bool = False, latency: Callable[[Child], float] | None = None) -> SearchResult:
+           exhaustive: bool = False, latency: Callable[[Child], float] | None = None,
+           metric: str = "accuracy") -> SearchResult:
     """Best child under the budget by `score` (e.g. calibrated validation accuracy; higher is better)."""
     if max_params is None and max_latency_ms is None:
         raise ConfigError("give a budget: max_params and/or max_latency_ms")
@@ -138,7 +142,7 @@ def search(net: ElasticNet, score: Callable[[Child], float], *, max_params: int 
             best = cand
     budget = {"max_params": max_params, "max_latency_ms": max_latency_ms}
     return SearchResult(best, seen[best], net.child_params(best), budget, history,
-                        round(time.perf_counter() - t0, 3))
+                        round(time.perf_counter() - t0, 3), metric)
 
 
 def accuracy_score(net: ElasticNet, split, calib_batches: int = 64, seed: int = 0) -> Callable[[Child], float]:
@@ -148,5 +152,16 @@ def accuracy_score(net: ElasticNet, split, calib_batches: int = 64, seed: int = 
     def score(child: Child) -> float:
         calibrate(net, child, split.x_train, calib_batches, 64, seed)
         return evaluate(net, split.x_val, split.y_val)
+
+    return score
+
+
+def lm_score(net: ElasticNet, split) -> Callable[[Child], float]:
+    """score(child) = minus the validation bits per character (no BN: nothing to recalibrate)."""
+    from .bignas_lm import evaluate_lm
+
+    def score(child: Child) -> float:
+        net.set_child(child)
+        return -evaluate_lm(net, split.x_val, split.y_val)["bits_per_char"]
 
     return score
