@@ -16,7 +16,7 @@ from _peft_parity import adamw_lockstep, check_peft_export, tune_cli_roundtrip  
 from test_adapt import ids, perturb, tiny_llama  # noqa: E402
 from test_tune_cli import base  # noqa: E402,F401  (the tiny Llama folder with a tokenizer, for the CLI test)
 
-from weightlab.adapt.adalora import budget_schedule, rank_pattern  # noqa: E402
+from weightlab.adapt.adalora import budget_schedule, rank_pattern, triplet_scores  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 PARAMS = ("lora_A", "lora_E", "lora_B")
@@ -159,9 +159,28 @@ def test_lockstep_with_allocator_matches_peft(dtype, deltaT):
                 p = getattr(lay.adapter, k)
                 assert (p.grad - theirs[k].grad).abs().max() <= 10 * tol * theirs[k].grad.abs().max(), (n, k)
 
+    ra = pm.base_model.rankallocator
+
     def after_step(step, tol):
-        pm.base_model.update_and_allocate(step)
-        adapt.step_hooks(m, step, total)
+        if step < total - 2:  # the smoothed sensitivities, uncertainties and triplet scores are PEFT's
+            ra.update_ipt(pm.base_model.model)
+            adapt.step_hooks(m, step, total)
+            for n, lay in layers.items():
+                key = {k: f"{n}.{k}.default" for k in PARAMS}
+                for k in PARAMS:
+                    for mine, theirs in zip(lay.method.ema[k], (ra.exp_avg_ipt[key[k]], ra.exp_avg_unc[key[k]])):
+                        assert (mine - theirs).abs().max() <= 10 * tol * theirs.abs().max(), (step, n, k)
+                theirs = ra._combine_ipt(ra._element_score(key["lora_E"]), torch.cat(
+                    [ra._element_score(key["lora_A"]).mean(dim=1, keepdim=True),
+                     ra._element_score(key["lora_B"]).mean(dim=0).view(-1, 1)], dim=1))
+                assert (triplet_scores(lay) - theirs).abs().max() <= 10 * tol * theirs.abs().max(), (step, n)
+            # the rest of PEFT's update_and_allocate(step) (its statistics are updated above)
+            budget, mask = ra.budget_schedule(step)
+            if mask:
+                pm.peft_config["default"].rank_pattern = ra.mask_to_budget(pm.base_model.model, budget)
+        else:
+            pm.base_model.update_and_allocate(step)
+            adapt.step_hooks(m, step, total)
         pattern = pm.peft_config["default"].rank_pattern
         for n, lay in layers.items():
             theirs = peft_params(pm, n)

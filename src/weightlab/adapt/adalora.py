@@ -257,7 +257,7 @@ def _update_ipt(layers, cfg) -> None:
             lay.method.ema[k] = (avg, unc)
 
 
-def _scores(lay) -> torch.Tensor:
+def triplet_scores(lay) -> torch.Tensor:
     """One score per triplet: E's smoothed sensitivity x uncertainty plus A's row mean and B's column mean."""
     s = {k: avg * unc for k, (avg, unc) in lay.method.ema.items()}
     ab = torch.cat([s["lora_A"].mean(dim=1, keepdim=True), s["lora_B"].mean(dim=0).view(-1, 1)], dim=1).sum(dim=1)
@@ -270,7 +270,7 @@ def _mask_to_budget(layers, budget: int) -> None:
     k = init_bgt - budget
     if k <= 0 or any(not lay.method.ema for lay in layers):
         return  # nothing to remove (PEFT would fail in kthvalue), or no statistics yet: keep every triplet
-    scores = [_scores(lay) for lay in layers]
+    scores = [triplet_scores(lay) for lay in layers]
     dev = scores[0].device
     thr = torch.kthvalue(torch.cat([s.to(dev) for s in scores]), k=k)[0].item()
     for lay, s in zip(layers, scores):
@@ -313,4 +313,4 @@ def allocate(layers, step: int, total_steps: int) -> int | None:
     return None
 
 
-__all__ = ["AdaLoRA", "AdaLoraConfig", "allocate", "budget_schedule", "rank_pattern"]
+__all__ = ["AdaLoRA", "AdaLoraConfig", "allocate", "budget_schedule", "rank_pattern", "triplet_scores"]
