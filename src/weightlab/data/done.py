@@ -9,6 +9,9 @@ exact batch gradient of r log mean exp(l / r). weighting="uniform" is plain PGD 
 
     hist = train_done(model, x, y, DONEConfig(epsilon=0.3, step_size=0.075, epochs=30))
     rob = robust_accuracy(model, x_test, y_test, DONEConfig(epsilon=0.3, steps=20))
+
+Not a registry method of its own: the registered piece is the weighting (data/dro, kind reweighter), and
+this module is the in-memory training protocol around it.
 """
 from __future__ import annotations
 
@@ -20,8 +23,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ConfigError
-from ..registry import MethodConfig, Regime, register
-from .dro import PAPER, DROConfig, DROReweighter
+from ..registry import MethodConfig
+from .dro import DROConfig, DROReweighter
 
 
 class DONEConfig(MethodConfig):
@@ -140,9 +143,3 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DON
     per_class = {int(k): float(r[y == k].mean()) for k in classes}
     return {"clean": float(c.mean()), "robust": float(r.mean()), "per_class_robust": per_class,
             "worst_class_robust": min(per_class.values())}
-
-
-@register("data", "done", paper=PAPER, config=DONEConfig, regime=Regime.WHOLE_MODEL, kind="whole",
-          summary="PGD adversarial training with KL-DRO instance weights softmax(adv loss / r) (DONE)")
-def done(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DONEConfig | None = None, **params) -> dict:
-    return train_done(model, x, y, cfg, **params)

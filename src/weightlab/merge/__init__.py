@@ -4,8 +4,7 @@ Per-tensor rules (linear, task arithmetic, TIES, DARE, TSV-M) run in the streami
 greedy soups, signatures and weight aligning work on in-memory models or single tensors.
 """
 from . import (  # noqa: F401  (register)
-    breadcrumbs, class_incremental, dare, della, linear, model_stock, passthrough, slerp, soup, task_arithmetic, ties,
-    tsv, weight_align)
+    breadcrumbs, dare, della, linear, model_stock, passthrough, slerp, soup, task_arithmetic, ties, tsv, weight_align)
 from .api import merge
 from .engine import MergeResult, run_merge
 from .job import MergeJob, ModelRef

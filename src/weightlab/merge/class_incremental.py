@@ -10,6 +10,7 @@ iCaRL herding on L2-normalised features and shrunk by keeping each class's herdi
 
 Accuracy is reported on the test samples of all seen classes, and separately on old and new classes,
 before and after the alignment (the same trained network, so the difference is WA's alone).
+The registered method is the alignment itself (merge/weight-align); this module is the training protocol.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ConfigError
-from ..registry import MethodConfig, Regime, register
+from ..registry import MethodConfig
 from .weight_align import weight_align
 
 PAPER = "Maintaining Discrimination and Fairness in Class Incremental Learning (Zhao et al., 2020)"
@@ -210,9 +211,3 @@ def run_class_incremental(x_train: torch.Tensor, y_train: torch.Tensor, x_test: 
         seen = total
     return {"class_order": order, "tasks": records, "model": net,
             "memory": {order[c]: v.clone() for c, v in memory.items()}}  # original class id -> train indices
-
-
-@register("merge", "weight-align-cil", paper=PAPER, config=ClassIncrementalConfig, regime=Regime.WHOLE_MODEL,
-          kind="whole", summary="class-incremental training (KD T=2, herding memory) with Weight Aligning per task")
-def weight_align_cil(x_train, y_train, x_test, y_test, cfg: ClassIncrementalConfig | None = None, **params) -> dict:
-    return run_class_incremental(x_train, y_train, x_test, y_test, cfg, **params)
