@@ -138,3 +138,31 @@ def test_default_projection_still_trains(one_thread):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 10
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_low_memory_forward_equals_the_materialized_weight(kind, one_thread):
+    """The row norm from r x r and out x r products equals ||W0 + s B A||_row: outputs and every
+    gradient match the materialized W' = m (W0 + s B A) / ||W0 + s B A||_row."""
+    import transformers
+
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 9) if kind == "linear" else transformers.pytorch_utils.Conv1D(9, 12)
+    m = nn.Sequential(lin)
+    adapt.attach(m, "gradnormlorp", r=4, seed=0)
+    with torch.no_grad():
+        for p in adapt.trainable_parameters(m):
+            p.add_(0.3 * torch.randn(p.shape))
+    x = torch.randn(5, 12)
+    layer = m[0]
+    meth = layer.method
+    W0 = layer.weight_2d().float()
+    want = x @ meth.weight(layer, W0).t() + layer.base_layer.bias
+    got = m(x)
+    assert torch.allclose(got, want, atol=1e-5)
+    params = list(adapt.trainable_parameters(m))
+    g1 = torch.autograd.grad(got.sin().sum(), params)
+    g2 = torch.autograd.grad(want.sin().sum(), params)
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(meth.row_norm(layer, W0), (W0 + meth.scale(layer) * layer.adapter.lora_B @ layer.adapter.lora_A).norm(dim=1), atol=1e-5)
