@@ -132,7 +132,8 @@ def _run(alpha, seed, steps=300):
         opt.zero_grad()
         (m(x) - y).pow(2).mean().backward()
         opt.step()
-    return laziness(m0, m, x[:32], params=[n for n, _ in m.named_parameters() if n.startswith("net.")]), \
+    return laziness(m0, m, x[:32], params=[n for n, _ in m.named_parameters() if n.startswith("net.")],
+                    features=lambda net, z: net.net[1](net.net[0](z)), y=y[:32]), \
         float((m(x) - y).pow(2).mean().detach()) / float(y.var())
 
 
@@ -143,6 +144,10 @@ def test_lazy_run_has_smaller_kernel_distance_than_rich_run(one_thread):
         assert loss_l < 0.8 and loss_r < 0.8  # both fit the planted task (loss / variance of y)
         assert lazy["kernel_distance"] < rich["kernel_distance"] / 3
         assert lazy["total_rel_change"] < rich["total_rel_change"] / 3
+        assert 1 - lazy["representation_alignment"] < (1 - rich["representation_alignment"]) / 3
+        # the rich run's kernel turned toward the targets; the lazy one's barely moved
+        assert rich["target_alignment_final"] - rich["target_alignment_init"] > \
+            abs(lazy["target_alignment_final"] - lazy["target_alignment_init"])
 
 
 def test_diverged_weights_are_a_clear_error():
