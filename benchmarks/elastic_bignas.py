@@ -10,7 +10,11 @@ There is no public BigNAS code (Google-internal); the anchor is stand-alone trai
 supernet, or the stand-alone models of one seed) runs in its own process, alternating supernet / stand-alone
 per seed, single-threaded. Seeds 0, 1, 2.
 
-    python benchmarks/elastic_bignas.py            # all seeds, writes the RESULTS.md section
+Transformer part (``--part lm``, code in elastic_bignas_lm.py): the same comparison for the char-level
+transformer supernet on the zoo's Wikipedia text, metric bits per character on the 21 held-out articles.
+
+    python benchmarks/elastic_bignas.py            # both parts, all seeds, writes the RESULTS.md section
+    python benchmarks/elastic_bignas.py --part lm  # one part; the other part's text is kept from RESULTS.md
     python benchmarks/elastic_bignas.py --job supernet --seed 0   # one job, prints JSON
 """
 from __future__ import annotations
@@ -26,9 +30,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import load_sentence, machine_line, md_table, package_version, today, write_section  # noqa: E402
+from _common import (RESULTS_MD, load_sentence, machine_line, md_table, package_version, today,  # noqa: E402
+                     write_section)
 
 SECTION = "Elastic: BigNAS"
+LM_HEADING = "### Small transformer (char-level, Wikipedia text)"
 DATASET, EPOCHS, SEEDS = "digits", 30, (0, 1, 2)
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
 
@@ -111,6 +117,16 @@ def job_alone(seed: int) -> dict:
     return {"children": out, "train_s": time.perf_counter() - t0}
 
 
+def _job(kind: str, seed: int) -> dict:
+    if kind == "supernet":
+        return job_supernet(seed)
+    if kind == "alone":
+        return job_alone(seed)
+    import elastic_bignas_lm as lm
+
+    return lm.job_supernet(seed) if kind == "lm-supernet" else lm.job_alone(seed)
+
+
 def _run_job(kind: str, seed: int) -> dict:
     import subprocess
 
@@ -134,21 +150,58 @@ def _ms(v: list[float]) -> str:
     return f"{100 * statistics.mean(v):.1f} ± {100 * statistics.stdev(v):.1f}" if len(v) > 1 else f"{100 * v[0]:.1f}"
 
 
+def _run_pair(kinds: tuple[str, str]) -> tuple[dict, dict]:
+    """Both jobs of every seed, alternating which runs first."""
+    sup, alone = {}, {}
+    for i, s in enumerate(SEEDS):
+        order = kinds if i % 2 == 0 else kinds[::-1]
+        for kind in order:
+            (sup if kind == kinds[0] else alone)[s] = _run_job(kind, s)
+    return sup, alone
+
+
+def _kept_parts() -> tuple[str, str]:
+    """The CNN and transformer texts of the current section (either may be empty)."""
+    text = RESULTS_MD.read_text(encoding="utf-8") if RESULTS_MD.exists() else ""
+    start = text.find(f"## {SECTION}\n")
+    if start < 0:
+        return "", ""
+    body = text[start + len(SECTION) + 4:]
+    end = body.find("\n## ")
+    body = body[:end if end >= 0 else len(body)].strip()
+    cut = body.find(LM_HEADING)
+    cnn, lm = (body, "") if cut < 0 else (body[:cut].strip(), body[cut:].strip())
+    return cnn.replace("the small transformer variant is not implemented.", "the small transformer: below."), lm
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--job", choices=["supernet", "alone"])
+    ap.add_argument("--job", choices=["supernet", "alone", "lm-supernet", "lm-alone"])
+    ap.add_argument("--part", choices=["cnn", "lm", "all"], default="all")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
     if a.job:
-        print(json.dumps(job_supernet(a.seed) if a.job == "supernet" else job_alone(a.seed)))
+        print(json.dumps(_job(a.job, a.seed)))
         return
+    cnn_text, lm_text = _kept_parts()
+    if a.part in ("lm", "all"):
+        import elastic_bignas_lm as lm
+
+        t0 = time.perf_counter()
+        sup, alone = _run_pair(("lm-supernet", "lm-alone"))
+        lm_text = lm.report(sup, alone, time.perf_counter() - t0, LM_HEADING)
+        print(lm_text)
+        print(json.dumps({"lm-supernet": sup, "lm-alone": alone}))  # raw numbers, for the log
+    if a.part in ("cnn", "all"):
+        cnn_text = cnn_part()
+    if not a.no_write:
+        write_section(SECTION, cnn_text + ("\n\n" + lm_text if lm_text else ""))
+
+
+def cnn_part() -> str:
     t0 = time.perf_counter()
-    sup, alone = {}, {}
-    for i, s in enumerate(SEEDS):  # alternate which side runs first
-        order = ("supernet", "alone") if i % 2 == 0 else ("alone", "supernet")
-        for kind in order:
-            (sup if kind == "supernet" else alone)[s] = _run_job(kind, s)
+    sup, alone = _run_pair(("supernet", "alone"))
     names = list(sup[SEEDS[0]]["children"])
     rows, within = [], []
     for n in names:
@@ -198,14 +251,13 @@ def main() -> None:
         "models together (CPU seconds include each process's ~3 s start-up). The supernet serves every child of "
         "its space (thousands), the stand-alone runs only these.", "",
         "Not measured here: ImageNet numbers (76.5-80.9% top-1 at 200-1000 MFLOPs) do not transfer; per-trick "
-        "ablations; MNIST-1D and the MLP supernet (same code path, run by tests only); the small transformer "
-        "variant is not implemented.",
+        "ablations; MNIST-1D and the MLP supernet (same code path, run by tests only); the small transformer: "
+        "below.",
     ]
     text = "\n".join(body)
     print(text)
     print(json.dumps({"supernet": sup, "alone": alone}))  # raw numbers, for the log
-    if not a.no_write:
-        write_section(SECTION, text)
+    return text
 
 
 if __name__ == "__main__":

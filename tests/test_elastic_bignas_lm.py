@@ -183,7 +183,7 @@ def test_dropout_only_on_the_largest_child():
 
 def test_lm_config_defaults_and_search_space():
     cfg = BigNASConfig(net="lm")
-    assert (cfg.optimizer, cfg.lr, cfg.label_smoothing, cfg.epochs) == ("adamw", 2e-3, 0.0, 12)
+    assert (cfg.optimizer, cfg.lr, cfg.label_smoothing, cfg.epochs) == ("adamw", 3e-3, 0.0, 12)
     assert BigNASConfig(net="lm", lr=1e-3).lr == 1e-3 and BigNASConfig().optimizer == "sgd"
     net = _lm()
     assert len(all_children(net)) == 2 * (4 * 2) ** 2  # depth x (widths x heads) per block

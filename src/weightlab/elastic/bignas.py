@@ -14,7 +14,7 @@ statistics are recalibrated per child (``calibrate``) before it is evaluated or 
 net="lm" (a char-level decoder-only transformer on the text zoo, ``bignas_lm.py``): the same step on
 next-character targets (every position is one sample; the soft targets are the largest child's per-position
 distributions). It has no BN, so calibration is a no-op; its own defaults (``LM_DEFAULTS``, used where a field is
-not given) are AdamW, lr 2e-3, no label smoothing, dropout 0.1, 12 epochs.
+not given) are AdamW (lr 3e-3, weight decay 0.01), no label smoothing, dropout 0.1, 12 epochs, warmup 0.5 epoch.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from ..errors import ConfigError
 from ..registry import MethodConfig, Regime, register
 from .bignas_nets import Child, ElasticCNN, ElasticMLP, ElasticNet
 
-LM_DEFAULTS = {"optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.01, "label_smoothing": 0.0, "dropout": 0.1,
+LM_DEFAULTS = {"optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.01, "label_smoothing": 0.0, "dropout": 0.1,
                "epochs": 12, "warmup_epochs": 0.5}
 
 PAPER = ("BigNAS: Scaling Up Neural Architecture Search with Big Single-Stage Models (Yu et al., ECCV 2020, "
