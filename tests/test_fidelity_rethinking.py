@@ -144,3 +144,25 @@ def test_reinitialize_pruned_still_reapplies_masks():
     masks = {"body.0.weight": torch.rand(5, 6) > 0.5}
     wl.compress.reinitialize_pruned(m, masks, seed=0)
     assert int((m.body[0].weight.detach()[~masks["body.0.weight"]] != 0).sum()) == 0
+
+
+def test_cli_scratch_channels_writes_the_smaller_network(tmp_path):
+    import json
+
+    from weightlab.align.models import load_model
+    from weightlab.cli import main
+
+    big = tmp_path / "big"
+    assert main(["spdf", "--dataset", "digits", "--hidden", "32,32", "--sparsity", "0.5", "--pretrain-epochs", "2",
+                 "--finetune-epochs", "0", "-o", str(big)]) == 0
+    out = tmp_path / "small"
+    assert main(["scratch", str(big), "--ratio", "0.75", "--epochs", "1", "--budget", "B", "--compare", "-o",
+                 str(out), "--json", str(tmp_path / "s.json")]) == 0
+    s = json.loads((tmp_path / "s.json").read_text())
+    f_big, f_small = 64 * 32 + 32 * 32 + 320, 64 * 8 + 8 * 8 + 80
+    assert s["scratch"]["epochs"] == int(1 * f_big / f_small) and s["scratch"]["params"] == _mlp_params(64, (8, 8), 10)
+    assert s["finetune_e"]["epochs"] == 1 and 0 <= s["finetune_e4"]["acc"] <= 1
+    m = load_model(str(out)).model
+    assert [l.out_features for l in m.body if isinstance(l, torch.nn.Linear)] == [8, 8, 10]
+    assert main(["scratch", str(big), "--structure", "rows", "-o", str(tmp_path / "bad")]) == 1
+    assert not (tmp_path / "bad").exists()

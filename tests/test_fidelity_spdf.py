@@ -120,3 +120,22 @@ def test_spdf_bad_input_fails_before_training():
     with pytest.raises(ConfigError):
         spdf(m, _data(), layers=["nope"])
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_cli_spdf_writes_a_loadable_classifier(tmp_path):
+    import json
+
+    from weightlab.align.models import load_model
+    from weightlab.cli import main
+
+    out = tmp_path / "m"
+    assert main(["spdf", "--dataset", "digits", "--hidden", "32,32", "--pretrain-epochs", "1", "--finetune-epochs",
+                 "1", "--pretrain-classes", "0,1,2,3,4", "-o", str(out), "--json", str(tmp_path / "s.json")]) == 0
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["masked_nonzero_at_switch"] == 0 and s["sparsified_layers"] == ["body.0", "body.2"]
+    assert s["dense_pretrain_flops"] / s["pretrain_flops"] == pytest.approx((64 * 32 + 32 * 32 + 320) / (
+        round(0.25 * 64 * 32) + round(0.25 * 32 * 32) + 320))
+    assert [m.out_features for m in load_model(str(out)).model.body if isinstance(m, nn.Linear)] == [32, 32, 10]
+    assert main(["spdf", "--sparsity", "1.0", "-o", str(tmp_path / "bad")]) == 1  # before any work
+    assert main(["spdf", "--dataset", "digits", "--pretrain-classes", "42", "-o", str(tmp_path / "bad")]) == 1
+    assert not (tmp_path / "bad").exists()

@@ -35,6 +35,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 from . import adapt, align, data, demo, elastic, export, info, inspect, merge, methods, prune, quantize, run, signature, zoo  # noqa: E402,F401,E501  (commands register on the app)
 from . import internals  # noqa: E402,F401  (neurons, heads)
+from . import sparse_train  # noqa: E402,F401  (spdf, scratch)
 
 
 def _click_exceptions():
