@@ -1,7 +1,8 @@
 """LoRA on a 4-bit compressed-tensors base (QLoRA-style) vs LoRA on the bf16 base: memory, step time, folds.
 
-    .venv/bin/python benchmarks/qlora.py              # ~15 min on 2 busy cores; updates RESULTS.md
+    .venv/bin/python benchmarks/qlora.py              # ~40 min on 2 busy cores; updates RESULTS.md
     .venv/bin/python benchmarks/qlora.py --no-write   # print the section only
+    .venv/bin/python benchmarks/qlora.py --phase steps & .venv/bin/python benchmarks/qlora.py --phase fold
 
 Bases: the zoo's SmolLM2-135M-Instruct cast to bf16 (the "bf16 base"), and that folder quantized by
 weightlab itself to compressed-tensors W4A16 (RTN, symmetric int4, group 64: data-free, as bitsandbytes'
@@ -176,24 +177,29 @@ def run_fold(args, bf16: Path, ct: Path, work: Path) -> dict:
     return res
 
 
-def report(args, steps: dict, fold: dict | None) -> str:
+def report(steps_blob: dict, fold_blob: dict | None) -> str:
+    """The section from the two phases' saved results (each with the arguments and date of its own run)."""
+    args, steps = argparse.Namespace(**steps_blob["args"]), steps_blob["result"]
+    fold = fold_blob["result"] if fold_blob else None
     b, w = steps["bf16"], steps["w4"]
     mib = 2 ** 20
     rows = [[f"round {i + 1}", f"{x['peak_rss_mib']:.0f} / {y['peak_rss_mib']:.0f}",
              f"{y['peak_rss_mib'] - x['peak_rss_mib']:+.0f}", f"{x['step_s']:.2f} / {y['step_s']:.2f}",
-             C.fmt_ratio(y["step_s"] / x["step_s"])] for i, (x, y) in enumerate(zip(b, w))]
+             C.fmt_ratio(y["step_s"] / x["step_s"]), f"{x['cpu_s']:.0f} / {y['cpu_s']:.0f}"]
+            for i, (x, y) in enumerate(zip(b, w))]
     table = C.md_table(["pair", "peak RSS MiB (dense / 4-bit)", "4-bit - dense MiB", "step s (dense / 4-bit)",
-                        "step ratio 4-bit / dense"], rows)
+                        "step ratio 4-bit / dense", "child CPU s, whole run (dense / 4-bit)"], rows)
     mem = w[0]["memory"]
     ratios = [y["step_s"] / x["step_s"] for x, y in zip(b, w)]
     lines = [
-        f"{C.today()}, {C.machine_line()}; torch {C.package_version('torch')}, transformers "
+        f"{steps_blob['date']}, {C.machine_line()}; torch {C.package_version('torch')}, transformers "
         f"{C.package_version('transformers')}, compressed-tensors {C.package_version('compressed-tensors')}. "
         + C.load_sentence(steps["_load"] + ([fold["_load"]] if fold else [])),
         "",
         f"SmolLM2-135M-Instruct (zoo) in bf16 vs the same model quantized by `weightlab quantize -m rtn -b 4 -g "
         f"{GROUP}` to compressed-tensors (symmetric int4; group 128 does not divide the 576 hidden columns). LoRA r=16 alpha 16 on the seven projections "
-        f"({w[0]['trainable']:,} trainable), AdamW, {args.dtype} compute (the dense base's weights held in it; the 4-bit one's dequantized to it per layer), batch {args.batch} x {args.seqlen} tokens, "
+        f"({w[0]['trainable']:,} trainable), AdamW, {args.dtype} compute (the dense base's weights held in it, the "
+        f"4-bit one's dequantized to it per layer), batch {args.batch} x {args.seqlen} tokens, "
         f"{args.threads} thread(s), median of {args.steps} timed steps after a warm-up; each run its own process, "
         "order alternating.",
         "",
@@ -210,11 +216,11 @@ def report(args, steps: dict, fold: dict | None) -> str:
         "runtime (several hundred MiB) and activations, so the saving shows as an absolute difference, not a ratio.",
     ]
     if fold:
-        p = fold["perplexity"]
-        lines += ["", f"Fine-tune then fold: LoRA r=16 on the 4-bit base, fp32 compute, {args.tune_steps} steps, "
-                  f"lr {args.lr}, batch {args.batch} x {args.seqlen} on the zoo's Wikipedia (held-out loss "
+        p, fa = fold["perplexity"], argparse.Namespace(**fold_blob["args"])
+        lines += ["", f"Fine-tune then fold ({fold_blob['date']}): LoRA r=16 on the 4-bit base, fp32 compute, "
+                  f"{fa.tune_steps} steps, lr {fa.lr}, batch {fa.batch} x {fa.seqlen} on the zoo's Wikipedia (held-out loss "
                   f"{fold['tune']['heldout_before']:.4f} -> {fold['tune']['heldout_after']:.4f}, "
-                  f"{fold['tune_s']:.0f} s); perplexity on the held-out Wikipedia split, first {args.eval_tokens} "
+                  f"{fold['tune_s']:.0f} s); perplexity on the held-out Wikipedia split, first {fa.eval_tokens} "
                   "tokens in 512-token windows:", "",
                   C.md_table(["model", "perplexity"], [[k, f"{v:.3f}"] for k, v in p.items()]), "",
                   "The dense fold is the adapter forward to rounding (its weights equal the fold into the "
@@ -225,7 +231,9 @@ def report(args, steps: dict, fold: dict | None) -> str:
                   f"{fold['peak_rss_mib']:.0f} MiB."]
     lines += ["", "No anchor: PEFT's QLoRA runs on bitsandbytes' 4-bit layers, which need CUDA; this machine has "
               "none. Not QLoRA's NF4 data type, double quantization or paged optimizers: the base here is the int4 "
-              "grid vLLM serves.", "", f"Reproduce: `{REPRO}`"]
+              "grid vLLM serves.", "", f"Reproduce: `{REPRO} --phase steps --seqlen {args.seqlen} --steps {args.steps}`"
+              + (f" and `{REPRO} --phase fold --seqlen {fa.seqlen} --tune-steps {fa.tune_steps} --eval-tokens "
+                 f"{fa.eval_tokens}`" if fold else "")]
     return "\n".join(lines)
 
 
@@ -241,7 +249,9 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=C.cpu_count())
     ap.add_argument("--work", default=None, help="folder for the bases and outputs (default: the zoo cache)")
-    ap.add_argument("--no-fold", action="store_true")
+    ap.add_argument("--phase", choices=("both", "steps", "fold", "report"), default="both",
+                    help="run one phase (its results are saved in --work) or only rebuild the section from the saved "
+                         "results; the two phases may run at the same time")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     from weightlab.zoo import cache_dir
@@ -249,9 +259,17 @@ def main() -> None:
     work = Path(args.work) if args.work else Path(cache_dir()) / "bench-qlora"
     work.mkdir(parents=True, exist_ok=True)
     bf16, ct = prepare(work)
-    steps = run_steps(args, bf16, ct)
-    fold = None if args.no_fold else run_fold(args, bf16, ct, work)
-    body = report(args, steps, fold)
+    saved = {k: work / f"{k}.json" for k in ("steps", "fold")}
+    for phase, fn in (("steps", lambda: run_steps(args, bf16, ct)), ("fold", lambda: run_fold(args, bf16, ct, work))):
+        if args.phase in ("both", phase):
+            blob = {"args": {k: v for k, v in vars(args).items() if k not in ("phase", "no_write")},
+                    "date": C.today(), "result": fn()}
+            saved[phase].write_text(json.dumps(blob))
+    if not saved["steps"].is_file():
+        C.log("no step results saved yet: run --phase steps")
+        return
+    fold_blob = json.loads(saved["fold"].read_text()) if saved["fold"].is_file() else None
+    body = report(json.loads(saved["steps"].read_text()), fold_blob)
     print(body)
     if not args.no_write:
         C.write_section(SECTION, body)
