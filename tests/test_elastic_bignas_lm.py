@@ -269,6 +269,15 @@ def test_cli_slice_info_eval_search_on_text(supernet, tmp_path, capsys):
     assert code == 1 and "kernel" in log
     code, _, log = _cli(capsys, "elastic", "eval", child, "--dataset", "digits")
     assert code == 1 and "text" in log
+    (tmp_path / "odd").mkdir()  # a zoo MLP folder that names no dataset cannot be scored on text
+    cfg_odd = {"model_type": "weightlab-zoo-classifier", "kind": "mlp", "num_features": 64, "num_classes": 10,
+               "hidden": [4]}
+    (tmp_path / "odd" / "config.json").write_text(json.dumps(cfg_odd))
+    from safetensors.torch import save_file
+    from weightlab.zoo import MLP
+    save_file(MLP(64, (4,), 10).state_dict(), str(tmp_path / "odd" / "model.safetensors"))
+    code, _, log = _cli(capsys, "elastic", "eval", tmp_path / "odd", "--dataset", "text")
+    assert code == 1 and "classifier" in log
     code, _, log = _cli(capsys, "elastic", "train", "bignas", "--dataset", "text", "--net", "cnn", "-o", tmp_path / "s")
     assert code == 1 and "does not fit" in log and not (tmp_path / "s").exists()
 

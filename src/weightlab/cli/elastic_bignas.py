@@ -141,17 +141,20 @@ def eval_cmd(model: str = typer.Argument(..., help="a supernet folder (its large
     """Test accuracy of a supernet's largest child or of a sliced child."""
     from ..elastic.bignas import evaluate
     from ..elastic.bignas_io import load_model, load_split
+    from ..elastic.bignas_lm import BigNASLM, ElasticLM, evaluate_lm
     from ..errors import ConfigError
 
     m, cfg = load_model(model)
-    split = load_split(dataset)
     trained_on = cfg.get("dataset")
     if trained_on and trained_on != dataset:
         raise ConfigError(f"'{model}' was trained on {trained_on}; it cannot be scored on {dataset}. "
                           f"Pass --dataset {trained_on}")
-    if dataset == "text":
-        from ..elastic.bignas_lm import evaluate_lm
-
+    lm = isinstance(m, (BigNASLM, ElasticLM))
+    if lm != (dataset == "text"):
+        raise ConfigError(f"'{model}' is a transformer: pass --dataset text" if lm else
+                          f"'{model}' is a classifier; --dataset text scores BigNAS transformers (net lm) only")
+    split = load_split(dataset)
+    if lm:
         scores = evaluate_lm(m, split.x_test, split.y_test)  # accuracy: next-character accuracy
     else:
         scores = {"accuracy": evaluate(m, split.x_test, split.y_test)}
