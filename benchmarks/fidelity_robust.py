@@ -86,14 +86,17 @@ def done_section(res: dict, seeds: list[int], epochs: int, load: str) -> str:
                 f"{sum(a['worst_class_robust'] > b['worst_class_robust'] for a, b in zip(runs, base))}/{len(runs)}"
             rows.append([name, f"{EPS[name]}", var, ms([r["clean"] for r in runs]), ms(rob), ms(worst),
                          ms([r["final_ess"] for r in runs]), wins])
-        b_rob = statistics.mean(r["robust"] for r in base)
-        b_w = statistics.mean(r["worst_class_robust"] for r in base)
-        better = [v for v, runs in by_var.items() if not v.startswith("PGD-AT")
-                  and statistics.mean(r["robust"] for r in runs) > b_rob
-                  and statistics.mean(r["worst_class_robust"] for r in runs) > b_w]
-        verdicts.append(f"{name}: " + (f"DONE beats uniform PGD-AT in mean robust AND mean worst-class robust "
-                                       f"accuracy at {', '.join(better)}" if better else
-                                       "no DONE setting beats uniform PGD-AT in both means"))
+        wins_all = [v for v, runs in by_var.items() if not v.startswith("PGD-AT") and all(
+            a["robust"] > b["robust"] and a["worst_class_robust"] > b["worst_class_robust"] for a, b in zip(runs, base))]
+        diffs = ", ".join(
+            f"{v} {statistics.mean(a['robust'] - b['robust'] for a, b in zip(runs, base)):+.3f} / "
+            f"{statistics.mean(a['worst_class_robust'] - b['worst_class_robust'] for a, b in zip(runs, base)):+.3f}"
+            for v, runs in by_var.items() if not v.startswith("PGD-AT"))
+        verdicts.append(f"{name}: " + (f"**reproduced** at {', '.join(wins_all)} (better robust and worst-class robust "
+                                       f"accuracy than uniform PGD-AT in every seed)" if wins_all else
+                                       "**not reproduced** (no DONE setting beats uniform PGD-AT on both robust and "
+                                       "worst-class robust accuracy in every seed)")
+                        + f"; mean difference to uniform (robust / worst-class): {diffs}")
     table = C.md_table(["data", "eps", "training", "clean acc", "PGD-20 robust acc", "worst-class robust acc",
                         "batch ESS (last epoch)", "seeds beating uniform (robust, worst)"], rows)
     return f"""Paper claim (Sow et al., ICLR 2024, CIFAR-10 and others; abstract): KL-DRO instance weights
@@ -107,8 +110,11 @@ seeds. ESS = (sum w)^2 / (n sum w^2) of the batch weights (1 = uniform). {date_l
 
 {table}
 
-Verdict: {'; '.join(verdicts)}. The r values were compared on the test split (no validation split), so a
-win at one r of several is weak evidence; the paper's own r and its CIFAR-10 ResNet setting were not run.
+Verdict (rule: a DONE setting must beat uniform PGD-AT on both robust and worst-class robust accuracy in all
+seeds): {'. '.join(verdicts)}. Worst-class accuracy is over about 45 (digits) / 100 (MNIST-1D) test samples per
+class, so its seed spread is large; the r values were compared on the test split (no validation split); the
+paper's r, its CIFAR-10 ResNet setting and its instance-reweighted baselines were not run. Small r (1) makes the
+batch weights peaky (ESS about 0.5-0.7) and hurts clean and robust accuracy here.
 """
 
 
@@ -123,8 +129,10 @@ def wa_section(res: dict, seeds: list[int], epochs: int, load: str) -> str:
                          ms([r[when]["new"] for r in runs]), ms([r[when]["pred_new_fraction"] for r in runs])])
         ratio = [x for r in kd for x in r["norm_ratio_new_old"]]
         gain = [r["after"]["avg_inc"] - r["before"]["avg_inc"] for r in kd]
-        verdicts.append(f"{name}/{weights}: new/old FC norm ratio after KD training {min(ratio):.2f}-{max(ratio):.2f} "
-                        f"(bias {'present' if min(ratio) > 1 else 'not always present'}); WA changes average "
+        word = ("**reproduced**" if min(ratio) > 1 and min(gain) > 0 else
+                "**not reproduced**" if max(gain) < 0 or max(ratio) < 1 else "**not shown**")
+        verdicts.append(f"{name}/{weights}: {word} - new/old FC norm ratio after KD training {min(ratio):.2f}-"
+                        f"{max(ratio):.2f} over tasks and seeds (the paper's bias is ratio > 1); WA changes average "
                         f"incremental accuracy by {statistics.mean(gain):+.3f} (seeds: "
                         f"{', '.join(f'{g:+.3f}' for g in gain)})")
     table = C.md_table(["data", "loss", "method", "avg incremental acc", "final acc (all)", "final old-class acc",
@@ -142,8 +150,16 @@ time). {date_line()} {load}
 
 {table}
 
-Verdict: {'; '.join(verdicts)}.
+Verdict (rule: reproduced when KD training leaves every new/old norm ratio > 1 and WA raises average
+incremental accuracy in every seed): {'. '.join(verdicts)}. With the paper's (1 - lam) CE weighting
+(CE weight 0.2 by the 5th task) these small MLPs learn the new rows with smaller norms than the old ones,
+so WA scales them up and adds new-class bias; with PyCIL's CE + 2 KD the norm bias appears and WA helps.
 """
+
+
+def load_line(loads: list[float]) -> str:
+    return (f"Shared, busy machine (1-minute load average {min(loads):.1f}-{max(loads):.1f} on {C.cpu_count()} "
+            "cores); no timings are reported, and the accuracies do not depend on the load.")
 
 
 def date_line() -> str:
@@ -158,12 +174,20 @@ def main() -> None:
     ap.add_argument("--done-epochs", type=int, default=20)
     ap.add_argument("--wa-epochs", type=int, default=30)
     ap.add_argument("--no-write", action="store_true")
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--json", type=Path, help="save the raw results (with the load averages)")
+    ap.add_argument("--render", type=Path, help="write the sections from a --json file instead of running")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(1)  # tiny MLPs; the machine is shared
     seeds, names = list(range(args.seeds)), args.datasets.split(",")
+    if args.render:
+        d = json.loads(args.render.read_text())
+        seeds = list(range(len(next(iter(next(iter(d["done"].values())).values())))))
+        C.write_section("Fidelity: DONE", done_section(d["done"], seeds, d["done_epochs"], load_line(d["loads"])))
+        wa = {tuple(k.split("/")): v for k, v in d["wa"].items()}
+        C.write_section("Fidelity: Weight Aligning", wa_section(wa, seeds, d["wa_epochs"], load_line(d["loads"])))
+        return
     loads, out = [os.getloadavg()[0]], {}
     if args.only in (None, "done"):
         res = {n: {v: [] for v in DONE_VARIANTS} for n in names}
@@ -178,7 +202,7 @@ def main() -> None:
                 loads.append(os.getloadavg()[0])
         out["done"] = res
         if not args.no_write:
-            C.write_section("Fidelity: DONE", done_section(res, seeds, args.done_epochs, C.load_sentence(loads)))
+            C.write_section("Fidelity: DONE", done_section(res, seeds, args.done_epochs, load_line(loads)))
     if args.only in (None, "wa"):
         res = {}
         for n in names:
@@ -193,9 +217,9 @@ def main() -> None:
                     loads.append(os.getloadavg()[0])
         out["wa"] = {f"{k[0]}/{k[1]}": v for k, v in res.items()}
         if not args.no_write:
-            C.write_section("Fidelity: Weight Aligning", wa_section(res, seeds, args.wa_epochs,
-                                                                    C.load_sentence(loads)))
+            C.write_section("Fidelity: Weight Aligning", wa_section(res, seeds, args.wa_epochs, load_line(loads)))
     if args.json:
+        out.update(loads=loads, done_epochs=args.done_epochs, wa_epochs=args.wa_epochs)
         args.json.write_text(json.dumps(out, indent=1))
 
 
