@@ -269,9 +269,9 @@ def _force_zeros(q, keep: torch.Tensor):
     """Codes of the kept zeros := their group's zero point (exactly 0 after dequantization)."""
     from ..tensor.quant import AffineQuant
 
-    if isinstance(q, AffineQuant):
-        zp = q.zeros[:, q.g_idx.long()]
-        q.codes = torch.where(keep, zp, q.codes)
+    if isinstance(q, AffineQuant):  # only at the kept positions (a few), not a (out x in) gather of zero points
+        r, c = keep.nonzero(as_tuple=True)
+        q.codes = q.codes.index_put((r, c), q.zeros[r, q.g_idx.long()[c]].to(q.codes.dtype))
     return q
 
 

@@ -35,6 +35,7 @@ from ..engine.calibration import set_weight_matrix, weight_matrix
 from ..errors import ConfigError
 from ..registry import Regime, register
 from ..tensor.quant import rtn as rtn_solve
+from ..tensor.quant8 import rtn_sym_channel
 from .awq import QUOTIENT, resolve
 from .gptq import GPTQConfig, gptq as gptq_layer
 from .quantize import QUANT_KIND, BlockContext, QuantContext, block_step
@@ -88,6 +89,8 @@ def smoothquant(ctx: QuantContext):
     compressed-tensors does, so its codes equal llm-compressor's)."""
     if ctx.cfg.quantizer == "gptq":
         return gptq_layer(ctx)
+    if ctx.sym and ctx.group_size <= 0:  # W8A8's grid: the same codes as rtn's, computed in float32
+        return rtn_sym_channel(ctx.weight, ctx.bits, ctx.scale_dtype)
     return rtn_solve(ctx.weight, ctx.bits, ctx.group_size, ctx.sym, ctx.scale_dtype, quotient_dtype=QUOTIENT)
 
 

@@ -104,7 +104,9 @@ class AffineQuant:
     def dequantize(self, rows: int = 256) -> torch.Tensor:
         # row chunks: the gathered scales, zeros and float codes of the whole matrix would be three more
         # (out x in) float32 copies at the peak of a large layer; the values are the same elementwise ops
-        g = self.g_idx.long()
+        # one group (per channel): every g_idx is 0, so broadcasting the (out, 1) column is the same product
+        # without gathering it to (rows, in) twice
+        g = self.g_idx.long() if self.scales.shape[1] > 1 else slice(None)
         out = torch.empty(self.codes.shape, dtype=torch.float32, device=self.codes.device)
         for r in range(0, self.codes.shape[0], rows):
             sl = slice(r, r + rows)
