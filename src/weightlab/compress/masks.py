@@ -1,7 +1,9 @@
 """Keep pruned weights at zero during later training; release them for a dense phase (SPDF).
 
 SPDF (Thangarasa et al., "Sparse Pre-training and Dense Fine-tuning for Large Language
-Models", 2023): train sparse, then release the mask and fine-tune densely.
+Models", 2023): train sparse, then release the mask and fine-tune densely. The method itself (random
+static masks, the two phases, FLOP accounting) is compress/spdf.py; these are its building blocks for
+your own training loop.
 """
 from __future__ import annotations
 
