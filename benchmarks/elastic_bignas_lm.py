@@ -101,6 +101,22 @@ def job_alone(seed: int) -> dict:
     return {"children": out, "train_s": time.perf_counter() - t0}
 
 
+def ngram_levels() -> dict:
+    """Bits/char of count models of the training text on the same test characters: unigram and bigram
+    (add-0.5 smoothing), the levels that tell how far a few hundred steps get."""
+    import numpy as np
+
+    split, _ = _setup(0)
+    x, y = split.x_train.reshape(-1).numpy(), split.y_train.reshape(-1).numpy()
+    tx, ty = split.x_test.reshape(-1).numpy(), split.y_test.reshape(-1).numpy()
+    v = split.num_classes
+    uni = np.bincount(y, minlength=v) + 0.5
+    big = np.full((v, v), 0.5)
+    np.add.at(big, (x, y), 1)
+    return {"unigram": float(-np.log2(uni[ty] / uni.sum()).mean()),
+            "bigram": float(-np.log2(big[tx, ty] / big[tx].sum(1)).mean())}
+
+
 def _ms(v: list[float], k: int = 3) -> str:
     return f"{statistics.mean(v):.{k}f} ± {statistics.stdev(v):.{k}f}" if len(v) > 1 else f"{v[0]:.{k}f}"
 
@@ -124,11 +140,20 @@ def report(sup: dict, alone: dict, total_s: float, heading: str) -> str:
     sc, ac = [sup[s]["cpu_s"] for s in SEEDS], [alone[s]["cpu_s"] for s in SEEDS]
     cfg = sup[SEEDS[0]]["config"]
     worse = sum(v == "supernet WORSE" for v in verdicts)
-    verdict = ("reproduced at this scale: every child within 1% of its stand-alone twin" if not worse and
-               all(v == "within 1%" for v in verdicts) else
-               f"{sum(v == 'within 1%' for v in verdicts)} of {len(verdicts)} children within 1%, "
-               f"{sum(v == 'supernet better' for v in verdicts)} better, {worse} worse (see the last column)")
-    mx = sup[SEEDS[0]]["children"]["width 1.0"]["params"]
+    verdict = ("reproduced at this budget: no child is more than 1% worse than its stand-alone twin" if not worse
+               else f"NOT reproduced at this budget: {worse} of {len(verdicts)} children more than 1% worse than "
+               f"their stand-alone twins ({sum(v == 'within 1%' for v in verdicts)} within 1%, "
+               f"{sum(v == 'supernet better' for v in verdicts)} better)")
+    alone_mean = [statistics.mean(alone[s]["children"][n]["bpc"] for s in SEEDS) for n in names]
+    sup_mean = [statistics.mean(sup[s]["children"][n]["bpc"] for s in SEEDS) for n in names]
+    lv, mx = ngram_levels(), sup[SEEDS[0]]["children"]["width 1.0"]["params"]
+    spread = (f"Across sizes ({sup[SEEDS[0]]['children']['smallest']['params']:,} to {mx:,} parameters) the "
+              f"stand-alone models span {max(alone_mean) - min(alone_mean):.3f} bits/char and the supernet's "
+              f"children {max(sup_mean) - min(sup_mean):.3f}: at this budget capacity does not matter yet. Count "
+              f"models of the training text score {lv['unigram']:.2f} (unigram) and {lv['bigram']:.2f} (bigram) "
+              "bits/char on the same characters, so the stand-alone runs end at about the bigram level and the "
+              "supernet's children between the two: the table compares early training, where the shared "
+              "weights lag; it says nothing about converged children.")
     body = [
         heading, "",
         f"{today()}; {machine_line()}; torch {package_version('torch')}; total {total_s:.0f} s (each job in its "
@@ -150,9 +175,7 @@ def report(sup: dict, alone: dict, total_s: float, heading: str) -> str:
         "accuracy in pp: supernet - alone).", "",
         md_table(["child", "per block", "params", "bits/char in supernet", "alone", "difference",
                   "next-char acc diff (pp)", "verdict"], rows), "",
-        f"Verdict: {verdict}. The budget is small (a few hundred steps); at this length the stand-alone models "
-        "are still improving, so the comparison says how the shared weights do at equal steps, not at "
-        "convergence.", "",
+        f"Verdict: {verdict}. {spread}", "",
         f"Cost: one supernet {statistics.mean(sw):.0f} s wall / {statistics.mean(sc):.0f} s CPU per seed vs "
         f"{statistics.mean(aw):.0f} s wall / {statistics.mean(ac):.0f} s CPU for the {len(names)} stand-alone "
         "models together (each process includes its start-up and the test evaluation).",
