@@ -1,7 +1,8 @@
 """Training loops of Learngene-SWS: the ancestry (teacher), the Aux-Net by distillation, descendants.
 
 One loop for all three (DeiT's recipe, shrunk): AdamW, linear warmup then cosine decay to ``min_lr``,
-per step; batches drawn from a private generator, so model + data + seed give the same weights.
+per step, optional global grad-norm clipping (DeiT's --clip-grad; the Aux-Net default uses it, see
+LearngeneConfig); batches drawn from a private generator, so model + data + seed give the same weights.
 The Aux-Net's loss is DeiT's ``DistillationLoss`` with soft targets:
 
     L = (1 - alpha) CE(f(x), y) + alpha tau^2 KL(p_tau(g(x)) || p_tau(f(x))) / C
@@ -32,16 +33,20 @@ class Recipe:
     batch_size: int = 64
     alpha: float = 1.0  # weight of the distillation term (used only with a teacher)
     tau: float = 1.0
+    clip_grad: float | None = None  # max global L2 norm of the gradient (DeiT's --clip-grad); None: no clipping
 
     def __post_init__(self):
-        if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1 or not 0 <= self.alpha <= 1 or self.tau <= 0:
+        if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1 or not 0 <= self.alpha <= 1 or self.tau <= 0 \
+                or (self.clip_grad is not None and not self.clip_grad > 0):
             raise ConfigError(f"invalid training recipe {self}: epochs >= 0, lr > 0, batch_size >= 1, "
-                              "0 <= alpha <= 1, tau > 0")
+                              "0 <= alpha <= 1, tau > 0, clip_grad > 0 or None")
 
 
 @dataclass
 class History:
     loss: list[float] = field(default_factory=list)  # mean training loss per epoch
+    grad_norm: list[float] = field(default_factory=list)  # largest global grad norm per epoch, before clipping
+    clipped: int = 0  # steps whose gradient was scaled down to clip_grad
     steps: int = 0
 
 
@@ -76,6 +81,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe, se
     total = recipe.epochs * per_epoch
     warmup = int(round(recipe.warmup_epochs * per_epoch))
     decay, no_decay = [], []
+    params = list(model.parameters())  # shared blocks appear once
     for name, p in model.named_parameters():
         # DeiT: no weight decay on biases, norms (1-D) and the position embedding
         (no_decay if p.ndim <= 1 or name.endswith("pos_embed") else decay).append(p)
@@ -88,7 +94,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe, se
     for epoch in range(recipe.epochs):
         model.train()
         order = torch.randperm(len(y), generator=gen)
-        tot, n = 0.0, 0
+        tot, n, gmax = 0.0, 0, 0.0
         for start in range(0, len(y), recipe.batch_size):
             idx = order[start:start + recipe.batch_size]
             for g in opt.param_groups:
@@ -104,16 +110,31 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe, se
                 loss = F.cross_entropy(logits, y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            gn = _grad_norm(params, recipe.clip_grad)
+            hist.clipped += int(recipe.clip_grad is not None and gn > recipe.clip_grad)
             opt.step()
             tot += loss.item() * len(idx)
             n += len(idx)
+            gmax = max(gmax, gn)
             step += 1
         hist.loss.append(tot / max(n, 1))
+        hist.grad_norm.append(gmax)
         if eval_fn is not None:
             eval_fn(epoch + 1, model)
     hist.steps = step
     model.eval()
     return hist
+
+
+def _grad_norm(params: list[torch.Tensor], clip: float | None) -> float:
+    """The global L2 norm of the gradients; with ``clip``, scale them down to at most ``clip`` (the norm
+    returned is the one before clipping)."""
+    if clip is not None:
+        return float(torch.nn.utils.clip_grad_norm_(params, clip))
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
 
 @torch.no_grad()
