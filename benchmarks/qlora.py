@@ -95,7 +95,13 @@ def child_step(mode: str, folder: str, batch: int, seqlen: int, steps: int, thre
         losses.append(float(loss.detach()))
     return {"step_s": statistics.median(times), "steps": times, "losses": losses, "load_s": load_s,
             "model_bytes": model_bytes, "memory": mem, "trainable": adapt.count_trainable(model),
-            "cpu_s": time.process_time()}
+            "cpu_s": time.process_time(), "self_peak_rss_mib": _self_peak_mib()}
+
+
+def _self_peak_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def child_fold(ct: str, bf16: str, work: str, steps: int, batch: int, seqlen: int, lr: float, eval_tokens: int,
@@ -160,6 +166,8 @@ def run_steps(args, bf16: Path, ct: Path) -> dict:
             res = json.loads(r.stdout.strip().splitlines()[-1])
             res["peak_rss_mib"], res["wall_s"] = r.peak_rss_mib, r.wall_s
             out[mode].append(res)
+            with open(Path(args.work_dir) / "steps-runs.jsonl", "a") as fh:  # survives a run cut short
+                fh.write(json.dumps({"date": C.today(), "round": rnd + 1, "mode": mode, **res}) + "\n")
             loads.append(os.getloadavg()[0])
     out["_load"] = loads
     return out
@@ -258,11 +266,12 @@ def main() -> None:
 
     work = Path(args.work) if args.work else Path(cache_dir()) / "bench-qlora"
     work.mkdir(parents=True, exist_ok=True)
+    args.work_dir = str(work)
     bf16, ct = prepare(work)
     saved = {k: work / f"{k}.json" for k in ("steps", "fold")}
     for phase, fn in (("steps", lambda: run_steps(args, bf16, ct)), ("fold", lambda: run_fold(args, bf16, ct, work))):
         if args.phase in ("both", phase):
-            blob = {"args": {k: v for k, v in vars(args).items() if k not in ("phase", "no_write")},
+            blob = {"args": {k: v for k, v in vars(args).items() if k not in ("phase", "no_write", "work_dir")},
                     "date": C.today(), "result": fn()}
             saved[phase].write_text(json.dumps(blob))
     if not saved["steps"].is_file():
