@@ -29,6 +29,7 @@ import _common as C  # noqa: E402
 import _compress_common as CC  # noqa: E402
 
 SECTION = "Quantize: W8A8 and FP8 on SmolLM2, weightlab vs llm-compressor"
+PROTOCOL = (CC.NSAMPLES, CC.EVAL_TOKENS)  # calibration windows, held-out tokens
 PPL_SLACK, TIME_TARGET = 1.01, 1.0  # weightlab PPL <= llm-compressor's x 1.01; quantize call no slower
 
 
@@ -36,6 +37,7 @@ def child_main(spec_path: str) -> int:
     t_start = time.perf_counter()
     spec, res = CC.child_setup(spec_path)
     res["scheme"] = spec["scheme"]
+    CC.NSAMPLES, eval_tokens = spec["nsamples"], spec["eval_tokens"]
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -62,6 +64,9 @@ def child_main(spec_path: str) -> int:
     elif scheme != "dense":
         from weightlab.compress import quantize
         from weightlab.compress.activations import fake_quant
+        from weightlab.registry import get_method
+
+        get_method("compress", "smoothquant")  # imports every method family (untimed, as llm-compressor's imports)
 
         batches = [{"input_ids": ids[i:i + 1], "use_cache": False} for i in range(len(ids))]
         model.set_attn_implementation("eager")  # as llm-compressor calibrates
@@ -75,9 +80,9 @@ def child_main(spec_path: str) -> int:
     with CC.Phase(res, "eval"):
         if ctx is not None:
             with ctx:
-                r = CC.eval_perplexity(model, tok, text)
+                r = CC.eval_perplexity(model, tok, text, max_tokens=eval_tokens)
         else:
-            r = CC.eval_perplexity(model, tok, text)
+            r = CC.eval_perplexity(model, tok, text, max_tokens=eval_tokens)
     res["quality"] = {"ppl": r["perplexity"], "tokens": r["tokens"], "eval_ids_sha": r["eval_ids_sha"]}
     return CC.child_finish(res, Path(spec["out_dir"]), spec["tag"], t_start)
 
@@ -92,7 +97,8 @@ def plan(pairs: int, skip_lc: bool) -> list[dict]:
     return runs
 
 
-def render(results: list[dict], total_s: float, note: str) -> str:
+def render(results: list[dict], total_s: float, note: str, nsamples: int = CC.NSAMPLES,
+           eval_tokens: int = CC.EVAL_TOKENS, flags: str = "") -> str:
     r0 = results[0]
     lo, hi = CC.loadavg_range(results)
     v = r0["versions"]
@@ -101,9 +107,10 @@ def render(results: list[dict], total_s: float, note: str) -> str:
              f"weightlab torch {v['torch']}, transformers {v['transformers']}; llm-compressor's venv: "
              + ", ".join(f"{k} {x}" for k, x in next((r["versions"] for r in results
                                                        if r["tool"] == "llm-compressor"), {}).items()) + ".",
-             "SmolLM2-135M fp32, 32 x 512 calibration tokens (one window per batch in both tools), held-out PPL over "
-             "16,384 tokens with the activations fake-quantized as each tool's runtime does (weightlab's perplexity "
-             "code in both venvs). W8A8 = SmoothQuant alpha 0.5 + int8 per-channel weights + dynamic per-token int8 "
+             f"SmolLM2-135M fp32, {nsamples} x {CC.SEQLEN} calibration tokens (one window per batch in both tools), "
+             f"held-out PPL over {eval_tokens:,} tokens with the activations fake-quantized as each tool's runtime "
+             "does (weightlab's perplexity code in both venvs). W8A8 = SmoothQuant alpha 0.5 + int8 per-channel "
+             "weights + dynamic per-token int8 "
              "inputs; FP8_DYNAMIC = fp8 e4m3 per-channel weights + dynamic per-token fp8 inputs. Time = the quantize "
              "call (wall), each run its own process, pairs alternating which tool runs first.", ""]
     rows, verdicts = [], []
@@ -128,15 +135,22 @@ def render(results: list[dict], total_s: float, note: str) -> str:
         ok = max(a) <= min(b) * PPL_SLACK
         verdicts.append(f"- {scheme} PPL: weightlab {min(a):.3f}-{max(a):.3f} vs llm-compressor {min(b):.3f}-"
                         f"{max(b):.3f} (target <= x {PPL_SLACK}): **{'met' if ok else 'NOT met'}**")
-        verdicts.append(f"- {scheme} time (weightlab / llm-compressor, quantize call): "
-                        f"{C.ratio_verdict(ratios, TIME_TARGET)}")
+        cpu = [p["weightlab"]["quant_cpu_s"] / p["llm-compressor"]["quant_cpu_s"] for p in full]
+        verdicts.append(f"- {scheme} time (weightlab / llm-compressor, quantize call, wall): "
+                        f"{C.ratio_verdict(ratios, TIME_TARGET)}; CPU-second ratios (less load-bound, not the "
+                        f"target): {', '.join(f'{x:.2f}' for x in cpu)}")
     lines.append(C.md_table(["scheme", "tool", "PPL", "quantize s", "quantize CPU s", "peak RSS MiB"], rows))
     lines += ["", "Verdicts (targets: PPL <= llm-compressor's x 1.01; time ratio <= 1.0 on >= 3 alternating pairs):"]
     lines += verdicts
-    lines += ["", "Bit-level parity on a 2-block Llama (tests/test_w8a8_parity.py): SmoothQuant's smoothed norms, the "
+    lines += ["", "FP8_DYNAMIC is data-free in both tools; weightlab's call (about a CPU second, profiled) also "
+              "computes "
+              "its per-layer report (float64 squared norms and relative errors, exact-zero counts) and writes the "
+              "dequantized weights back into the model.",
+              "", "Bit-level parity on a 2-block Llama (tests/test_w8a8_parity.py): SmoothQuant's smoothed norms, the "
               "int8/fp8 codes, weight, input and k/v scales equal llm-compressor's bit for bit (W8A8 dynamic and "
               "static, FP8, FP8_DYNAMIC + FP8 KV cache).", "",
-              f"Reproduce: `.venv/bin/python benchmarks/quantize_w8a8.py` (llm-compressor venv: `{CC.LC_SETUP}`)."]
+              f"Reproduce: `.venv/bin/python benchmarks/quantize_w8a8.py{flags}` (llm-compressor venv: "
+              f"`{CC.LC_SETUP}`)."]
     return "\n".join(lines)
 
 
@@ -147,15 +161,23 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--lc-python")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--keep")
+    ap.add_argument("--windows", type=int, default=CC.NSAMPLES,
+                    help=f"calibration windows of {CC.SEQLEN} tokens (protocol: {CC.NSAMPLES}; fewer = a reduced run, "
+                         "labelled so in the section)")
+    ap.add_argument("--eval-tokens", type=int, default=CC.EVAL_TOKENS,
+                    help=f"held-out tokens scored (protocol: {CC.EVAL_TOKENS})")
     CC.add_threads_arg(ap)
     args = ap.parse_args(argv)
     runs = plan(args.pairs, args.skip_lc)
+    reduced = (args.windows, args.eval_tokens) != PROTOCOL
+    CC.NSAMPLES = args.windows  # prepare_smollm2 cuts this many windows
     lc_py = None if args.skip_lc else CC.lc_python(args.lc_python)
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="wl-w8a8-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     d = CC.prepare_smollm2(work)
-    data = {"model_dir": d["model_dir"], "ids_path": d["ids_path"], "eval_path": d["heldout_path"]}
+    data = {"model_dir": d["model_dir"], "ids_path": d["ids_path"], "eval_path": d["heldout_path"],
+            "nsamples": args.windows, "eval_tokens": args.eval_tokens}
     C.warm_page_cache([d["model_dir"]])
     results = []
     for r in runs:
@@ -164,8 +186,14 @@ def main(argv: list[str]) -> int:
                                C.python_exe() if r["tool"] == "weightlab" else lc_py, args.threads)
         results.append(res)
         C.log(f"  wall {cr.wall_s:.1f}s, quant {res.get('quant_s', 0):.1f}s, PPL {res['quality']['ppl']:.3f}")
-    note = f"{args.pairs} W8A8 pair(s)" + (", --skip-lc" if args.skip_lc else "")
-    body = render(results, time.perf_counter() - t_all, note)
+    note = (f"{args.pairs} W8A8 pair(s)" + (", --skip-lc" if args.skip_lc else "")
+            + (f", --threads {args.threads} in every child" if args.threads else "")
+            + (f"; REDUCED protocol: {args.windows} calibration windows and {args.eval_tokens:,} held-out tokens "
+               f"instead of the protocol's {PROTOCOL[0]} and {PROTOCOL[1]:,}" if reduced else ""))
+    defaults = {"pairs": 3, "windows": PROTOCOL[0], "eval_tokens": PROTOCOL[1], "threads": None}
+    flags = "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k, d in defaults.items()
+                    if getattr(args, k) not in (d, None))  # the Reproduce line names what differs from the protocol
+    body = render(results, time.perf_counter() - t_all, note, args.windows, args.eval_tokens, flags)
     return CC.publish(body, work, SECTION, not args.no_write and not CC.SMOKE and not args.skip_lc, args.keep)
 
 
