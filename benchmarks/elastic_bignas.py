@@ -15,6 +15,8 @@ transformer supernet on the zoo's Wikipedia text, metric bits per character on t
 
     python benchmarks/elastic_bignas.py            # both parts, all seeds, writes the RESULTS.md section
     python benchmarks/elastic_bignas.py --part lm  # one part; the other part's text is kept from RESULTS.md
+    python benchmarks/elastic_bignas.py --part lm-nokd  # + the transformer's no-distillation ablation (3 jobs),
+                                                        # using the lm numbers saved in elastic_bignas_lm.json
     python benchmarks/elastic_bignas.py --job supernet --seed 0   # one job, prints JSON
 """
 from __future__ import annotations
@@ -34,6 +36,7 @@ from _common import (RESULTS_MD, load_sentence, machine_line, md_table, package_
                      write_section)
 
 SECTION = "Elastic: BigNAS"
+RAW_LM = Path(__file__).resolve().parent / "elastic_bignas_lm.json"  # the transformer part's raw numbers
 LM_HEADING = "### Small transformer (char-level, Wikipedia text)"
 DATASET, EPOCHS, SEEDS = "digits", 30, (0, 1, 2)
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
@@ -124,6 +127,8 @@ def _job(kind: str, seed: int) -> dict:
         return job_alone(seed)
     import elastic_bignas_lm as lm
 
+    if kind == "lm-nokd":
+        return lm.job_supernet(seed, inplace_kd=False)
     return lm.job_supernet(seed) if kind == "lm-supernet" else lm.job_alone(seed)
 
 
@@ -176,8 +181,9 @@ def _kept_parts() -> tuple[str, str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--job", choices=["supernet", "alone", "lm-supernet", "lm-alone"])
-    ap.add_argument("--part", choices=["cnn", "lm", "all"], default="all")
+    ap.add_argument("--job", choices=["supernet", "alone", "lm-supernet", "lm-alone", "lm-nokd"])
+    ap.add_argument("--part", choices=["cnn", "lm", "lm-nokd", "all"], default="all",
+                    help="lm-nokd: the transformer's no-distillation ablation, added to the saved lm numbers")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
@@ -185,14 +191,22 @@ def main() -> None:
         print(json.dumps(_job(a.job, a.seed)))
         return
     cnn_text, lm_text = _kept_parts()
-    if a.part in ("lm", "all"):
+    if a.part in ("lm", "lm-nokd", "all"):
         import elastic_bignas_lm as lm
 
-        t0 = time.perf_counter()
-        sup, alone = _run_pair(("lm-supernet", "lm-alone"))
-        lm_text = lm.report(sup, alone, time.perf_counter() - t0, LM_HEADING)
+        if a.part == "lm-nokd":  # the ablation jobs only; the comparison's numbers come from the last lm run
+            raw = {k: {int(s): d for s, d in v.items()} if isinstance(v, dict) else v
+                   for k, v in json.loads(RAW_LM.read_text(encoding="utf-8")).items()}
+            raw["lm-nokd"] = {s: _run_job("lm-nokd", s) for s in SEEDS}
+        else:
+            t0 = time.perf_counter()
+            sup, alone = _run_pair(("lm-supernet", "lm-alone"))
+            raw = {"lm-supernet": sup, "lm-alone": alone, "total_s": time.perf_counter() - t0}
+        lm_text = lm.report(raw["lm-supernet"], raw["lm-alone"], raw["total_s"], LM_HEADING, raw.get("lm-nokd"))
         print(lm_text)
-        print(json.dumps({"lm-supernet": sup, "lm-alone": alone}))  # raw numbers, for the log
+        tmp = RAW_LM.with_suffix(".tmp")
+        tmp.write_text(json.dumps(raw, indent=1) + "\n", encoding="utf-8")
+        tmp.replace(RAW_LM)
     if a.part in ("cnn", "all"):
         cnn_text = cnn_part()
     if not a.no_write:

@@ -37,11 +37,13 @@ def _children(net):
     return kids
 
 
-def job_supernet(seed: int) -> dict:
+def job_supernet(seed: int, inplace_kd: bool = True) -> dict:
+    """One supernet; inplace_kd=False is the ablation (every child trained on the labels)."""
     from weightlab.elastic.bignas import train_bignas
     from weightlab.elastic.bignas_lm import evaluate_lm
 
     split, cfg = _setup(seed)
+    cfg = cfg.model_copy(update={"inplace_kd": inplace_kd})
     t0 = time.perf_counter()
     res = train_bignas(split, cfg)
     train_s, net, out = time.perf_counter() - t0, res.net, {}
@@ -121,10 +123,14 @@ def _ms(v: list[float], k: int = 3) -> str:
     return f"{statistics.mean(v):.{k}f} ± {statistics.stdev(v):.{k}f}" if len(v) > 1 else f"{v[0]:.{k}f}"
 
 
-def report(sup: dict, alone: dict, total_s: float, heading: str) -> str:
+def report(sup: dict, alone: dict, total_s: float, heading: str, nokd: dict | None = None) -> str:
     names = list(sup[SEEDS[0]]["children"])
-    rows, verdicts = [], []
+    rows, verdicts, abl = [], [], []
     for n in names:
+        if nokd:
+            b_n = [nokd[s]["children"][n]["bpc"] - alone[s]["children"][n]["bpc"] for s in SEEDS]
+            abl.append((n, statistics.mean(b_n), statistics.stdev(b_n),
+                        TOL * statistics.mean(alone[s]["children"][n]["bpc"] for s in SEEDS)))
         b_s = [sup[s]["children"][n]["bpc"] for s in SEEDS]
         b_a = [alone[s]["children"][n]["bpc"] for s in SEEDS]
         diff = [x - y for x, y in zip(b_s, b_a)]
@@ -154,6 +160,19 @@ def report(sup: dict, alone: dict, total_s: float, heading: str) -> str:
               "bits/char on the same characters, so the stand-alone runs end at about the bigram level and the "
               "supernet's children between the two: the table compares early training, where the shared "
               "weights lag; it says nothing about converged children.")
+    ablation = []
+    if nokd:
+        close = sum(m <= t for _, m, _, t in abl)
+        why = ("so at this budget the gap above comes from distilling from a largest child that is itself still "
+               "early in training" if close == len(abl) else
+               f"{len(abl) - close} of {len(abl)} children stay more than 1% worse without it, so distillation "
+               "does not explain the whole gap")
+        ablation = [
+            "Ablation, in-place distillation off (every child trained on the labels, all else equal; its own "
+            f"processes, {statistics.mean(nokd[s]['cpu_s'] for s in SEEDS):.0f} s CPU per seed), bits/char minus "
+            "the stand-alone twin's, paired by seed: "
+            + "; ".join(f"{n} {m:+.3f} ± {sd:.3f}" for n, m, sd, _ in abl)
+            + f". {close} of {len(abl)} children are within 1% (or better) without distillation; {why}.", ""]
     body = [
         heading, "",
         f"{today()}; {machine_line()}; torch {package_version('torch')}; total {total_s:.0f} s (each job in its "
@@ -175,7 +194,7 @@ def report(sup: dict, alone: dict, total_s: float, heading: str) -> str:
         "accuracy in pp: supernet - alone).", "",
         md_table(["child", "per block", "params", "bits/char in supernet", "alone", "difference",
                   "next-char acc diff (pp)", "verdict"], rows), "",
-        f"Verdict: {verdict}. {spread}", "",
+        f"Verdict: {verdict}. {spread}", "", *ablation,
         f"Cost: one supernet {statistics.mean(sw):.0f} s wall / {statistics.mean(sc):.0f} s CPU per seed vs "
         f"{statistics.mean(aw):.0f} s wall / {statistics.mean(ac):.0f} s CPU for the {len(names)} stand-alone "
         "models together (each process includes its start-up and the test evaluation).",

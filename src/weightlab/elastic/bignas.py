@@ -233,8 +233,9 @@ class BigNASResult(Result):
 
 
 @register("elastic", "bignas", paper=PAPER, config=BigNASConfig, regime=Regime.WHOLE_MODEL, kind="whole",
-          summary="supernet of sliced children (width, depth, kernel) trained with the sandwich rule and in-place "
-                  "distillation; children used without retraining, BN recalibrated per child")
+          summary="supernet of sliced children (width, depth, kernel; heads for the char-level transformer) trained "
+                  "with the sandwich rule and in-place distillation; children used without retraining, BN "
+                  "recalibrated per child")
 def train_bignas(data, cfg: BigNASConfig | None = None, *, show_progress: bool | None = None,
                  **params) -> BigNASResult:
     """Train a BigNAS supernet on a zoo dataset name or a ``bignas_io.Split`` (train / val / test)."""
