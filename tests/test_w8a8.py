@@ -307,5 +307,6 @@ def test_float32_channel_rtn_equals_float64_rtn(dtype, bits, scale_dtype):
         a, b = getattr(got, f), getattr(want, f)
         assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f
     assert (got.bits, got.group_size, got.sym) == (want.bits, want.group_size, want.sym)
-    gathered = want.scales.float()[:, want.g_idx.long()] * (want.codes.float() - want.zeros.float()[:, want.g_idx.long()])
+    g_idx = want.g_idx.long()
+    gathered = want.scales.float()[:, g_idx] * (want.codes.float() - want.zeros.float()[:, g_idx])
     assert torch.equal(got.dequantize(rows=16), gathered)
