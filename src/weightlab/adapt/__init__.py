@@ -4,10 +4,10 @@
 :class:`~weightlab.adapt.layer.AdapterLayer`; ``fold``/``unfold``/``detach`` (``fold`` puts the adapter into the weights); ``regularizers``
 and ``backward_regularizers`` (SORSA's term after clipping); ``save``/``load`` weightlab adapter
 folders; several named adapters on one model (``attach(..., name=)``, ``set_active``, ``delete``,
-``adapter_names``, ``add_weighted``: PEFT's add_weighted_adapter); ``export_peft``/``import_peft`` for PEFT folders (LoRA, DoRA, IA3, VeRA, LoHa, LoKr); ``extract_lora`` (a PEFT LoRA from a
+``adapter_names``, ``add_weighted``: PEFT's add_weighted_adapter); ``export_peft``/``import_peft`` for PEFT folders (LoRA, DoRA, AdaLoRA, IA3, VeRA, LoHa, LoKr, OFT, BOFT); ``extract_lora`` (a PEFT LoRA from a
 fine-tune and its base, as mergekit-extract-lora); ``make_optimizer``.
 """
-from . import bat, bone, dora, gradnormlorp, ia3, loha, lokr, lora, pissa, sorsa, vera  # noqa: F401  (register the methods)
+from . import adalora, bat, boft, bone, dora, gradnormlorp, ia3, loha, lokr, lora, oft, pissa, sorsa, vera  # noqa: F401,E501  (register the methods)
 from . import dsee, pst, sara, sltrain  # noqa: F401  (sparse methods)
 from . import compander, contracon, mixturegrowth, orthogonal  # noqa: F401  (compositional methods)
 from .api import (active_adapters, adapter_layers, adapter_names, attach, backward_regularizers, count_trainable,
