@@ -215,6 +215,10 @@ def rethink_section(runs: list[dict], args, load: str, cpu: float) -> str:
                       f"Scratch-B minus the better fine-tune {', '.join(f'{x:+.3f}' for x in db)}"
                       for k, d, db in verdicts)
     head = ("**reproduced**" if won == len(struct) else "**partly reproduced**" if won else "**not reproduced**")
+    unstr = [(k, statistics.mean(db)) for k, _, db in verdicts if "weights" in k]
+    unstr_line = ("Unstructured masks (the paper: scratch matches on CIFAR-size data, falls short at high sparsity on "
+                  "ImageNet, which is not exercised here): Scratch-B minus the better fine-tune, mean "
+                  + ", ".join(f"{k.split(': ')[-1]} ({k.split(',')[0]}) {m:+.3f}" for k, m in unstr) + ".")
     return f"""Paper: Liu et al., "Rethinking the Value of Network Pruning" (ICLR 2019; anchor
 Eric-mingjie/rethinking-network-pruning). **Claim**: for structured pruning, training the pruned architecture
 from a random init (Scratch-E: same epochs; Scratch-B: same FLOPs) matches or beats fine-tuning the pruned
@@ -234,7 +238,7 @@ pruned network (channels) or kept weights (masks). Test accuracy, mean ± sd ove
 {C.md_table(["setting, pruning", "params", "large", "pruned, no training"] + arms, rows)}
 
 Verdict: {head} — Scratch-B is within 0.5 point of or above the better fine-tune in {won} of {len(struct)}
-structured settings (mean over seeds).
+structured settings (mean over seeds). {unstr_line}
 {lines}
 """
 
