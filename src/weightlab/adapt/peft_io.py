@@ -8,7 +8,7 @@ r / lora_alpha / use_rslora; the others are written with the scale folded into B
 (r = lora_alpha = R, scale 1), zero-padded to one rank R across layers. DoRA exports as PEFT's DoRA
 (``use_dora: true``: lora_A, lora_B and ``lora_magnitude_vector``, the keys PEFT's save_pretrained
 writes), and ``import_peft`` reads PEFT DoRA folders as weightlab's ``dora``. Methods with their own
-PEFT type ((IA)^3, VeRA, LoHa, LoKr, AdaLoRA) write and read it themselves (``peft_export`` / ``peft_import``,
+PEFT type ((IA)^3, VeRA, LoHa, LoKr, AdaLoRA, OFT, BOFT) write and read it themselves (``peft_export`` / ``peft_import``,
 ``peft_type`` in the config): they are not LoRA-shaped.
 
 Named adapters: ``export_peft(model, out, name=)`` writes one adapter, ``import_peft(model, path, name=)``
@@ -303,7 +303,8 @@ def import_peft(model: nn.Module, adapter_dir, name: str = "default") -> nn.Modu
     if not (p / PEFT_CONFIG).is_file() or not (p / PEFT_WEIGHTS).is_file():
         raise ConfigError(f"'{adapter_dir}' is not a PEFT adapter folder (needs {PEFT_WEIGHTS} and {PEFT_CONFIG})")
     conf = json.loads((p / PEFT_CONFIG).read_text())
-    native = {"IA3": "ia3", "VERA": "vera", "LOHA": "loha", "LOKR": "lokr", "ADALORA": "adalora"}
+    native = {"IA3": "ia3", "VERA": "vera", "LOHA": "loha", "LOKR": "lokr", "ADALORA": "adalora", "OFT": "oft",
+              "BOFT": "boft"}
     if conf.get("peft_type") in native:
         try:
             spec = get_method("adapt", native[conf["peft_type"]])
@@ -314,7 +315,7 @@ def import_peft(model: nn.Module, adapter_dir, name: str = "default") -> nn.Modu
                                        partial(_attach_exact, name=name))
     if conf.get("peft_type") != "LORA":
         raise ConfigError(f"PEFT adapters of type {conf.get('peft_type')} cannot be imported (LORA, "
-                          "LORA with use_dora, IA3, VERA, LOHA, LOKR and ADALORA can)")
+                          "LORA with use_dora, IA3, VERA, LOHA, LOKR, ADALORA, OFT and BOFT can)")
     method = "dora" if conf.get("use_dora") else "lora"
     sd = load_file(str(p / PEFT_WEIGHTS))
     rx = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")

@@ -18,7 +18,7 @@ app.add_typer(adapter_app, name="adapter")
 
 @app.command()
 def tune(path: str = typer.Argument(..., help="causal-LM folder (HF) or zoo:NAME"),
-         adapter: str = typer.Option("lora", "--method", "-m", "--adapter", "-a", help="an adapt method: lora, dora, adalora, ia3, vera, loha, lokr, pissa, sorsa, bone, bat, gradnormlorp, dsee, sara, sltrain, pst, orthogonal, compander, contracon (weightlab methods --family adapt)"),
+         adapter: str = typer.Option("lora", "--method", "-m", "--adapter", "-a", help="an adapt method: lora, dora, adalora, ia3, vera, loha, lokr, oft, boft, pissa, sorsa, bone, bat, gradnormlorp, dsee, sara, sltrain, pst, orthogonal, compander, contracon (weightlab methods --family adapt)"),
          rank: int = typer.Option(16, "--rank", "-r", help="adapter rank, for the methods that have one"),
          data: str = typer.Option("wiki", "--data", help="wiki, FILE.txt, or FILE.jsonl (text or prompt/response)"),
          steps: int = typer.Option(100, "--steps"), lr: float = typer.Option(2e-4, "--lr"),
