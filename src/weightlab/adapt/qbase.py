@@ -35,7 +35,13 @@ __all__ = ["dequantize_layers", "fold_job", "load_base", "memory_report"]
 
 
 def load_base(path, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer): a compressed-tensors folder with packed 4/8-bit Linears; ``dtype`` = compute dtype."""
+    """(model, tokenizer): a compressed-tensors folder with packed 4/8-bit Linears; ``dtype`` = compute dtype.
+
+    Every forward allocates and frees one dense weight per layer; glibc's growing mmap threshold would keep
+    those in a fragmented heap, so large allocations are pinned to mmap (returned to the OS when freed)."""
+    from ..engine.memory import large_allocations_to_mmap
+
+    large_allocations_to_mmap()
     return load_quantized_causal_lm(path, dtype)
 
 
