@@ -74,7 +74,32 @@ LLAMA_MAPPINGS = (("input_layernorm", ("q_proj", "k_proj", "v_proj")),
                   ("up_proj", ("down_proj",)))
 
 
-class AWQConfig(GPTQConfig):
+class SmoothingConfig(GPTQConfig):
+    """What the smoothing methods (AWQ, SmoothQuant) share: the quantizer after smoothing and what the next block
+    sees; GPTQ's parameters (blocksize, percdamp, act_order, static_groups, precision) apply with quantizer=gptq only."""
+
+    quantizer: Literal["rtn", "gptq"] = Field("rtn", description="the quantizer after smoothing: rtn or gptq")
+    propagate: Literal["auto", "fp", "quantized"] = Field(
+        "auto", description="next block's inputs from the smoothed unquantized block (fp) or the quantized one; "
+                            "auto: fp with rtn, quantized with gptq (as llm-compressor)")
+
+    @model_validator(mode="after")
+    def _gptq_only(self):
+        gptq_only = sorted(self.model_fields_set & set(GPTQConfig.model_fields))
+        if self.quantizer != "gptq" and gptq_only:
+            raise ValueError(f"{', '.join(gptq_only)}: GPTQ parameters; add quantizer=gptq to use them")
+        return self
+
+    @property
+    def propagate_quantized(self) -> bool:
+        return self.propagate == "quantized" or (self.propagate == "auto" and self.quantizer == "gptq")
+
+
+def smoothing_needs(cfg: SmoothingConfig) -> tuple:
+    return ("block", "hessian") if cfg.quantizer == "gptq" else ("block",)
+
+
+class AWQConfig(SmoothingConfig):
     """AWQ's own parameters; GPTQ's (blocksize, percdamp, act_order, static_groups, precision) apply with
     quantizer=gptq only."""
 
@@ -87,26 +112,12 @@ class AWQConfig(GPTQConfig):
     mappings: list[tuple[str, list[str]]] | None = Field(
         None, description="[[smooth, [balance, ...]], ...] module names inside a block (a name matches itself "
                           "or any name ending in '.name'); default: the Llama family's four")
-    propagate: Literal["auto", "fp", "quantized"] = Field(
-        "auto", description="next block's inputs from the smoothed unquantized block (fp) or the quantized one; "
-                            "auto: fp with rtn, quantized with gptq (as llm-compressor)")
 
     @model_validator(mode="after")
     def _check(self):
-        gptq_only = sorted(self.model_fields_set & set(GPTQConfig.model_fields))
-        if self.quantizer != "gptq" and gptq_only:
-            raise ValueError(f"{', '.join(gptq_only)}: GPTQ parameters; add quantizer=gptq to use them")
         if self.duo_scaling == "both" and self.n_grid < 4:
             raise ValueError("duo_scaling=both splits the grid in two halves: n_grid must be at least 4")
         return self
-
-    @property
-    def propagate_quantized(self) -> bool:
-        return self.propagate == "quantized" or (self.propagate == "auto" and self.quantizer == "gptq")
-
-
-def _needs(cfg: AWQConfig) -> tuple:
-    return ("block", "hessian") if cfg.quantizer == "gptq" else ("block",)
 
 
 @register("compress", "awq", kind=QUANT_KIND, config=AWQConfig, regime=Regime.LAYERWISE,
@@ -114,7 +125,7 @@ def _needs(cfg: AWQConfig) -> tuple:
                 "(Lin et al., MLSys 2024); as llm-compressor's AWQModifier",
           summary="activation-aware per-channel scales (grid search on each block's outputs) folded into the "
                   "previous norm/Linear, then RTN or GPTQ",
-          default_bits=4, needs=_needs)
+          default_bits=4, needs=smoothing_needs)
 def awq(ctx: QuantContext):
     """One layer of a block AWQ has smoothed (smooth_block): the follow-up quantizer. RTN divides in float32 as
     compressed-tensors does (its grid search and llm-compressor's QuantizationModifier round ties alike)."""

@@ -29,15 +29,15 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from ..engine.calibration import set_weight_matrix, weight_matrix
 from ..errors import ConfigError
 from ..registry import Regime, register
 from ..tensor.quant import rtn as rtn_solve
 from ..tensor.quant8 import rtn_sym_channel
-from .awq import QUOTIENT, resolve
-from .gptq import GPTQConfig, gptq as gptq_layer
+from .awq import QUOTIENT, SmoothingConfig, resolve, smoothing_needs
+from .gptq import gptq as gptq_layer
 from .quantize import QUANT_KIND, BlockContext, QuantContext, block_step
 
 MINIMUM_SCALE = 1e-5  # llm-compressor's MINIMUM_SMOOTHING_SCALE
@@ -47,7 +47,7 @@ LLAMA_MAPPINGS = (("input_layernorm", ("q_proj", "k_proj", "v_proj")),
                   ("post_attention_layernorm", ("gate_proj", "up_proj")))
 
 
-class SmoothQuantConfig(GPTQConfig):
+class SmoothQuantConfig(SmoothingConfig):
     """SmoothQuant's own parameters; GPTQ's (blocksize, percdamp, act_order, ...) apply with quantizer=gptq only."""
 
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="migration strength: s = range(x)^alpha / "
@@ -58,24 +58,6 @@ class SmoothQuantConfig(GPTQConfig):
         None, description="[[smooth, [balance, ...]], ...] module names inside a block (a name matches itself or any "
                           "name ending in '.name'); default: input_layernorm -> q/k/v, post_attention_layernorm -> "
                           "gate/up")
-    propagate: Literal["auto", "fp", "quantized"] = Field(
-        "auto", description="next block's inputs from the smoothed unquantized block (fp) or the quantized one; "
-                            "auto: fp with rtn, quantized with gptq (as llm-compressor)")
-
-    @model_validator(mode="after")
-    def _check(self):
-        gptq_only = sorted(self.model_fields_set & set(GPTQConfig.model_fields))
-        if self.quantizer != "gptq" and gptq_only:
-            raise ValueError(f"{', '.join(gptq_only)}: GPTQ parameters; add quantizer=gptq to use them")
-        return self
-
-    @property
-    def propagate_quantized(self) -> bool:
-        return self.propagate == "quantized" or (self.propagate == "auto" and self.quantizer == "gptq")
-
-
-def _needs(cfg: SmoothQuantConfig) -> tuple:
-    return ("block", "hessian") if cfg.quantizer == "gptq" else ("block",)
 
 
 @register("compress", "smoothquant", kind=QUANT_KIND, config=SmoothQuantConfig, regime=Regime.LAYERWISE,
@@ -83,7 +65,7 @@ def _needs(cfg: SmoothQuantConfig) -> tuple:
                 "(Xiao et al., ICML 2023); as llm-compressor's SmoothQuantModifier",
           summary="migrates activation outliers into the weights (per-channel s = range(x)^a / range(w)^(1-a) folded "
                   "into the previous norm), then RTN or GPTQ; with --activations dynamic|static: W8A8",
-          default_bits=8, needs=_needs)
+          default_bits=8, needs=smoothing_needs)
 def smoothquant(ctx: QuantContext):
     """One layer of a block SmoothQuant has smoothed: the follow-up quantizer (RTN divides in float32 as
     compressed-tensors does, so its codes equal llm-compressor's)."""
