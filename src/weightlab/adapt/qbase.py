@@ -18,6 +18,7 @@ this base is the int4 symmetric grid vLLM serves, at ~4.13 bits per weight with 
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -70,8 +71,6 @@ def dequantize_layers(model: nn.Module, dtype: torch.dtype | None = None) -> nn.
 
 
 def _check(adapter, base, out, requantize, dtype, force: bool):
-    import json
-
     from ..io.atomic import check_not_input
     from .api import read_folder
 
@@ -83,10 +82,7 @@ def _check(adapter, base, out, requantize, dtype, force: bool):
     if requantize is not None and dtype is not None:
         raise ConfigError("--dtype sets the dense fold's weights; a re-quantized fold keeps the base's dtypes")
     conf, _ = read_folder(adapter)
-    b = Path(base).expanduser()
-    if not (b / "config.json").is_file():
-        raise ConfigError(f"--base '{base}' is not a model folder with a config.json")
-    args = ct_scheme(b, json.loads((b / "config.json").read_text(encoding="utf-8")))
+    b, args = base_scheme(base)
     o = Path(out).expanduser()
     check_not_input(o, [Path(adapter), b])
     if o.exists() and not force:
@@ -94,6 +90,14 @@ def _check(adapter, base, out, requantize, dtype, force: bool):
 
         raise OutputExistsError(f"output '{out}' already exists; pass --force to replace it")
     return conf, args
+
+
+def base_scheme(base) -> tuple[Path, dict]:
+    """(folder, its compressed-tensors weight scheme) of a 4-bit base, refused before any work if it is not one."""
+    b = Path(base).expanduser()
+    if not (b / "config.json").is_file():
+        raise ConfigError(f"--base '{base}' is not a model folder with a config.json")
+    return b, ct_scheme(b, json.loads((b / "config.json").read_text(encoding="utf-8")))
 
 
 def fold_job(adapter, base, out, *, requantize: str | None = None, dtype: str | None = None,

@@ -44,7 +44,7 @@ def fold(adapter: str = typer.Argument(..., help="weightlab adapter folder train
          out: str = typer.Option(..., "--out", "-o"), force: bool = typer.Option(False, "--force"),
          json_out: str = json_option("the fold report")) -> None:
     """Fold an adapter trained on a 4-bit compressed-tensors base: dense, or re-quantized (RTN or GPTQ)."""
-    from ..adapt.qbase import fold_job
+    from ..adapt.qbase import base_scheme, fold_job
 
     if requantize not in (None, "rtn", "gptq"):
         raise ConfigError(f"--requantize {requantize!r}: choose rtn or gptq (or leave it out for a dense fold)")
@@ -64,16 +64,12 @@ def _fold_gptq(adapter, base, out, dtype, calib, nsamples, seqlen, seed, device,
     import json
     import time
 
-    from ..adapt.qbase import fold_job
+    from ..adapt.qbase import base_scheme, fold_job
     from ..compress.jobs import quantize_job
     from ..io.atomic import check_not_input
-    from ..io.quantized_linear import ct_scheme
 
     t0 = time.perf_counter()
-    b = Path(base).expanduser()
-    if not (b / "config.json").is_file():
-        raise ConfigError(f"--base '{base}' is not a model folder with a config.json")
-    args = ct_scheme(b, json.loads((b / "config.json").read_text(encoding="utf-8")))
+    b, args = base_scheme(base)
     o = Path(out).expanduser()
     check_not_input(o, [Path(adapter), b])
     group = int(args.get("group_size") or -1) if args.get("strategy") == "group" else -1
