@@ -167,6 +167,26 @@ def test_set_weight_keeps_untouched_groups(folders):
     assert torch.equal(lay.codes()[5:6, 128:], expect.codes.to(torch.int16) - 8)
 
 
+
+def test_keep_scales_moves_a_code_only_past_half_a_step(folders):
+    qm, _ = load_quantized_causal_lm(folders / "ct", torch.float32)
+    lay = qm.model.layers[0].mlp.down_proj
+    lay.keep_scales = True
+    codes, scales = lay.codes().clone(), lay.weight_scale.clone()
+    s = scales.to(torch.float32)
+    W = lay.dequantize(torch.float32)
+    W2 = W.clone()
+    W2[3, 0:4] += 0.4 * s[3, 0]  # less than half a step: codes stay
+    W2[7, 130] += 1.1 * s[7, 1]  # one step and a bit: +1 (or clamped at the top code)
+    W2[9, 200] -= 2.6 * s[9, 1]  # -3 steps (or clamped at the bottom code)
+    lay.set_weight_2d(W2)
+    new = lay.codes()
+    assert torch.equal(lay.weight_scale, scales)  # every scale kept, also in the changed groups
+    expect = codes.clone()
+    expect[7, 130] = min(int(codes[7, 130]) + 1, 7)
+    expect[9, 200] = max(int(codes[9, 200]) - 3, -8)
+    assert torch.equal(new, expect)
+
 def _trained(folders, tmp_path, method="lora"):
     qm, _ = load_quantized_causal_lm(folders / "ct", torch.float32)
     adapt.attach(qm, method, targets=["q_proj", "v_proj", "down_proj"], r=4, seed=1)

@@ -29,7 +29,7 @@ from ..errors import ConfigError
 from ..io.quantized_linear import (QuantLinear, ct_scheme, load_quantized_causal_lm, module_bytes,
                                    quantized_layers, unpack_codes)
 
-REQUANTIZE = (None, "rtn")
+REQUANTIZE = (None, "rtn", "rtn-keep-scales")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 __all__ = ["dequantize_layers", "fold_job", "load_base", "memory_report"]
@@ -76,7 +76,9 @@ def _check(adapter, base, out, requantize, dtype, force: bool):
 
     if requantize not in REQUANTIZE:
         raise ConfigError(f"requantize={requantize!r}: choose 'rtn' (the base's grid and group size, fresh "
-                          "scales) or None for a dense fold (GPTQ: fold dense, then weightlab quantize)")
+                          "scales), 'rtn-keep-scales' (the base's scales; a code moves only where its weight moved "
+                          "by more than half a step) or None for a dense fold (GPTQ: fold dense, then weightlab "
+                          "quantize)")
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if requantize is not None and dtype is not None:
@@ -119,8 +121,8 @@ def fold_job(adapter, base, out, *, requantize: str | None = None, dtype: str | 
            "layers": len(adapt.adapter_layers(model)), "requantize": requantize,
            "scheme": {k: args.get(k) for k in ("num_bits", "group_size", "strategy")}}
     prov = _provenance(rep, [adapter, base])
-    if requantize == "rtn":
-        changed = _fold_requantized(model)
+    if requantize in ("rtn", "rtn-keep-scales"):
+        changed = _fold_requantized(model, keep_scales=requantize == "rtn-keep-scales")
         _write_ct(model, base, out, prov, force)
         rep.update(format="compressed-tensors", changed_groups=changed)
     else:
@@ -133,11 +135,13 @@ def fold_job(adapter, base, out, *, requantize: str | None = None, dtype: str | 
     return rep
 
 
-def _fold_requantized(model: nn.Module) -> float:
+def _fold_requantized(model: nn.Module, keep_scales: bool = False) -> float:
     """``adapt.fold`` on the packed layers; the share of (row, group)s whose codes or scale changed."""
     from .. import adapt
 
     layers = {n: m.base_layer for n, m in adapt.adapter_layers(model).items() if isinstance(m.base_layer, QuantLinear)}
+    for q in layers.values():
+        q.keep_scales = keep_scales
     before = {n: (q.weight_packed.clone(), q.weight_scale.clone()) for n, q in layers.items()}
     adapt.fold(model)
     changed = total = 0

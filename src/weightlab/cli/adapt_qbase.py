@@ -34,7 +34,9 @@ def load_tune_base(src, dequantize_base: bool):
 def fold(adapter: str = typer.Argument(..., help="weightlab adapter folder trained on BASE"),
          base: str = typer.Option(..., "--base", help="the compressed-tensors (pack-quantized) base folder"),
          requantize: str = typer.Option(None, "--requantize", help="rtn: compressed-tensors in the base's scheme "
-                                        "(unchanged groups keep their codes); gptq: compressed-tensors through "
+                                        "(unchanged groups keep their codes); rtn-keep-scales: the base's scales "
+                                        "too (a code moves only where its weight moved by more than half a step); "
+                                        "gptq: compressed-tensors through "
                                         "GPTQ on --calib; default: a dense (dequantized) HF folder"),
          dtype: str = typer.Option(None, "--dtype", help="dense fold's weights: bfloat16, float16, float32 "
                                                          "(default: the base's scale dtype)"),
@@ -46,8 +48,9 @@ def fold(adapter: str = typer.Argument(..., help="weightlab adapter folder train
     """Fold an adapter trained on a 4-bit compressed-tensors base: dense, or re-quantized (RTN or GPTQ)."""
     from ..adapt.qbase import base_scheme, fold_job
 
-    if requantize not in (None, "rtn", "gptq"):
-        raise ConfigError(f"--requantize {requantize!r}: choose rtn or gptq (or leave it out for a dense fold)")
+    if requantize not in (None, "rtn", "rtn-keep-scales", "gptq"):
+        raise ConfigError(f"--requantize {requantize!r}: choose rtn, rtn-keep-scales or gptq (or leave it out for a "
+                          "dense fold)")
     if requantize != "gptq":
         rep = fold_job(adapter, base, out, requantize=requantize, dtype=dtype, force=force)
     else:

@@ -100,8 +100,12 @@ class QuantLinear(nn.Linear):
         return F.linear(x, self.dequantize(x.dtype), bias)
 
     # -- re-quantization ----------------------------------------------------------------------
+    keep_scales = False  # set_weight_2d rounds onto the stored scales instead of fitting new ones
+
     def set_weight_2d(self, w2d: torch.Tensor) -> None:
-        """Store a new (out, in) weight: RTN on this layer's grid; unchanged (row, group)s keep their codes."""
+        """Store a new (out, in) weight: RTN on this layer's grid; unchanged (row, group)s keep their codes.
+        ``keep_scales``: every group keeps its scale and a code moves only where the weight moved by more than
+        half a step (a fresh RTN would refit every changed group's scale and re-round all of its weights)."""
         from ..tensor.quant import SCALE_DTYPES, rtn
 
         W = w2d.detach().to(self.weight_packed.device, torch.float32)
@@ -110,6 +114,12 @@ class QuantLinear(nn.Linear):
                               f"{self.in_features} QuantLinear")
         old = self.dequantize(torch.float32)
         if torch.equal(W, old):
+            return
+        if self.keep_scales:
+            top = (1 << (self.bits - 1)) - 1
+            s = self.weight_scale.to(torch.float32).unsqueeze(-1)  # (out, G, 1)
+            codes = torch.clamp(torch.round(W.view(self.out_features, self.groups, -1) / s), -top - 1, top)
+            self.weight_packed = pack_codes(codes.view(self.out_features, -1).to(torch.int16), self.bits)
             return
         sdt = next(k for k, v in SCALE_DTYPES.items() if v == self.scale_dtype)
         q = rtn(W, self.bits, self.group_size, sym=True, scale_dtype=sdt)
