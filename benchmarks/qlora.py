@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 SECTION = "Adapt: LoRA on a 4-bit base (QLoRA-style)"
+KEEP = "folded + re-quantized on the base's scales (W4 g64)"
 REPRO = ".venv/bin/python benchmarks/qlora.py"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODES = ("bf16", "w4")
@@ -138,7 +139,8 @@ def child_fold(ct: str, bf16: str, work: str, steps: int, batch: int, seqlen: in
     score("4-bit base + LoRA (unfolded)", q, tok)
     del q
     folds = {}
-    for rq, name in ((None, "folded dense (bf16)"), ("rtn", "folded + re-quantized (RTN W4 g64)")):
+    for rq, name in ((None, "folded dense (bf16)"), ("rtn", "folded + re-quantized (RTN W4 g64)"),
+                     ("rtn-keep-scales", KEEP)):
         out = Path(work) / f"fold-{rq or 'dense'}"
         folds[name] = fold_job(run / "adapter", ct, out, requantize=rq, force=True)
         m, tok = (load_causal_lm(out, dtype=torch.float32) if rq is None else
@@ -232,10 +234,14 @@ def report(steps_blob: dict, fold_blob: dict | None) -> str:
                   "tokens in 512-token windows:", "",
                   C.md_table(["model", "perplexity"], [[k, f"{v:.3f}"] for k, v in p.items()]), "",
                   "The dense fold is the adapter forward to rounding (its weights equal the fold into the "
-                  "dequantized base bit for bit, tests/test_adapt_qbase.py); the re-quantized fold puts W + dW "
-                  "back on a 4-bit grid, where updates smaller than half a step are lost "
+                  "dequantized base bit for bit, tests/test_adapt_qbase.py). The RTN re-quantized fold fits "
+                  "fresh scales to W + dW and re-rounds every changed group "
                   f"({100 * fold['folds']['folded + re-quantized (RTN W4 g64)']['changed_groups']:.1f}% of its "
-                  "(row, group)s changed codes or scale). Peak RSS of that child "
+                  "(row, group)s changed codes or scale); on the base's scales (`--requantize rtn-keep-scales`) "
+                  "a code moves only where dW exceeds half a step "
+                  + (f"({100 * fold['folds'][KEEP]['changed_groups']:.1f}% of the (row, group)s changed)"
+                     if KEEP in fold["folds"] else "(not in this run)")
+                  + ". Updates smaller than half a step are lost either way. Peak RSS of that child "
                   f"{fold['peak_rss_mib']:.0f} MiB."]
     lines += ["", "No anchor: PEFT's QLoRA runs on bitsandbytes' 4-bit layers, which need CUDA; this machine has "
               "none. Not QLoRA's NF4 data type, double quantization or paged optimizers: the base here is the int4 "
