@@ -50,7 +50,6 @@ scaled; one process only (llm-compressor all-reduces the statistics and the loss
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -62,41 +61,15 @@ from ..engine.calibration import set_weight_matrix, to_device, weight_matrix
 from ..errors import ConfigError
 from ..registry import Regime, register
 from ..tensor.quant import SCALE_DTYPES, find_params, group_index, num_groups, rtn as rtn_solve, to_codes
-from .gptq import GPTQConfig, gptq as gptq_layer
 from .quantize import QUANT_KIND, BlockContext, QuantContext, block_step
+from .smoothing import QUOTIENT, Mapping, SmoothingConfig, quantize_smoothed, resolve, smoothing_needs
 
-QUOTIENT = torch.float32  # compressed-tensors' w / scale (float32 weights): ties round as in llm-compressor
 
 # llm-compressor's default_mappings (LlamaForCausalLM, Mistral, Qwen2/3, Granite, ...), names inside a block
 LLAMA_MAPPINGS = (("input_layernorm", ("q_proj", "k_proj", "v_proj")),
                   ("v_proj", ("o_proj",)),
                   ("post_attention_layernorm", ("gate_proj", "up_proj")),
                   ("up_proj", ("down_proj",)))
-
-
-class SmoothingConfig(GPTQConfig):
-    """What the smoothing methods (AWQ, SmoothQuant) share: the quantizer after smoothing and what the next block
-    sees; GPTQ's parameters (blocksize, percdamp, act_order, static_groups, precision) apply with quantizer=gptq only."""
-
-    quantizer: Literal["rtn", "gptq"] = Field("rtn", description="the quantizer after smoothing: rtn or gptq")
-    propagate: Literal["auto", "fp", "quantized"] = Field(
-        "auto", description="next block's inputs from the smoothed unquantized block (fp) or the quantized one; "
-                            "auto: fp with rtn, quantized with gptq (as llm-compressor)")
-
-    @model_validator(mode="after")
-    def _gptq_only(self):
-        gptq_only = sorted(self.model_fields_set & set(GPTQConfig.model_fields))
-        if self.quantizer != "gptq" and gptq_only:
-            raise ValueError(f"{', '.join(gptq_only)}: GPTQ parameters; add quantizer=gptq to use them")
-        return self
-
-    @property
-    def propagate_quantized(self) -> bool:
-        return self.propagate == "quantized" or (self.propagate == "auto" and self.quantizer == "gptq")
-
-
-def smoothing_needs(cfg: SmoothingConfig) -> tuple:
-    return ("block", "hessian") if cfg.quantizer == "gptq" else ("block",)
 
 
 class AWQConfig(SmoothingConfig):
@@ -129,79 +102,10 @@ class AWQConfig(SmoothingConfig):
 def awq(ctx: QuantContext):
     """One layer of a block AWQ has smoothed (smooth_block): the follow-up quantizer. RTN divides in float32 as
     compressed-tensors does (its grid search and llm-compressor's QuantizationModifier round ties alike)."""
-    if ctx.cfg.quantizer == "gptq":
-        return gptq_layer(ctx)
-    return rtn_solve(ctx.weight, ctx.bits, ctx.group_size, ctx.sym, ctx.scale_dtype, quotient_dtype=QUOTIENT)
+    return quantize_smoothed(ctx)
 
 
 # ============================================================================ the block step
-
-
-@dataclass
-class Mapping:
-    smooth: str  # names inside the block
-    balance: list
-    parent: str
-
-
-def _matches(name: str, pattern: str) -> bool:
-    return name == pattern or name.endswith("." + pattern)
-
-
-def _width(mod: nn.Module) -> int | None:
-    """How many channels the smooth module outputs (None: not a module whose output scales with its weight)."""
-    if isinstance(mod, nn.Linear):
-        return mod.out_features
-    w = getattr(mod, "weight", None)
-    if isinstance(w, torch.Tensor) and w.dim() == 1 and not type(mod).__name__.startswith("Gemma"):
-        return w.numel()  # norms: y = w * normalized(x) (+ b); Gemma's RMSNorm scales by 1 + w
-    return None
-
-
-def parent_name(block: nn.Module, names: list) -> str:
-    """The lowest common ancestor of ``names`` that is not a ModuleList ("" = the block); one name: itself."""
-    parts = [n.split(".") for n in names]
-    common = []
-    for xs in zip(*parts):
-        if any(x != xs[0] for x in xs):
-            break
-        common.append(xs[0])
-    name = ".".join(common)
-    while name and isinstance(block.get_submodule(name), nn.ModuleList):
-        name = name.rpartition(".")[0]
-    return name
-
-
-def resolve(block: nn.Module, smooth_pat: str, balance_pats, targeted) -> tuple[Mapping | None, dict | None]:
-    """(mapping, None), or (None, {"smooth", "balance", "skipped": reason}) with names inside the block, or
-    (None, None) when none of the mapping's names exist in the block."""
-    mods = dict(block.named_modules())
-    smooth = [n for n in mods if n and _matches(n, smooth_pat)]
-    balance = [n for p in balance_pats for n in mods if n and _matches(n, p)]
-    if not smooth and not balance:
-        return None, None
-
-    def skip(why):
-        return None, {"smooth": smooth[0] if len(smooth) == 1 else smooth_pat, "balance": balance or list(balance_pats),
-                      "skipped": why}
-
-    if len(smooth) != 1:
-        return skip(f"{len(smooth)} modules match the smooth layer '{smooth_pat}' (one is needed)")
-    if not balance:
-        return skip(f"no balance layer matches {list(balance_pats)}")
-    width = _width(mods[smooth[0]])
-    if width is None:
-        return skip(f"{type(mods[smooth[0]]).__name__} is not a Linear or a norm whose output is proportional to "
-                    "its weight")
-    for n in balance:
-        if not isinstance(mods[n], nn.Linear):
-            return skip(f"balance layer {n} is a {type(mods[n]).__name__}, not nn.Linear")
-        if mods[n].in_features != width:
-            return skip(f"{smooth[0]} outputs {width} channels, {n} takes {mods[n].in_features} (as llm-compressor "
-                        "skips v_proj -> o_proj under grouped-query attention)")
-    if not any(n in targeted for n in balance):
-        return skip("none of the balance layers is quantized")
-    return Mapping(smooth[0], balance, parent_name(block, balance)), None
 
 
 def grid(duo_scaling, n_grid: int) -> list[tuple[float, bool]]:

@@ -34,11 +34,8 @@ from pydantic import Field
 from ..engine.calibration import set_weight_matrix, weight_matrix
 from ..errors import ConfigError
 from ..registry import Regime, register
-from ..tensor.quant import rtn as rtn_solve
-from ..tensor.quant8 import rtn_sym_channel
-from .awq import QUOTIENT, SmoothingConfig, resolve, smoothing_needs
-from .gptq import gptq as gptq_layer
 from .quantize import QUANT_KIND, BlockContext, QuantContext, block_step
+from .smoothing import SmoothingConfig, quantize_smoothed, resolve, smoothing_needs
 
 MINIMUM_SCALE = 1e-5  # llm-compressor's MINIMUM_SMOOTHING_SCALE
 
@@ -69,11 +66,7 @@ class SmoothQuantConfig(SmoothingConfig):
 def smoothquant(ctx: QuantContext):
     """One layer of a block SmoothQuant has smoothed: the follow-up quantizer (RTN divides in float32 as
     compressed-tensors does, so its codes equal llm-compressor's)."""
-    if ctx.cfg.quantizer == "gptq":
-        return gptq_layer(ctx)
-    if ctx.sym and ctx.group_size <= 0:  # W8A8's grid: the same codes as rtn's, computed in float32
-        return rtn_sym_channel(ctx.weight, ctx.bits, ctx.scale_dtype)
-    return rtn_solve(ctx.weight, ctx.bits, ctx.group_size, ctx.sym, ctx.scale_dtype, quotient_dtype=QUOTIENT)
+    return quantize_smoothed(ctx)
 
 
 def smoothing_scales(lo: torch.Tensor, hi: torch.Tensor, weights: list, alpha: float) -> torch.Tensor:
