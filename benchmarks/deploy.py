@@ -90,7 +90,7 @@ def _make(spec: dict, res: dict, t_start: float) -> None:
     if spec["tool"] == "weightlab":
         from transformers import AutoTokenizer
 
-        from weightlab.compress.deploy import sparsity_card
+        from weightlab.compress.cards import sparsity_card
         from weightlab.compress.deploy_sequential import sequential_writer
         from weightlab.compress.sequential import run_sequential
         from weightlab.io.provenance import Provenance

@@ -14,7 +14,8 @@ import json
 import torch
 from torch import nn
 
-from .deploy import ct_card, to_compressed_tensors
+from .cards import ct_card
+from .deploy import to_compressed_tensors
 
 
 class _BlockView:

@@ -118,7 +118,7 @@ def _placement(device, dtype, offload_activations, max_memory):
 def _seq_prune_card(sparsity, pattern, kind) -> dict:
     """The card of a sequential run is written with the shards, before the run ends: uniform rules prune
     exactly the target share of every layer, so the target is the sparsity the model will have."""
-    from .deploy import sparsity_card
+    from .cards import sparsity_card
 
     card = sparsity_card(sparsity, pattern)
     if kind == "causal-lm":
@@ -146,7 +146,8 @@ def prune_job(path, out, method: str = "wanda", sparsity: float | None = None, *
     from ..engine.streaming import write_source
     from ..io.provenance import Provenance
     from ..registry import get_method
-    from .deploy import check_format, prune_card
+    from .cards import prune_card
+    from .deploy import check_format
     from .prune import prune as do_prune
 
     check_format(fmt)
@@ -210,7 +211,7 @@ def quantize_job(path, out, method: str = "gptq", bits: int | None = None, group
     from ..engine.streaming import write_source
     from ..io.provenance import Provenance
     from ..registry import get_method
-    from . import deploy
+    from . import cards, deploy
     from .prune import target_layers
     from .quantize import dequantized_state_dict, quantize as do_quantize, save_quantized_packed
 
@@ -303,7 +304,7 @@ def quantize_job(path, out, method: str = "gptq", bits: int | None = None, group
         result["bits_per_weight_on_disk"] = summ["bits_per_weight"]
         result["written_as"] = f"compressed-tensors {summ['scheme']}"
     else:
-        prov.card = deploy.hf_quant_card(rep, sym)
+        prov.card = cards.hf_quant_card(rep, sym)
         write_source(StateDictSource(dequantized_state_dict(model, ck), ck.config, ck.path), out, provenance=prov,
                      inputs=[src], force=force, extra_files=report_file)
         result["bits_per_weight_on_disk"] = rep.bits_per_weight

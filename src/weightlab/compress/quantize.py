@@ -255,7 +255,7 @@ def _zeros_to_keep(name: str, w: torch.Tensor, spec) -> torch.Tensor | None:
     if n == 0:
         return None
     if not spec.contract.zero_level:
-        from .deploy import MIN_SPARSITY
+        from .cards import MIN_SPARSITY
 
         if n / w.numel() >= MIN_SPARSITY:
             raise ConfigError(f"layer '{name}' is pruned ({n / w.numel():.0%} exact zeros) and {spec.name}'s grid "

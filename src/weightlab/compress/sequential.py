@@ -150,7 +150,7 @@ def run_sequential(verb: str, path: str | os.PathLike, out: str | os.PathLike, *
                 files, card = on_finish(onload.model)
                 extra_files = {**(extra_files or {}), **files}
                 if card and provenance is not None:
-                    from .deploy import merge_card
+                    from .cards import merge_card
 
                     provenance.card = merge_card(provenance.card, card)
             for n in onload.resident_checkpoint_names():

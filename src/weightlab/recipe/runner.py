@@ -338,7 +338,7 @@ def _prune_cache(cache: Path, entries: list[Path]) -> None:
 
 def _card(source, earlier: list[dict]) -> dict:
     """Model-card facts the steps attached to their sources (later steps' scalar keys win)."""
-    from ..compress.deploy import merge_card
+    from ..compress.cards import merge_card
 
     cards = []
     while source is not None:
