@@ -1,4 +1,4 @@
-"""Adapt II, compositional methods: orthogonal adaptation, Weight Compander, ConTraCon, MixtureGrowth."""
+"""Adapt II, compositional methods: orthogonal adaptation, ConTraCon, MixtureGrowth (compander: test_compander.py)."""
 import copy
 import pytest
 import torch
@@ -172,103 +172,6 @@ def test_orthogonal_sum_cli(tmp_path, capsys):
     assert torch.allclose(merged[0].merged_weight(), want, atol=1e-6)
     assert main(["adapter", "sum", str(tmp_path / "c0"), "-o", str(tmp_path / "one")]) == 1
     assert "at least two" in capsys.readouterr().err
-
-
-# -- Weight Compander -----------------------------------------------------------------------------
-@pytest.mark.parametrize("fn", ["exp", "atan"])
-def test_compander_function_properties(fn):
-    from weightlab.adapt.compander import COMPANDERS
-
-    f, finv = COMPANDERS[fn]
-    a, k = torch.tensor(0.5), torch.tensor(3.0)
-    v = torch.linspace(-50, 50, 20001, dtype=torch.float64)
-    w = f(v, a.double(), k.double())
-    assert torch.equal(f(-v, a, k), -f(v, a, k))  # odd
-    assert (w.diff() >= 0).all() and (w.diff()[9000:11000] > 0).all()  # monotone
-    assert w.abs().max() <= 0.5 and w.abs().max() > 0.49  # bounded by a, and the bound is approached
-    v0 = torch.tensor(0.0, requires_grad=True)
-    f(v0, a, k).backward()
-    assert abs(float(v0.grad) - 3.0) < 1e-6  # slope k at zero: small latents expanded
-    ww = torch.linspace(-0.49, 0.49, 99, dtype=torch.float64)
-    assert torch.allclose(f(finv(ww, a.double(), k.double()), a.double(), k.double()), ww, atol=1e-12)
-
-
-def test_compander_identity_merge_grads_count():
-    m = mlp()
-    x = torch.randn(8, 32)
-    y0 = m(x)
-    W = {n: m[n].weight.detach().clone() for n in (0, 2)}
-    adapt.attach(m, "compander", targets=["0", "2"])
-    assert torch.allclose(m(x), y0, atol=1e-5)
-    assert adapt.count_trainable(m) == 24 * 32 + 2 + 16 * 24 + 2
-    for i in (0, 2):
-        a, k = m[i].method.hparams(m[i])
-        assert torch.isclose(a, 2 * W[i].abs().max()) and torch.isclose(k, torch.tensor(2.0))
-    perturb = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for i in (0, 2):
-            m[i].adapter.V.add_(torch.randn(m[i].adapter.V.shape, generator=perturb))
-    m(x).square().sum().backward()
-    got = {n for n, p in m.named_parameters() if p.grad is not None}
-    assert got == {f"{i}.adapter.{t}" for i in (0, 2) for t in ("V", "a_latent", "k_latent")}
-    y_ad = m(x).detach()
-    for i in (0, 2):  # big latents saturate at the bound, never beyond it
-        a, _ = m[i].method.hparams(m[i])
-        assert m[i].method.weight(m[i]).abs().max() <= a
-    adapt.fold(m, unload=False)
-    assert torch.allclose(m(x), y_ad, atol=1e-5)
-    adapt.unfold(m)
-    assert all(torch.equal(m[i].base_layer.weight, W[i]) for i in (0, 2))
-
-
-def test_compander_fixed_hparams_conv_and_plugin():
-    from weightlab.adapt import compander
-
-    conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
-    x = torch.randn(2, 3, 6, 6)
-    y0 = conv(x)
-    compander.COMPANDERS["cubic-root"] = (lambda v, a, k: a * torch.tanh(k * torch.sign(v) * v.abs() ** (1 / 3) / a),
-                                          lambda w, a, k: torch.sign(w) * (a * torch.atanh(w.abs() / a) / k) ** 3)
-    try:
-        adapt.attach(conv, "compander", targets=["0"], fn="cubic-root", learn_hparams=False, bound=1.0)
-        assert torch.allclose(conv(x), y0, atol=1e-4)
-        assert adapt.count_trainable(conv) == 4 * 3 * 9
-    finally:
-        del compander.COMPANDERS["cubic-root"]
-    with pytest.raises(ConfigError, match="must exceed max"):
-        adapt.attach(mlp(), "compander", targets=["0"], bound=1e-4)
-
-
-@pytest.mark.slow
-def test_compander_fewer_near_zero_and_smaller_weights_on_digits():
-    """Trained from the same init on zoo digits: fewer near-zero weights, smaller max |w|, same accuracy."""
-    from weightlab import zoo
-
-    ds = zoo.digits()
-    res = {}
-    for meth in ("plain", "compander"):
-        torch.manual_seed(0)
-        m = zoo.MLP(64, (64, 64), 10)
-        if meth == "compander":
-            adapt.attach(m, "compander", targets=r"body\.[0-9]+")
-        opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=3e-3)
-        g = torch.Generator().manual_seed(0)
-        for _ in range(10):
-            perm = torch.randperm(len(ds.y_train), generator=g)
-            for s in range(0, len(perm), 64):
-                i = perm[s:s + 64]
-                opt.zero_grad()
-                nn.functional.cross_entropy(m(ds.x_train[i]), ds.y_train[i]).backward()
-                opt.step()
-        with torch.no_grad():
-            acc = float((m(ds.x_test).argmax(1) == ds.y_test).float().mean())
-            if meth == "compander":
-                adapt.fold(m)
-            W = torch.cat([mod.weight.flatten() for mod in m.modules() if isinstance(mod, nn.Linear)])
-        res[meth] = (acc, float((W.abs() < 1e-3).float().mean()), float(W.abs().max()))
-    assert res["compander"][1] < 0.75 * res["plain"][1]
-    assert res["compander"][2] < res["plain"][2]
-    assert res["compander"][0] > res["plain"][0] - 0.02
 
 
 # -- ConTraCon --------------------------------------------------------------------------------------
