@@ -184,11 +184,3 @@ def test_tsv_m_through_engine_mean_for_vectors():
     out = wl.merge("tsv-m", sds, base=base)
     assert torch.allclose(out["w"], sum(deltas), atol=1e-10)
     assert torch.allclose(out["b"], torch.full((24,), 1.0, dtype=torch.float64))  # mean of 0, 1, 2
-
-
-def test_r_tsvm_runs_and_is_labeled_provisional():
-    spec = wl.get_method("merge", "r-tsvm")
-    assert "PROVISIONAL" in spec.paper and "PROVISIONAL" in spec.summary
-    base = {"w": torch.zeros(32, 24, dtype=torch.float64)}
-    out = wl.merge("r-tsvm", [{"w": d} for d in _orthogonal_tasks()], base=base)
-    assert out["w"].shape == (32, 24) and torch.isfinite(out["w"]).all()

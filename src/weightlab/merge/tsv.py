@@ -1,5 +1,5 @@
 """TSV-M: Task Singular Vectors merging (Gargiulo et al., "Task Singular Vectors: Reducing Task
-Interference in Model Merging", CVPR 2025), and a provisional R-TSVM.
+Interference in Model Merging", CVPR 2025). R-TSVM / RESM builds on it in rtsvm.py.
 
 Per 2-D weight: keep each task's top k = floor(min(m, n) / T) singular triplets, stack the
 left and right singular vectors, replace each stack by its polar (closest orthonormal)
@@ -11,13 +11,12 @@ arbitrary and would perturb the polar factor.
 from __future__ import annotations
 
 import fnmatch
-import math
 
 import torch
 from pydantic import Field
 
 from ..registry import MethodConfig, Regime, register
-from ..tensor.linalg import excess_kurtosis, polar_factor
+from ..tensor.linalg import polar_factor
 
 
 class TsvConfig(MethodConfig):
@@ -64,30 +63,3 @@ def tsv_m(tensors, base, ctx):
     k = min(base.shape) // len(deltas)
     return base + cfg.alpha * tsv_merge_matrix(deltas, k, cfg.rel_eps)
 
-
-class RTsvConfig(TsvConfig):
-    small_share: float = Field(0.01, gt=0, lt=1, description="|Delta| below this share of max counts as sparse")
-
-
-@register("merge", "r-tsvm", kind="merge", config=RTsvConfig, regime=Regime.STREAMING, requires_base=True,
-          device_capable=True,
-          paper="PROVISIONAL, weightlab's reading of R-TSVM/RESM (arXiv 2502.06876, 'Mix Data or Merge Models?'); "
-                "no reference code exists and parity with the paper is not claimed",
-          summary="PROVISIONAL: TSV-M with kurtosis-based task weights and sparsity-adaptive rank per layer")
-def r_tsvm(tensors, base, ctx):
-    cfg: RTsvConfig = ctx.cfg
-    deltas = [t - base for t in tensors]
-    T = len(deltas)
-    if not _is_matrix(ctx.name, base, cfg.exclude, T):
-        return base + torch.stack(deltas).mean(0)
-    # (i) outlier-aware weights: heavy-tailed task vectors count less; renormalised to mean 1
-    w = [1.0 / (1.0 + max(0.0, excess_kurtosis(d))) for d in deltas]
-    w = [x * T / sum(w) for x in w]
-    # (ii) sparsity-adaptive rank: a mostly-near-zero update keeps fewer triplets
-    ks = []
-    for d in deltas:
-        a = d.abs()
-        rho = 1.0 - float((a < cfg.small_share * a.max()).float().mean()) if a.max() > 0 else 0.0
-        ks.append(max(1, round(rho * min(base.shape) / T)))
-    ks = [min(k, math.floor(min(base.shape) / T)) for k in ks]
-    return base + cfg.alpha * tsv_merge_matrix(deltas, ks, cfg.rel_eps, w)
