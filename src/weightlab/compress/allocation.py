@@ -1,7 +1,6 @@
-"""Per-layer sparsity allocation: uniform, global magnitude, LAMP, DIMAP (module-aware), rate-distortion DP."""
+"""Per-layer sparsity allocation: uniform, global magnitude, LAMP, rate-distortion DP (DIMAP: dimap.py)."""
 from __future__ import annotations
 
-import re
 from typing import Callable
 
 import torch
@@ -56,26 +55,6 @@ def global_magnitude(weights: Weights, sparsity: float, **_) -> dict[str, float]
           summary="rank LAMP scores w^2 / (energy of larger weights) globally; no layer is emptied")
 def lamp(weights: Weights, sparsity: float, **_) -> dict[str, float]:
     return _global_rank(weights, sparsity, lamp_scores)
-
-
-MODULE_GROUPS = (("qkv", r"(q_proj|k_proj|v_proj|qkv|query|key|value|c_attn)"),
-                 ("proj", r"(o_proj|out_proj|attn\.proj|attention\.output\.dense|c_proj(?!.*mlp))"),
-                 ("mlp", r"(mlp|fc1|fc2|gate_proj|up_proj|down_proj|intermediate|output\.dense|c_fc)"))
-
-
-def module_group(name: str) -> str:
-    for g, pat in MODULE_GROUPS:
-        if re.search(pat, name):
-            return g
-    return "aux"
-
-
-@register("compress", "dimap", kind="allocate", config=MethodConfig, regime=Regime.STREAMING,
-          paper="Data-independent Module-aware Pruning for Hierarchical Vision Transformers (He & Zhou, ICLR 2024); "
-                "paper-only: the module grouping (qkv/proj/mlp/aux) is weightlab's reading",
-          summary="LAMP scores ranked within module groups (qkv, proj, mlp, aux), each group at the target")
-def dimap(weights: Weights, sparsity: float, **_) -> dict[str, float]:
-    return _global_rank(weights, sparsity, lamp_scores, {n: module_group(n) for n in weights})
 
 
 @register("compress", "rd", kind="allocate", config=MethodConfig, regime=Regime.WHOLE_MODEL,
