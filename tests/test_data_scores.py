@@ -1,4 +1,4 @@
-"""Per-sample scores: EL2N, GraNd, forgetting, prototypes (issue 9's proofs)."""
+"""Per-sample scores: EL2N, GraNd, forgetting (issue 9's proofs; prototypes: test_prototype.py)."""
 import math
 
 import pytest
@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 import weightlab as wl
 from weightlab import data as D
-from weightlab.tensor.sample_scores import auroc, el2n, kmeans, prototype_scores, rank_descending
+from weightlab.tensor.sample_scores import auroc, el2n, rank_descending
 
 
 @pytest.fixture(scope="module")
@@ -139,61 +139,6 @@ def test_forgetting_end_to_end(noisy_digits):
     assert auroc(tab.scores, noisy) > 0.9  # flipped labels are forgotten often or never learned
     never = tab.extra["never_learned_runs"] > 0
     assert torch.isinf(tab.scores[never]).all() and torch.isfinite(tab.scores[~never]).all()
-
-
-# ----------------------------------------------------------------------------- prototypes
-
-def test_prototype_scale_invariance():
-    g = torch.Generator().manual_seed(0)
-    emb = torch.randn(300, 16, generator=g) + 3 * torch.randn(4, 16, generator=g).repeat_interleave(75, 0)
-    s1, c1 = prototype_scores(emb, 4, seed=3)
-    s2, c2 = prototype_scores(emb * 1000.0, 4, seed=3)
-    row_scale = torch.rand(300, 1, generator=g) * 50 + 0.01
-    s3, c3 = prototype_scores(emb * row_scale, 4, seed=3)
-    assert torch.equal(c1, c2) and torch.equal(c1, c3)
-    assert torch.allclose(s1, s2, atol=1e-12) and torch.allclose(s1, s3, atol=1e-12)
-    # and the registered method on a dataset
-    t = D.score_dataset("prototype", emb, k=4, seed=3)
-    assert torch.allclose(t.scores, s1)
-
-
-def test_prototype_points_near_centroid_score_lower():
-    # three directions; per cluster, points at angle 0.05 (typical) and 0.5 rad (atypical) from the direction
-    dirs = torch.eye(3, 8, dtype=torch.float64)
-    perp = torch.zeros(3, 8, dtype=torch.float64)
-    perp[:, 3:6] = torch.eye(3, dtype=torch.float64)
-    pts, typical = [], []
-    for c in range(3):
-        for j in range(20):
-            a = 0.05 if j < 16 else 0.5
-            sign = 1 if j % 2 == 0 else -1
-            pts.append(math.cos(a) * dirs[c] + sign * math.sin(a) * perp[c])
-            typical.append(j < 16)
-    s, cl = prototype_scores(torch.stack(pts) * 7, 3, seed=0)
-    typical = torch.tensor(typical)
-    assert s[typical].max() < s[~typical].min()
-    assert len(set(cl.tolist())) == 3
-
-
-def test_prototype_uses_no_labels_and_k_defaults_to_classes(noisy_digits):
-    d, _, y = noisy_digits
-    a = D.score_dataset("prototype", d)
-    b = D.score_dataset("prototype", d.with_labels(y))
-    assert torch.equal(a.scores, b.scores) and a.params["k"] == 10
-    with pytest.raises(wl.ConfigError, match="k=5000"):
-        D.score_dataset("prototype", d, k=5000)
-
-
-def test_kmeans_finds_separated_clusters():
-    g = torch.Generator().manual_seed(0)
-    centers = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
-    x = centers.repeat_interleave(40, 0) + 0.3 * torch.randn(120, 2, generator=g)
-    c, assign, inertia = kmeans(x, 3, seed=1)
-    truth = torch.arange(3).repeat_interleave(40)
-    # a permutation of the true clusters
-    mapping = {int(t): int(a) for t, a in zip(truth, assign)}
-    assert len(set(mapping.values())) == 3 and all(mapping[int(t)] == int(a) for t, a in zip(truth, assign))
-    assert inertia < 120 * 0.3 ** 2 * 2 * 1.5
 
 
 # ----------------------------------------------------------------------------- helpers
