@@ -32,7 +32,8 @@ def test_hand_computed_two_stage_case_differs_from_lamp_groups_and_global_magnit
     # 16 weights, 12 in QKV-M + MLP-M; 37.5% of all = 6 weights -> each module loses r = 6/12 = 50%
     assert module_rate(w, 0.375) == pytest.approx(0.5)
     s = dimap_scores(w)
-    # Eq. 10 per layer, largest first: 4,3,2,1 -> 16/16, 9/25, 4/29, 1/30; 0.4,0.4,0.3,0.1 -> 1, .16/.32, .09/.41, .01/.42
+    # Eq. 10 per layer, largest first: 4,3,2,1 -> 16/16, 9/25, 4/29, 1/30
+    # and 0.4,0.4,0.3,0.1 -> 1, .16/.32, .09/.41, .01/.42
     assert torch.allclose(s["layers.0.blocks.0.attn.qkv"], T([[1.0, 9 / 25], [4 / 29, 1 / 30]]))
     assert torch.allclose(s["layers.1.blocks.0.attn.qkv"], T([[1.0, 0.5], [0.09 / 0.41, 0.01 / 0.42]]))
     # QKV-M (both stages, one threshold): the 4 lowest are .01/.42, 1/30, 4/29, .09/.41 -> 2 from each stage

@@ -129,13 +129,12 @@ def dimap_counts(weights: Weights, sparsity: float) -> dict[str, int]:
     if not 0 <= sparsity < 1:
         raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}")
     rate = module_rate(weights, sparsity)
-    scores = dimap_scores(weights)
     out = {n: 0 for n in weights}
-    for module in MODULES:
+    for module in MODULES:  # one module's scores at a time (a float32 copy of its weights)
         names = [n for n in weights if module_of(n) == module]
         if names:
             size = sum(weights[n].numel() for n in names)
-            out.update(_counts({n: scores[n] for n in names}, int(rate * size)))
+            out.update(_counts(dimap_scores({n: weights[n] for n in names}), int(rate * size)))
     return out
 
 
