@@ -127,13 +127,31 @@ def test_learned_coarse_shares_one_pair():
     coarse, fine = mlp(), mlp()
     adapt.attach(coarse, "compander", targets=["0", "2"], learn_hparams=True, share="model", a=0.9, b=0.8)
     adapt.attach(fine, "compander", targets=["0", "2"], learn_hparams=True, a=0.9, b=0.8)
-    assert coarse[0].adapter.a is coarse[2].adapter.a and coarse[0].adapter.b is coarse[2].adapter.b
+    (a0, b0), (a2, b2) = (coarse[i].method.hparams(coarse[i]) for i in (0, 2))
+    assert a0 is a2 and b0 is b2 and a0 is coarse[0].adapter.a  # registered once, on the first layer
     assert adapt.count_trainable(coarse) == 24 * 32 + 16 * 24 + 2
     coarse(x).sum().backward()
     fine(x).sum().backward()
     for t in ("a", "b"):  # the shared parameter's gradient is the sum of the per-layer ones
         want = getattr(fine[0].adapter, t).grad + getattr(fine[2].adapter, t).grad
         assert torch.allclose(getattr(coarse[0].adapter, t).grad, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [{}, {"learn_hparams": True}, {"learn_hparams": True, "share": "model"}])
+def test_save_load_round_trip(tmp_path, kw):
+    m = mlp()
+    adapt.attach(m, "compander", targets=["0", "2"], **kw)
+    opt = torch.optim.SGD(adapt.trainable_parameters(m), lr=0.05)
+    x = torch.randn(16, 32)
+    for _ in range(3):
+        opt.zero_grad()
+        m(x).square().mean().backward()
+        opt.step()
+    adapt.save(m, tmp_path / "wc")
+    m2 = mlp()
+    adapt.load(m2, tmp_path / "wc")
+    assert torch.allclose(m2(x), m(x), atol=1e-6)
+    assert [t.item() for t in m2[2].method.hparams(m2[2])] == [t.item() for t in m[2].method.hparams(m[2])]
 
 
 def test_conv_and_bias_untouched_and_errors():

@@ -101,11 +101,13 @@ class WeightCompander(AdapterMethod):
 
     @classmethod
     def prepare(cls, model, names, cfg):
-        """The coarse learned version: one (a, b) pair shared by every layer (the same Parameters)."""
+        """The coarse learned version: one (a, b) pair for every layer. The Parameters are registered
+        (trained, saved) on the first layer only; the others read them from here (safetensors refuses
+        a tensor saved under two names)."""
         if not (cfg.learn_hparams and cfg.share == "model"):
             return None
         a, b = _hparams(cfg)
-        return {"a": nn.Parameter(torch.tensor(a)), "b": nn.Parameter(torch.tensor(b))}
+        return {"a": nn.Parameter(torch.tensor(a)), "b": nn.Parameter(torch.tensor(b)), "owner": None}
 
     def create(self, layer, W0, init=True):
         comp = _compander(self.cfg)
@@ -116,7 +118,9 @@ class WeightCompander(AdapterMethod):
                               f"of '{layer.layer_name}': Eq. (4) cannot invert it (raise a)")
         ad = layer.adapter
         if self.shared is not None:
-            ad.a, ad.b = self.shared["a"], self.shared["b"]  # the same Parameter objects in every layer
+            if self.shared["owner"] in (None, layer.layer_name):
+                self.shared["owner"] = layer.layer_name
+                ad.a, ad.b = self.shared["a"], self.shared["b"]
         elif self.cfg.learn_hparams:
             ad.a, ad.b = nn.Parameter(torch.tensor(a)), nn.Parameter(torch.tensor(b))
         else:
@@ -124,12 +128,17 @@ class WeightCompander(AdapterMethod):
             ad.register_buffer("b", torch.tensor(b))
         V = comp.inverse(W0.double(), a, b) if init else torch.zeros_like(W0)  # Eq. (4), float64: no drift
         ad.V = nn.Parameter(V.float())
-        ad.V._wc_slope = _slope_fn(ad, comp)  # read by CompanderAdamW (the paper's modified Adam step)
+        ad.V._wc_slope = _slope_fn(ad, comp, self)  # read by CompanderAdamW (the paper's modified Adam step)
         return W0
 
     def hparams(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
         """(a, b) of this layer."""
-        return layer.adapter.a, layer.adapter.b
+        return self._ab(layer.adapter)
+
+    def _ab(self, ad: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.shared is not None:
+            return self.shared["a"], self.shared["b"]
+        return ad.a, ad.b
 
     def weight(self, layer) -> torch.Tensor:
         """Psi(V) in (out, in) layout, float32."""
@@ -158,16 +167,20 @@ class WeightCompander(AdapterMethod):
         if W0 is None or not svd_rank:
             raise ConfigError("compander replaces the whole weight: export it to PEFT with an SVD rank (--svd-rank) "
                               "and the base model, or merge it")
+        if "a" not in t:
+            raise ConfigError("a compander with one learned (a, b) for the whole model (share='model') keeps the "
+                              "pair on its first layer only: fold it, then export the folded model")
         W = COMPANDERS[cfg.fn].f(t["V"].float(), t["a"].float(), t["b"].float())
         return lowrank_factor(W - W0.float(), svd_rank)
 
 
-def _slope_fn(ad: nn.Module, comp: Compander) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+def _slope_fn(ad: nn.Module, comp: Compander, meth: WeightCompander) -> Callable[[], tuple[torch.Tensor, ...]]:
     """() -> (Psi(V), dPsi/dV) of this adapter, without graph (dPsi/dV is Eq. 3 for arctan)."""
     def slope() -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = meth._ab(ad)
         with torch.enable_grad():
             V = ad.V.detach().requires_grad_(True)
-            w = comp.f(V, ad.a.detach(), ad.b.detach())
+            w = comp.f(V, a.detach(), b.detach())
             (s,) = torch.autograd.grad(w.sum(), V)
         return w.detach(), s
     return slope
@@ -191,9 +204,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     no_decay: dict[int, nn.Parameter] = {}
     for a, lay in _compander_layers(model):
         ad = lay.adapter_module(a)
-        for name in ("a", "b"):
-            if isinstance(getattr(ad, name), nn.Parameter):
-                no_decay[id(getattr(ad, name))] = getattr(ad, name)
+        for t in lay.methods[a]._ab(ad):
+            if isinstance(t, nn.Parameter):
+                no_decay[id(t)] = t
         if not lay.methods[a].cfg.learn_hparams:
             no_decay[id(ad.V)] = ad.V
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in no_decay]
