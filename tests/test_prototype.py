@@ -214,3 +214,17 @@ def test_prototype_on_texts_and_text_file(minilm, tmp_path):
     assert int(t.scores.argmax()) == 12  # the one text about neither cats nor banks
     same = D.score_dataset("prototype", texts, k=2)
     assert torch.allclose(same.scores, t.scores)
+
+
+def test_cli_scores_a_text_file(minilm, tmp_path, capsys):
+    from weightlab.cli import main
+
+    f = tmp_path / "posts.txt"
+    f.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    out = tmp_path / "s.csv"
+    assert main(["score-data", "-m", "prototype", "-d", str(f), "-o", str(out), "-p", "k=2"]) == 0
+    assert "prototype on texts (5 samples" in capsys.readouterr().out
+    assert out.read_text().splitlines()[0].startswith("id,score,rank")
+    assert main(["score-data", "-m", "prototype", "-d", str(f), "-o", str(out), "--force",
+                 "--label-noise", "0.1"]) == 1
+    assert "needs labels" in capsys.readouterr().err

@@ -37,7 +37,8 @@ def _check_out(path: Path, force: bool, what: str) -> None:
 def score_data(
     method: str = typer.Option(..., "--method", "-m", help="el2n, grand, forgetting or prototype"),
     dataset: str = typer.Option(..., "--dataset", "-d", help="digits, mnist1d, wine, breast_cancer, or a CSV file "
-                                                             "of numeric feature columns plus a 'label' column"),
+                                                             "of numeric feature columns plus a 'label' column; "
+                                                             "prototype also takes a .txt file, one text per line"),
     out: Path = typer.Option(..., "--out", "-o", help="score table: .csv, .json or .parquet (Parquet needs pyarrow)"),
     runs: int = typer.Option(None, "--runs", help="independent training runs to average (el2n, grand, forgetting; "
                                                   "default 5)"),
@@ -66,6 +67,10 @@ def score_data(
     \b
     weightlab score-data --method el2n --dataset digits -o scores.csv --plot scores.png
     weightlab score-data -m forgetting -d my.csv -o scores.json --runs 3 --keep 0.7 --policy easy
+    weightlab score-data -m prototype -d posts.txt -o scores.csv      # texts: MiniLM embeddings
+
+    prototype embeds numeric data with a SimCLR encoder it trains on the samples (no labels);
+    -p encoder=raw clusters the raw features instead (an ablation, not the paper's method).
 
     --device: where the scoring models train (el2n, grand, forgetting) or the float64 k-means runs
     (prototype; on MPS, which has no float64, auto uses the CPU). Scores are written from the CPU.
@@ -110,7 +115,12 @@ def score_data(
 
                 raise MissingDependencyError("pyarrow", "Writing scores as Parquet") from None
 
-    data = load_scoring_data(dataset)
+    if method == "prototype" and dataset.lower().endswith(".txt"):
+        if label_noise is not None:
+            raise ConfigError("--label-noise needs labels; a .txt file of texts has none")
+        data = dataset  # texts, one per line: data/prototype embeds them with MiniLM
+    else:
+        data = load_scoring_data(dataset)
     noisy = None
     if label_noise is not None:
         y, noisy = inject_label_noise(data.y, label_noise, data.num_classes, seed=params.get("seed", 0))
