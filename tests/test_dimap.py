@@ -51,6 +51,11 @@ def test_hand_computed_two_stage_case_differs_from_lamp_groups_and_global_magnit
     assert g["layers.0.downsample.reduction"] == 1.0 and g["layers.0.blocks.0.attn.qkv"] == 0.0
     for other in ("global", "lamp", "uniform"):
         assert _alloc(other, w, 0.375) != alloc, other
+    # Table 4's "model as module" (one threshold over QKV-M and MLP-M; fc1 scores 1, 1/5, .25/5.25, .0625/5.3125):
+    # the 6 lowest are .0625/5.3125, .01/.42, 1/30, .25/5.25, 4/29, 1/5 -> fc1 loses 3, stage-1 attention 1
+    assert dimap_counts(w, 0.375, model_as_module=True) == {
+        "layers.0.blocks.0.attn.qkv": 2, "layers.1.blocks.0.attn.qkv": 1, "layers.0.blocks.0.mlp.fc1": 3,
+        "layers.0.downsample.reduction": 0}
     # the old allocation (LAMP per regex group, every group incl. AUX at 37.5%): 3 of the 8 QKV weights,
     # i.e. only one from stage 1, and one patch-merging weight
     assert alloc["layers.1.blocks.0.attn.qkv"] != 0.25 and alloc["layers.0.downsample.reduction"] != 0.25

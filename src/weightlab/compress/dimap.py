@@ -124,14 +124,18 @@ def _fraction(count: int, numel: int) -> float:
     return f
 
 
-def dimap_counts(weights: Weights, sparsity: float) -> dict[str, int]:
-    """Weights to remove per layer: the lowest Eq. 10 scores of each module, floor(r * module size) of them."""
+def dimap_counts(weights: Weights, sparsity: float, model_as_module: bool = False) -> dict[str, int]:
+    """Weights to remove per layer: the lowest Eq. 10 scores of each module, floor(r * module size) of them.
+
+    ``model_as_module``: the paper's Table 4 ablation - QKV-M, PRJ-M and MLP-M ranked as one module (one
+    threshold), AUX-M still dense."""
     if not 0 <= sparsity < 1:
         raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}")
     rate = module_rate(weights, sparsity)
     out = {n: 0 for n in weights}
-    for module in MODULES:  # one module's scores at a time (a float32 copy of its weights)
-        names = [n for n in weights if module_of(n) == module]
+    groups = [MODULES] if model_as_module else [(m,) for m in MODULES]
+    for group in groups:  # one module's scores at a time (a float32 copy of its weights)
+        names = [n for n in weights if module_of(n) in group]
         if names:
             size = sum(weights[n].numel() for n in names)
             out.update(_counts(dimap_scores({n: weights[n] for n in names}), int(rate * size)))
