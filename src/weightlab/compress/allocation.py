@@ -7,7 +7,7 @@ import torch
 
 from ..errors import ConfigError
 from ..registry import MethodConfig, Regime, register
-from ..tensor.pruning import lamp_scores
+from ..tensor.pruning import count_fraction, lamp_scores
 from ..tensor.rd import rd_allocate
 
 Weights = dict[str, torch.Tensor]  # layer name -> (out, in) weight
@@ -39,7 +39,7 @@ def _global_rank(weights: Weights, sparsity: float, score: Callable, groups: dic
         for n in names:  # ties at the threshold are shared out in layer order
             take = min(need, ties[n])
             need -= take
-            out[n] = (below[n] + take) / scores[n].numel()
+            out[n] = count_fraction(below[n] + take, scores[n].numel())
     return out
 
 

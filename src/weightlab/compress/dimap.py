@@ -27,14 +27,13 @@ What the paper leaves open and weightlab decides (docs/design.md, section DIMAP)
 """
 from __future__ import annotations
 
-import math
 import re
 
 import torch
 
 from ..errors import ConfigError
 from ..registry import MethodConfig, Regime, register
-from ..tensor.pruning import lamp_scores
+from ..tensor.pruning import count_fraction, lamp_scores
 
 Weights = dict[str, torch.Tensor]  # layer name -> (out, in) weight
 
@@ -116,14 +115,6 @@ def _counts(scores: dict[str, torch.Tensor], k: int) -> dict[str, int]:
     return out
 
 
-def _fraction(count: int, numel: int) -> float:
-    # prune rules take floor(fraction * numel) weights; count / numel times numel can round to count - 1
-    f = count / numel
-    while int(f * numel) < count:
-        f = math.nextafter(f, 1.0)
-    return f
-
-
 def dimap_counts(weights: Weights, sparsity: float, model_as_module: bool = False) -> dict[str, int]:
     """Weights to remove per layer: the lowest Eq. 10 scores of each module, floor(r * module size) of them.
 
@@ -161,4 +152,4 @@ def dimap_masks(weights: Weights, sparsity: float) -> dict[str, torch.Tensor]:
                   "MLP modules across all stages; auxiliary layers (patch merging, heads) kept dense")
 def dimap(weights: Weights, sparsity: float, **_) -> dict[str, float]:
     counts = dimap_counts(weights, sparsity)
-    return {n: _fraction(c, weights[n].numel()) for n, c in counts.items()}
+    return {n: count_fraction(c, weights[n].numel()) for n, c in counts.items()}

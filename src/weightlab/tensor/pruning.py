@@ -1,7 +1,21 @@
 """Pruning masks from scores (True = keep). Lowest scores are pruned; ties go to the lowest index."""
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+def count_fraction(count: int, numel: int) -> float:
+    """The sparsity that makes the rules above prune exactly ``count`` of ``numel`` weights.
+
+    They take floor(sparsity * numel); count / numel times numel can land just below count in floating
+    point (15 / 22 * 22 = 14.999...), which would prune one weight fewer than an allocation asked for.
+    """
+    f = count / numel
+    while int(f * numel) < count:
+        f = math.nextafter(f, math.inf)
+    return f
 
 
 def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
