@@ -13,7 +13,9 @@ BR = 0 freezes everything, BR = 0.5 nothing
 
 As a post-training quantizer (``quantize(model, "statsq", bits)``) it is data-free and puts each
 weight on the StatsQ grid (the QAT starting point). ``prepare_statsq_qat`` adds the fake
-quantizer to a model's layers for training; ``CGA`` does the freezing.
+quantizer to a model's layers for training; ``CGA`` does the freezing. The rest of OFQ: query-key
+reparameterization in ``qkr.py``, the LSQ baseline (learnable scale) in ``lsq.py``, the oscillation
+measure in ``oscillation.py``; benchmarks/fidelity_ofq.py puts them together.
 """
 from __future__ import annotations
 
