@@ -4,7 +4,7 @@
     nice .venv/bin/python benchmarks/fidelity_prototype.py --sets digits --seeds 2    # smoke
     # as run for RESULTS.md (two processes side by side, then one report):
     nice .venv/bin/python benchmarks/fidelity_prototype.py --sets digits newsgroup polarity --json /tmp/fp_a.json &
-    nice .venv/bin/python benchmarks/fidelity_prototype.py --sets mnist1d --seeds 3 --json /tmp/fp_b.json; wait
+    nice .venv/bin/python benchmarks/fidelity_prototype.py --sets mnist1d --json /tmp/fp_b.json; wait
     .venv/bin/python benchmarks/fidelity_prototype.py --report /tmp/fp_a.json /tmp/fp_b.json
 
 The paper's claims tested here:
