@@ -25,21 +25,6 @@ def calibration_windows(num: int = NUM_WINDOWS, words: int = WINDOW_WORDS) -> li
     return [windows[int(i * step)] for i in range(num)]
 
 
-def embed_minilm(texts: list[str], model, tokenizer, batch_size: int = 32, max_tokens: int = MAX_TOKENS):
-    """Mean-pooled MiniLM embeddings (the sentence-transformers pooling of all-MiniLM-L6-v2)."""
-    import torch
-
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_tokens,
-                            return_tensors="pt")
-            h = model(**enc).last_hidden_state
-            m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-            out.append((h * m).sum(1) / m.sum(1).clamp_min(1))
-    return torch.cat(out)
-
-
 def _snippet(text: str, n: int = 90) -> str:
     s = text[:n].replace("|", "/").replace("`", "'")
     return s + ("..." if len(text) > n else "")
@@ -48,6 +33,7 @@ def _snippet(text: str, n: int = 90) -> str:
 def data_section(ctx):
     """Score the calibration windows with the self-supervised prototype metric (no labels)."""
     from ..data import score_dataset
+    from ..data.ssl_encoder import minilm_embeddings
     from ..zoo import load_minilm
 
     t0 = time.perf_counter()
@@ -56,7 +42,7 @@ def data_section(ctx):
     if "minilm" not in ctx.cache:
         ctx.cache["minilm"] = load_minilm()
     model, tok = ctx.cache["minilm"]
-    emb = embed_minilm([w for _, w in windows], model, tok)
+    emb = minilm_embeddings([w for _, w in windows], model=model, tokenizer=tok, max_tokens=MAX_TOKENS)
     t_embed = time.perf_counter() - t0
     table = score_dataset("prototype", emb, k=K)
     out = ctx.work / "data-prototype-scores.csv"
