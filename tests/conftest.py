@@ -15,6 +15,15 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """``one_thread`` for a whole module (for module-scoped fixtures that train)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def sample_sd():
     g = torch.Generator().manual_seed(0)

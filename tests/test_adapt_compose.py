@@ -9,13 +9,7 @@ from weightlab.adapt.orthogonal import concept_basis, orthogonal_sum, random_ort
 from weightlab.errors import ConfigError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls: a second thread only adds contention (20x slower on a busy 2-core machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (conftest.py)
 
 
 def mlp(seed=0, d_in=32, d_h=24, d_out=16):

@@ -138,12 +138,7 @@ def table_rows(page, table_sel):
 
 # ---------------------------------------------------------------- the reports (built once per module)
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny tensors: one thread (conftest.py)
 
 
 @pytest.fixture(scope="module")

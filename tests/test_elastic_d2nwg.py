@@ -21,12 +21,7 @@ TINY = ["-p", "train_tasks=8", "-p", "models_per_task=3", "-p", "heldout_tasks=4
         "-p", "diffusion_steps=300", "-p", "timesteps=100", "-p", "zoo_steps=100"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny tensors: one thread (conftest.py)
 
 
 def test_vectorize_roundtrip_logits_and_checkpoint(tmp_path):

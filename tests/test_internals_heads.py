@@ -15,12 +15,7 @@ transformers = pytest.importorskip("transformers")
 from _internals_tiny import WORDS, plant_sink, tiny_llama, word_tokenizer  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny tensors: one thread (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,7 @@ transformers = pytest.importorskip("transformers")
 V = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny matrices: threads only add overhead, and the test machine is shared
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny tensors: one thread (conftest.py)
 
 
 def tiny_llama(seed=0):

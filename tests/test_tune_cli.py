@@ -18,12 +18,7 @@ WORDS = ("the cat dog sat ran on under a mat log red blue big small quickly slow
          "one two three four five").split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny tensors: one thread (conftest.py)
 
 
 def sentences(n, seed):
