@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 TITLE = "## Fidelity: D-Pruner"
-METHODS = ("magnitude", "wanda", "sparsegpt", "dpruner", "dpruner-l0")
+METHODS = ("magnitude", "wanda", "sparsegpt", "dpruner", "dpruner-l0", "dpruner-d4")
 
 
 def lee_split(work: Path) -> tuple[Path, str]:
@@ -36,7 +36,11 @@ def lee_split(work: Path) -> tuple[Path, str]:
     src = Path(gensim.__file__).parent / "test" / "test_data" / "lee_background.cor"
     arts = [a.strip() for a in src.read_text(encoding="utf-8").splitlines() if a.strip()]
     calib = work / "lee_calib.txt"
-    calib.write_text("\n\n".join(arts[:240]), encoding="utf-8")
+    text = "\n\n".join(arts[:240])
+    if not calib.exists() or calib.read_text(encoding="utf-8") != text:  # atomic: seeds may run in parallel
+        tmp = work / f".lee_calib.{os.getpid()}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, calib)
     return calib, "\n\n".join(arts[240:])
 
 
@@ -61,6 +65,8 @@ def run_one(method: str, seed: int, args, work: Path) -> dict:
         if method.startswith("dpruner"):
             name = "dpruner"
             params = {"domain": str(dom_calib), "domain_nsamples": args.domain_nsamples}
+            if method == "dpruner-d4":  # 4x the domain windows: 4x the SGD steps the score sums over
+                params["domain_nsamples"] = 4 * args.domain_nsamples
             if method == "dpruner-l0":
                 params["lambda"] = 0.0
         rep = prune(model, name, 0.5, calib="wiki", tokenizer=tok, nsamples=args.nsamples, seqlen=args.seqlen,
@@ -82,7 +88,8 @@ def section(runs: list[dict], args) -> str:
         by.setdefault(r["method"], []).append(r)
     dense = by.get("dense", [None])[0]
     names = {"dense": "dense", "magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT",
-             "dpruner": "D-Pruner (lambda 0.1)", "dpruner-l0": "D-Pruner lambda=0 (domain only)"}
+             "dpruner": "D-Pruner (lambda 0.1)", "dpruner-l0": "D-Pruner lambda=0 (domain only)",
+             "dpruner-d4": "D-Pruner, 4x domain windows"}
 
     def fmt(vals):
         return f"{statistics.mean(vals):.2f}" + (f" ± {statistics.stdev(vals):.2f}" if len(vals) > 1 else "")
@@ -116,21 +123,34 @@ def section(runs: list[dict], args) -> str:
             "scores, 32 column blocks per matrix), only the data sizes are smaller than the paper's. Perplexity: "
             f"first {args.eval_tokens} tokens of the Wikipedia held-out split and of the held-out news, windows of "
             f"256. Seeds: {', '.join(map(str, seeds)) or '-'} (calibration sampling and the domain-pass order). "
-            f"CPU, {runs[0]['threads'] if runs else '?'} threads, machine shared (1-min load "
+            f"CPU, {runs[0]['threads'] if runs else '?'} thread(s) per process, machine shared (1-min load "
             f"{min(loads):.1f}-{max(loads):.1f} during the runs).",
             "",
-            "| method | runs | domain PPL (news) | general PPL (Wikipedia) | seconds |",
+            "| method | runs | domain PPL (news) | general PPL (Wikipedia) | seconds (wall, varying load) |",
             "|---|---|---|---|---|", *rows, ""]
     if dense:
         head.append(f"Dense: domain {dense['ppl_domain']:.2f}, general {dense['ppl_general']:.2f}.")
     head.append("")
-    verdict = ("reproduced" if len(wins) == 2 else "partly reproduced" if wins else "not reproduced")
-    head.append(f"Verdict: **{verdict}** on this small setting: D-Pruner has lower domain and general perplexity "
-                f"than {', '.join(wins) if wins else 'neither Wanda nor SparseGPT'} (means over seeds). "
-                + args.note)
+    seed_of = {m: {r["seed"]: r for r in by.get(m, [])} for m in by}
+    for other in ("wanda", "sparsegpt", "dpruner-l0", "dpruner-d4"):
+        pairs = [(seed_of["dpruner"][s], seed_of[other][s]) for s in seeds if s in seed_of.get(other, {})]
+        if pairs:
+            dd = ", ".join(f"{a['ppl_domain'] - b['ppl_domain']:+.2f}" for a, b in pairs)
+            dg = ", ".join(f"{a['ppl_general'] - b['ppl_general']:+.2f}" for a, b in pairs)
+            head.append(f"- D-Pruner minus {names[other]}, per seed: domain PPL {dd}; general PPL {dg}.")
     head.append("")
-    head.append("Rerun: `nice .venv/bin/python benchmarks/fidelity_dpruner.py --seeds 0 1 2 --runs DIR`, then "
-                "`--runs DIR --section FILE` and put_section.")
+    verdict = ("reproduced" if len(wins) == 2 else "partly reproduced" if wins else "not reproduced")
+    beaten = " and ".join(names[w] for w in wins)
+    head.append(f"Verdict: **{verdict}** on this small setting: " + (
+        f"D-Pruner has lower domain *and* general perplexity than {beaten} (means over seeds). " if wins else
+        "D-Pruner has neither lower domain nor lower general perplexity than Wanda or SparseGPT (means over "
+        "seeds). ") + args.note)
+    head.append("")
+    sizes = (f"--nsamples {args.nsamples} --domain-nsamples {args.domain_nsamples} --seqlen {args.seqlen} "
+             f"--eval-tokens {args.eval_tokens}")
+    head.append(f"Rerun: `nice .venv/bin/python benchmarks/fidelity_dpruner.py --seeds 0 1 2 {sizes} --runs DIR` "
+                f"(one process per seed may run in parallel), then `--runs DIR --section FILE {sizes}` and "
+                "put_section.")
     return "\n".join(head) + "\n"
 
 
