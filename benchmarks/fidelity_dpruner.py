@@ -141,7 +141,7 @@ def section(runs: list[dict], args) -> str:
     head.append("")
     verdict = ("reproduced" if len(wins) == 2 else "partly reproduced" if wins else "not reproduced")
     beaten = " and ".join(names[w] for w in wins)
-    head.append(f"Verdict: **{verdict}** on this small setting: " + (
+    head.append(f"Verdict (D-Pruner at --domain-nsamples): **{verdict}** on this small setting: " + (
         f"D-Pruner has lower domain *and* general perplexity than {beaten} (means over seeds). " if wins else
         "D-Pruner has neither lower domain nor lower general perplexity than Wanda or SparseGPT (means over "
         "seeds). ") + args.note)
