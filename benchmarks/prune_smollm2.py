@@ -529,9 +529,10 @@ def render(results: list[dict], data: dict, work: Path, total_s: float, note: st
                  f"score matrix), hook transients ({bound['hook_mib']:.0f} MiB) and one block's statistics (SparseGPT: "
                  f"7 fp32 Hessians {bound['hessians_mib']:.0f} MiB + fp64 solver buffers {bound['solver_mib']:.0f} MiB). "
                  f"Bound over imports + model: Wanda {bound['bound_wanda_mib']:.0f} MiB, SparseGPT "
-                 f"{bound['bound_sparsegpt_mib']:.0f} MiB. GBLM (and D-Pruner) are not layer-bounded: the gradient pass "
+                 f"{bound['bound_sparsegpt_mib']:.0f} MiB. GBLM and D-Pruner are not layer-bounded: GBLM's gradient pass "
                  "back-propagates through the whole model and keeps 3 fp32 moment accumulators per prunable weight "
-                 f"({3 * bound['prunable_fp32_mib']:.0f} MiB; D-Pruner twice that).")
+                 f"({3 * bound['prunable_fp32_mib']:.0f} MiB); D-Pruner trains the whole model on the domain data (a "
+                 "copy of every parameter, its gradients and one fp32 score per prunable weight).")
     for r in results:
         eng = engine_mib(r)
         if r["tool"] == "weightlab" and r["method"] in ("wanda", "sparsegpt") and eng is not None \
