@@ -34,7 +34,7 @@ def _layers(model):
 
 
 def _cfg(**kw):
-    base = dict(domain="x", epochs=1, batch_size=4, train=False)
+    base = dict(domain="wiki", epochs=1, batch_size=4, train=False)
     base.update(kw)
     return DPrunerConfig(**base)
 
@@ -212,11 +212,11 @@ def test_block_mask_prunes_exactly_within_each_column_block():
 
 
 def test_config_defaults_and_alias():
-    c = DPrunerConfig(domain="d.txt")
+    c = DPrunerConfig(domain="wiki")
     assert (c.lambda_, c.lr, c.epochs, c.batch_size, c.warmup, c.clip_grad_norm) == (0.1, 0.03, 5, 8, 0.1, 1.0)
     assert (c.grad_scale, c.reg_div, c.second_div, c.cubic, c.train, c.group, c.blocks) == (
         65536.0, 1000.0, 2000.0, True, True, "block", 32)
-    assert DPrunerConfig(domain="d", **{"lambda": 0.0}).lambda_ == 0.0
+    assert DPrunerConfig(domain="wiki", **{"lambda": 0.0}).lambda_ == 0.0
     with pytest.raises(Exception):
         DPrunerConfig()  # the domain set is required
 
@@ -272,3 +272,14 @@ def test_cli_prunes_with_open_domain_calib_and_domain_file(tiny_folder, tmp_path
 
 def load_other() -> str:
     return " ".join(f"{i} apples and {i + 3} pears were sold at the market on day {i % 5}." for i in range(300))
+
+
+def test_missing_domain_file_is_refused_with_the_other_options(tmp_path):
+    from weightlab.compress.checks import check_prune_request
+    from weightlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="neither 'wiki' nor an existing"):
+        check_prune_request("dpruner", 0.5, None, "uniform", {"domain": str(tmp_path / "missing.txt")})
+    text = tmp_path / "news.txt"
+    text.write_text("some domain text\n")
+    assert check_prune_request("dpruner", 0.5, None, "uniform", {"domain": str(text)}) == 0.5

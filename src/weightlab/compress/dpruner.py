@@ -13,10 +13,11 @@ code/src/lomo_trainer.py, code/save_model_iterative.py); docs/design.md records 
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..errors import ConfigError
 from ..registry import MethodConfig, Regime, register
@@ -50,6 +51,14 @@ class DPrunerConfig(MethodConfig):
     percdamp: float = Field(0.01, ge=0)
     domain_nsamples: int | None = Field(None, gt=0, description="domain sequences (default: --nsamples)")
     domain_seqlen: int | None = Field(None, gt=1, description="domain sequence length (default: --seqlen)")
+
+    @field_validator("domain")
+    @classmethod
+    def _domain_exists(cls, v: str) -> str:
+        # checked with the other options, before the model is loaded and the general pass runs
+        if v not in ("wiki", "zoo:wiki") and not Path(v).is_file():
+            raise ValueError(f"domain data '{v}' is neither 'wiki' nor an existing .txt/.jsonl file")
+        return v
 
 
 def block_mask(scores: torch.Tensor, sparsity: float, blocks: int) -> torch.Tensor:
