@@ -23,7 +23,8 @@ llm-compressor lives in its own venv (.venv-lc; see _compress_common.LC_SETUP). 
   AWQ (SmolLM2, 4-bit, its own RESULTS section): weightlab `quantize(model, "awq", 4, 64, sym=True)` (AWQ smoothing,
     then RTN) vs llm-compressor `[AWQModifier(), QuantizationModifier(same grid)]`, both with their defaults
     (duo scaling, 20 grid points, the Llama mappings); `--awq-nsamples N` calibrates both on the first N windows.
-Every run is a child process (wall, peak RSS, and inside it phase times and CPU seconds); pairs alternate order.
+Every run is a child process (wall, peak RSS, and inside it phase times and CPU seconds); the weightlab/llm-compressor
+pairs run --repeats rounds (default 3; rounds 2.. time the quantize call only), each round flipping the order.
 """
 from __future__ import annotations
 
@@ -97,7 +98,13 @@ def child_main(spec_path: str) -> int:
     batches = [{"input_ids": b, **extra} for b in ids.split(spec.get("calib_batch") or 4)]
     text = Path(spec["eval_path"]).read_text(encoding="utf-8")
 
+    res["repeat"] = spec.get("repeat", 1)
+
     def evaluate() -> dict:
+        if spec.get("time_only"):  # a timing repeat: its weights are checked equal to repeat 1's by a hash
+            res["weights_sha"] = _weights_sha(targets)
+            return {}
+        res["weights_sha"] = _weights_sha(targets)
         with CC.Phase(res, "eval"):
             if mname == "smollm2":
                 r = CC.eval_perplexity(model, tok, text)
@@ -213,6 +220,15 @@ def _targets(model) -> dict:
             and (".layers." in n or ".layer." in n)}
 
 
+def _weights_sha(targets: dict) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for n in sorted(targets):
+        digest.update(targets[n].weight.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _check_levels(targets: dict, bits: int, group: int) -> dict:
     """The most distinct values in any (row, group) of any target weight: a b-bit grid has at most 2^b."""
     worst = 0
@@ -306,11 +322,12 @@ def plan(args) -> list[dict]:
         if not quick_llm:
             runs.append({"model": m, "tool": "weightlab", "method": "pbllm", "bits": 1})
             runs.append({"model": m, "tool": "weightlab", "method": "chain", "bits": 4})
-        if m == "smollm2" and not quick_llm:
+        if m == "smollm2" and not quick_llm and not args.skip_awq:
             runs += _awq_pair(args)
     if args.awq_only:  # the AWQ section alone: the pair and RTN at the same grid (fp32: the section above)
         runs = _awq_pair(args) + [{"model": "smollm2", "tool": "weightlab", "method": "rtn", "bits": 4,
                                    "scale_dtype": "float32"}]
+    runs += _timing_rounds(runs, args.repeats, args.timing_pairs)
     if args.skip_lc:
         runs = [r for r in runs if r["tool"] != "llm-compressor"]
     if args.noise_only:
@@ -320,8 +337,27 @@ def plan(args) -> list[dict]:
                     + (f"_b{r['calib_batch']}" if r.get("calib_batch") else "")
                     + (f"_n{r['nsamples']}" if r.get("nsamples") else "")
                     + ("_s32" if r.get("scale_dtype") == "float32" and r["tool"] == "weightlab" else "")
-                    + (f"_{r['attn']}" if r.get("attn") else ""))
+                    + (f"_{r['attn']}" if r.get("attn") else "") + (f"_r{r['repeat']}" if r.get("repeat") else ""))
     return runs
+
+
+def _timing_rounds(runs: list[dict], repeats: int, only: str | None = None) -> list[dict]:
+    """Rounds 2..repeats of every weightlab/llm-compressor pair (or those named in ``only``: 'minilm,smollm2:4'):
+    the quantize call only (no evaluation), each round flipping which tool goes first."""
+    keep = [x.split(":") for x in only.split(",")] if only else None
+    lc = [r for r in runs if r["tool"] == "llm-compressor"
+          and (keep is None or any(k[0] == r["model"] and (len(k) == 1 or k[1] == str(r["bits"])) for k in keep))]
+    out = []
+    for k in range(2, max(1, repeats) + 1):
+        for i, o in enumerate(lc):
+            wl = next((r for r in runs if r["tool"] == "weightlab" and r["model"] == o["model"]
+                       and r["method"] == o["method"] and r["bits"] == o["bits"]), None)
+            if wl is None:
+                continue
+            first = runs.index(wl) < runs.index(o)
+            pair = [{**wl, "repeat": k, "time_only": True}, {**o, "repeat": k, "time_only": True}]
+            out += pair if first == (k % 2 == 1) else pair[::-1]
+    return out
 
 
 def _awq_pair(args) -> list[dict]:
@@ -352,6 +388,10 @@ def main(argv: list[str]) -> int:
                     help="SmolLM2 only: AWQ 4-bit in both tools and RTN 4-bit; writes the AWQ section alone")
     ap.add_argument("--awq-nsamples", type=int, default=None,
                     help=f"calibration windows for the AWQ runs (both tools; default {CC.NSAMPLES})")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="rounds of each weightlab/llm-compressor pair (rounds 2.. time the quantize call only; default 3)")
+    ap.add_argument("--timing-pairs", help="repeat only these pairs, e.g. 'minilm,smollm2:4' (default: every pair)")
+    ap.add_argument("--skip-awq", action="store_true", help="leave out the AWQ pair (its own section; see --awq-only)")
     ap.add_argument("--lc-python", help="python of the llm-compressor venv (default .venv-lc/bin/python)")
     ap.add_argument("--write", action="store_true", help="write RESULTS.md even for a partial run")
     ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
@@ -406,6 +446,8 @@ def main(argv: list[str]) -> int:
     total = time.perf_counter() - t_all
     note = " ".join(a for a in ("--quick" if args.quick else "", f"--only {args.only}" if args.only else "",
                                 "--skip-lc" if args.skip_lc else "", "--awq-only" if args.awq_only else "",
+                                "--skip-awq" if args.skip_awq else "",
+                                f"--timing-pairs {args.timing_pairs}" if args.timing_pairs else "",
                                 f"--awq-nsamples {args.awq_nsamples}" if args.awq_nsamples else "") if a)
     (work / "total_s.txt").write_text(f"{total}\n{note}\n")
     bodies = _bodies(results, data, total, note, awq_only=args.awq_only)
@@ -436,11 +478,39 @@ def _qual(q: dict) -> str:
 
 # ============================================================================ report
 
+def pair_rounds(results: list[dict]) -> dict:
+    """(model, method, bits) -> [(weightlab run, llm-compressor run) per round]. The weightlab member of a pair is
+    the run without calib_batch (AWQ: the one under llm-compressor's conditions, eager attention)."""
+    runs = {}
+    for r in results:
+        paired = r.get("attn") if r["method"] == "awq" else not r.get("calib_batch")
+        if r["tool"] == "llm-compressor" or paired:
+            runs.setdefault((r["model"], r["method"], r.get("bits"), r.get("repeat", 1)), {})[r["tool"]] = r
+    out = {}
+    for (m, meth, bits, k), d in sorted(runs.items(), key=lambda kv: kv[0][3]):
+        if len(d) == 2 and "quant_s" in d["weightlab"] and "quant_s" in d["llm-compressor"]:
+            out.setdefault((m, meth, bits), []).append((d["weightlab"], d["llm-compressor"]))
+    return out
+
+
+def time_verdict(pairs: list) -> str:
+    """Per-round wall and CPU ratios of the quantize call, judged by the 3-alternating-rounds rule."""
+    wall = [a["quant_s"] / b["quant_s"] for a, b in pairs]
+    cpu = [a["quant_cpu_s"] / b["quant_cpu_s"] for a, b in pairs]
+    same = all(x.get("weights_sha") == pairs[0][i].get("weights_sha") for ab in pairs for i, x in enumerate(ab))
+    secs = [" / ".join(f"{x[i]['quant_s']:.1f}" for x in pairs) for i in (0, 1)]
+    return (f"time per round {', '.join(f'{x:.2f}x' for x in wall)}: **{C.ratio_verdict(wall, 1.0)}** (CPU "
+            f"{', '.join(f'{x:.2f}x' for x in cpu)}: {C.ratio_verdict(cpu, 1.0)}; quantize s weightlab {secs[0]}, "
+            f"llm-compressor {secs[1]}; same weights every round: {'yes' if same else 'NO'})")
+
+
 def render(results: list[dict], data: dict, total_s: float, note: str) -> str:
+    lo, hi = CC.loadavg_range(results)
+    rounds = pair_rounds(results)
+    results = [r for r in results if r.get("repeat", 1) == 1]
     by = {(r["model"], r["tool"], r["method"], r.get("bits"), r.get("calib_batch")): r for r in results}
     wl_v = next((r["versions"] for r in results if r["tool"] == "weightlab"), {})
     lc_v = next((r["versions"] for r in results if r["tool"] == "llm-compressor"), {})
-    lo, hi = CC.loadavg_range(results)
     lines = [f"Date: {C.today()}. Machine: {C.machine_line()}. " + C.load_sentence([lo, hi]) + " Compare tools within this run.",
              f"Versions: weightlab {C.package_version('weightlab')} in .venv (torch {wl_v.get('torch', 'n/a')}, "
              f"transformers {wl_v.get('transformers', 'n/a')}); llm-compressor {lc_v.get('llmcompressor', 'n/a')} in "
@@ -464,7 +534,10 @@ def render(results: list[dict], data: dict, total_s: float, note: str) -> str:
              "GPTQ reconstruction. Compensation chain: SparseGPT 2:4 -> RTN 4-bit symmetric (zero is on the grid, "
              "so 2:4 survives; checked) -> EoRA (input-covariance eigenspace, same calibration) or plain SVD of "
              "W - W_c, rank 16 and 64, merged for evaluation (as adapters they are extra parameters).",
-             "Each run is its own child process, run once. **quant s** = the `quantize(...)` / `oneshot(...)` call "
+             f"Each run is its own child process. The weightlab/llm-compressor pairs run "
+             f"{max(map(len, rounds.values()), default=1)} round(s), each round flipping which tool goes first; round 1 "
+             "also evaluates (the tables), later rounds time the quantize call only and must give the same weights "
+             "(checked by a hash of every quantized matrix); other runs once. **quant s** = the `quantize(...)` / `oneshot(...)` call "
              "(wall; CPU seconds in brackets); **wall** = the whole child; **levels** = most distinct values in any "
              "(row, group) of any target weight (a b-bit grid: at most 2^b).", ""]
     for mname in ("minilm", "smollm2"):
@@ -491,7 +564,7 @@ def render(results: list[dict], data: dict, total_s: float, note: str) -> str:
                          str(r.get("check", {}).get("max_levels_per_group", "-")),
                          C.fmt_ratio(tr)])
         lines += [C.md_table(["method", "tool", qname, "bits/weight", "quant s (CPU s)", "wall s", "peak RSS MiB",
-                              "levels", "time ratio wl/lc"], rows), ""]
+                              "levels", "time ratio wl/lc (round 1)"], rows), ""]
         ch = by.get((mname, "weightlab", "chain", 4, None))
         if ch:
             ck = ch["check"]
@@ -507,7 +580,9 @@ def render(results: list[dict], data: dict, total_s: float, note: str) -> str:
             lines += ["", C.md_table(["compensation", "rank", qname, "extra params", "mean rel. weight error",
                                       "input-weighted error after/before", "s (CPU s)"], rows), ""]
     lines.append("Targets and verdicts (weightlab vs llm-compressor GPTQ, same grid, same run): quality no worse "
-                 f"(cosine >= lc - {COS_SLACK}; PPL <= lc x {PPL_SLACK}) and no slower (the quantize call, wall).")
+                 f"(cosine >= lc - {COS_SLACK}; PPL <= lc x {PPL_SLACK}) and no slower (the quantize call, wall, in "
+                 "every round: met only when at least 3 alternating rounds all meet it, 'not shown' when they straddle "
+                 "the target).")
     for r in results:
         o = by.get((r["model"], "llm-compressor", r["method"], r.get("bits"), None))
         if r["tool"] != "weightlab" or o is None:
@@ -521,10 +596,8 @@ def render(results: list[dict], data: dict, total_s: float, note: str) -> str:
             continue
         a, b = _qnum(r), _qnum(o)
         ok_q = a >= b - COS_SLACK if r["model"] == "minilm" else a <= b * PPL_SLACK
-        tr, cr = r["quant_s"] / o["quant_s"], r["quant_cpu_s"] / o["quant_cpu_s"]
         lines.append(f"- {r['model']} GPTQ {r['bits']}-bit: {_qfmt(a, r['model'])} vs {_qfmt(b, r['model'])}: "
-                     f"**{'met' if ok_q else 'NOT met'}**; time {tr:.2f}x (CPU {cr:.2f}x): "
-                     f"**{'met' if tr <= 1.0 else 'NOT met'}**")
+                     f"**{'met' if ok_q else 'NOT met'}**; " + time_verdict(rounds[(r["model"], r["method"], r["bits"])]))
     for mname in ("minilm", "smollm2"):
         lines += _method_verdicts(by, mname)
     if any(r["tool"] == "llm-compressor" for r in results):
@@ -539,13 +612,16 @@ def render(results: list[dict], data: dict, total_s: float, note: str) -> str:
                   "(SmolLM2 better at 4 bits, worse at 3; MiniLM slightly worse), its cause was not found; it is "
                   "reported, not tuned away."]
     lines += ["", f"Whole benchmark run: {total_s / 60:.1f} min" + (f" (partial run: {note})" if note else "") +
-              f". Reproduce: `{REPRO}` (`--quick`, `--only minilm|smollm2`, `--skip-lc`, `--no-write`, `--keep DIR` then "
+              f". Reproduce: `{REPRO}` (`--quick`, `--only minilm|smollm2`, `--skip-lc`, `--skip-awq`, `--repeats N`, "
+              "`--timing-pairs minilm,smollm2:4`, `--no-write`, `--keep DIR` then "
               f"`--render-only DIR`); llm-compressor's venv: `{LC_SETUP}`."]
     return "\n".join(lines)
 
 
 def render_awq(results: list[dict], total_s: float, note: str) -> str:
     """The AWQ section: SmolLM2 4-bit, weightlab vs llm-compressor, with RTN (and the dense model) of the same run."""
+    rounds = pair_rounds([r for r in results if r["method"] == "awq"])
+    results = [r for r in results if r.get("repeat", 1) == 1]
     rs = [r for r in results if r["model"] == "smollm2"
           and (r["method"] == "dense" or (r["method"] in ("rtn", "awq") and r.get("bits") == 4))]
     rs = [r for r in rs if r["method"] != "rtn" or not r.get("calib_batch")]
@@ -581,7 +657,9 @@ def render_awq(results: list[dict], total_s: float, note: str) -> str:
              "`pin_memory()`, which raises without an accelerator; pinning only speeds host-to-device copies). Both skip v_proj -> o_proj (grouped-query attention: v_proj has 192 outputs, "
              "o_proj 576 inputs), so 3 mappings x 30 blocks are smoothed. **quant s** = the `quantize(...)` / "
              "`oneshot(...)` call (wall; CPU seconds in brackets); **wall** = the whole child, each run its own "
-             "process, run once."
+             f"process; the weightlab/llm-compressor pair runs {len(rounds.get(('smollm2', 'awq', 4), [])) or 1} "
+             "round(s), each flipping which tool goes first (round 1 in the table; later rounds time the quantize "
+             "call only), the other runs once."
              + ("" if ("weightlab", "dense") in by else " The fp32 perplexity is the section above's (not re-run)."),
              ""]
     rows = []
@@ -594,7 +672,7 @@ def render_awq(results: list[dict], total_s: float, note: str) -> str:
                      fmt(r["wall_s"]), fmt(r["peak_rss_mib"], 0), str(r.get("check", {}).get("max_levels_per_group", "-")),
                      C.fmt_ratio(r["quant_s"] / o["quant_s"] if o else None)])
     lines += [C.md_table(["method", "tool", "PPL", "bits/weight", "quant s (CPU s)", "wall s", "peak RSS MiB", "levels",
-                          "time ratio wl/lc"], rows), ""]
+                          "time ratio wl/lc (round 1)"], rows), ""]
     if wl and wl.get("awq"):
         a = wl["awq"]
         lines.append(f"weightlab's grid search: {a['mappings']} mappings smoothed ({a['skipped']} skipped), output "
@@ -605,9 +683,8 @@ def render_awq(results: list[dict], total_s: float, note: str) -> str:
                  "quantize call, wall); AWQ better than RTN at the same grid.")
     if wl and lc:
         a, b = _qnum(wl), _qnum(lc)
-        tr, cr = wl["quant_s"] / lc["quant_s"], wl["quant_cpu_s"] / lc["quant_cpu_s"]
         lines.append(f"- smollm2 AWQ 4-bit: {a:.3f} vs {b:.3f}: **{'met' if a <= b * PPL_SLACK else 'NOT met'}**; "
-                     f"time {tr:.2f}x (CPU {cr:.2f}x): **{'met' if tr <= 1.0 else 'NOT met'}**")
+                     + time_verdict(rounds[("smollm2", "awq", 4)]))
     if spread and wl:
         lines.append(f"- weightlab's defaults (batches of 4, sdpa attention; the same windows, activations that differ "
                      f"in the last bits): {_qnum(spread):.3f} vs {_qnum(wl):.3f}")
@@ -624,7 +701,7 @@ def render_awq(results: list[dict], total_s: float, note: str) -> str:
               "model it differs from llm-compressor's RTN on 0.33 % of the weights, all ties). On a 3-block Llama "
               "with eager attention every grid loss and the final weights equal llm-compressor's bit for bit.",
               "", f"Whole benchmark run: {total_s / 60:.1f} min" + (f" ({note})" if note else "") +
-              f". Reproduce: `{REPRO} --awq-only` (`--awq-nsamples N`, `--keep DIR` then `--render-only DIR`); "
+              f". Reproduce: `{REPRO} --awq-only` (`--awq-nsamples N`, `--repeats N`, `--keep DIR` then `--render-only DIR`); "
               f"llm-compressor's venv: `{LC_SETUP}`."]
     return "\n".join(lines)
 
