@@ -327,7 +327,7 @@ def plan(args) -> list[dict]:
     if args.awq_only:  # the AWQ section alone: the pair and RTN at the same grid (fp32: the section above)
         runs = _awq_pair(args) + [{"model": "smollm2", "tool": "weightlab", "method": "rtn", "bits": 4,
                                    "scale_dtype": "float32"}]
-    runs += _timing_rounds(runs, args.repeats, args.timing_pairs)
+    runs = ([] if args.timing_only else runs) + _timing_rounds(runs, args.repeats, args.timing_pairs)
     if args.skip_lc:
         runs = [r for r in runs if r["tool"] != "llm-compressor"]
     if args.noise_only:
@@ -391,6 +391,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--repeats", type=int, default=3,
                     help="rounds of each weightlab/llm-compressor pair (rounds 2.. time the quantize call only; default 3)")
     ap.add_argument("--timing-pairs", help="repeat only these pairs, e.g. 'minilm,smollm2:4' (default: every pair)")
+    ap.add_argument("--timing-only", action="store_true",
+                    help="only rounds 2.. of the pairs (merge with a full run's folder: --render-only FULL THIS)")
     ap.add_argument("--skip-awq", action="store_true", help="leave out the AWQ pair (its own section; see --awq-only)")
     ap.add_argument("--lc-python", help="python of the llm-compressor venv (default .venv-lc/bin/python)")
     ap.add_argument("--write", action="store_true", help="write RESULTS.md even for a partial run")
@@ -422,7 +424,7 @@ def main(argv: list[str]) -> int:
         return 0
     runs = plan(args)
     lc_py = CC.lc_python(args.lc_python) if any(r["tool"] == "llm-compressor" for r in runs) else None
-    partial = bool(args.quick or args.only or args.skip_lc or args.noise_only)
+    partial = bool(args.quick or args.only or args.skip_lc or args.noise_only or args.timing_only)
     write = not args.no_write and (args.write or not partial or args.awq_only) and not SMOKE
     t_all = time.perf_counter()
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="wl-quant-bench-"))
@@ -448,6 +450,7 @@ def main(argv: list[str]) -> int:
                                 "--skip-lc" if args.skip_lc else "", "--awq-only" if args.awq_only else "",
                                 "--skip-awq" if args.skip_awq else "",
                                 f"--timing-pairs {args.timing_pairs}" if args.timing_pairs else "",
+                                "--timing-only" if args.timing_only else "",
                                 f"--awq-nsamples {args.awq_nsamples}" if args.awq_nsamples else "") if a)
     (work / "total_s.txt").write_text(f"{total}\n{note}\n")
     bodies = _bodies(results, data, total, note, awq_only=args.awq_only)
