@@ -602,11 +602,14 @@ def timing_table(rounds: dict) -> list[str]:
 
 def explain(results: list[dict], by: dict, work: Path, rounds: dict) -> list[str]:
     out = []
+    tv = {t: next((r["versions"].get("transformers") for r in results if r["tool"] == t), "n/a")
+          for t in ("weightlab", "llm-compressor")}
+    releases = f"{tv['weightlab']} vs {tv['llm-compressor']}"
     dense = {r["tool"]: r["eval"]["perplexity"] for r in results if r["method"] == "dense"}
     if dense:
         out.append("- Dense model: PPL " + ", ".join(f"{v:.3f} in {k}'s environment" for k, v in dense.items())
                    + " (baselines.md: 16.875). "
-                   + ("The two environments (transformers 5.24 vs 5.17) evaluate the dense model "
+                   + (f"The two environments (transformers {releases}) evaluate the dense model "
                       + ("identically." if len(set(round(v, 3) for v in dense.values())) == 1 else
                          f"{abs(max(dense.values()) / min(dense.values()) - 1) * 100:.3f} % apart.")
                       if len(dense) == 2 else ""))
@@ -640,7 +643,7 @@ def explain(results: list[dict], by: dict, work: Path, rounds: dict) -> list[str
                    "blocks. The residual differences are numerical and tie-breaking details: (1) the statistics are "
                    "accumulated in float32 in a different order (weightlab in batches of 4 sequences, llm-compressor "
                    "one sequence at a time), so near-equal scores can swap; (2) the block forwards run on different "
-                   "transformers releases (5.24 vs 5.17); (3) SparseGPT: weightlab solves in float64, llm-compressor in "
+                   f"transformers releases ({releases}); (3) SparseGPT: weightlab solves in float64, llm-compressor in "
                    "float32, and llm-compressor's unstructured threshold test `score <= sorted[k]` prunes k+1 (or more, "
                    "on ties) weights per 128-column block where weightlab prunes exactly k (achieved sparsity 0.5000 "
                    "vs slightly above); (4) ties: weightlab breaks them by the lowest index (stable sort), "
