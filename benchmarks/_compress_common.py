@@ -183,15 +183,17 @@ def add_threads_arg(ap) -> None:
                     help="torch threads in every child, the same for both tools (default: torch's own choice)")
 
 
-def run_child(script: str | Path, spec: dict, work: Path, python: str, threads: int | None = None) -> tuple[dict, C.Run]:
-    """Run `python SCRIPT _child spec.json` measured; the child writes result_{tag}.json into ``work``."""
+def run_child(script: str | Path, spec: dict, work: Path, python: str, threads: int | None = None,
+              env: dict | None = None) -> tuple[dict, C.Run]:
+    """Run `python SCRIPT _child spec.json` measured (``env``: extra variables); the child writes
+    result_{tag}.json into ``work``."""
     tag = spec["tag"]
     spec = {**spec, "out_dir": str(work), "src": str(C.REPO_ROOT / "src")}
     sp = work / f"spec_{tag}.json"
     sp.write_text(json.dumps(spec))
     cwd = work / f"cwd_{tag}"
     cwd.mkdir(exist_ok=True)  # llm-compressor may write logs into its working directory
-    cr = C.run_measured([python, str(Path(script).resolve()), "_child", str(sp)], env=child_env(threads), cwd=cwd)
+    cr = C.run_measured([python, str(Path(script).resolve()), "_child", str(sp)], env={**child_env(threads), **(env or {})}, cwd=cwd)
     cr.check(tag)
     res = json.loads((work / f"result_{tag}.json").read_text())
     res["wall_s"], res["peak_rss_mib"], res["rss_source"] = cr.wall_s, cr.peak_rss_mib, cr.rss_source
