@@ -696,7 +696,9 @@ def render_awq(results: list[dict], total_s: float, note: str) -> str:
                      + time_verdict(rounds[("smollm2", "awq", 4)]))
     if spread and wl:
         lines.append(f"- weightlab's defaults (batches of 4, sdpa attention; the same windows, activations that differ "
-                     f"in the last bits): {_qnum(spread):.3f} vs {_qnum(wl):.3f}")
+                     f"in the last bits): {_qnum(spread):.3f} vs {_qnum(wl):.3f}"
+                     + (f"; its quantize call {spread['quant_s']:.1f} s = {spread['quant_s'] / lc['quant_s']:.2f}x "
+                        "llm-compressor's round 1 (one run, other settings than the pair)" if lc and "quant_s" in spread else ""))
     rtn = by.get(("weightlab", "rtn"))
     for r in (wl, lc):
         if r and rtn:
