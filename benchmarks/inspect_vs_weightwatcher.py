@@ -208,6 +208,17 @@ def _tools_line(results) -> str:
     return "WeightWatcher runs as installed."
 
 
+def _floor_sentence(results) -> str:
+    """How far weightlab's own start-up alone keeps each model's wall-time ratio from 0."""
+    parts = []
+    for m in results:
+        wl, ww = results[m].get("wl"), results[m].get("ww1") or results[m].get("ww")
+        if wl and ww:
+            imp = _med(wl, "import_s")
+            parts.append(f"{LABEL[m]} {imp:.1f} s = {imp / _med(ww, 'wall_s'):.2f}x WeightWatcher's wall")
+    return (": imports alone (median) " + "; ".join(parts) + ", whatever the analysis costs") if parts else ""
+
+
 def _med(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
@@ -216,8 +227,8 @@ def render(a, results, total_s: float) -> str:
     versions = ", ".join(f"{p} {C.package_version(p)}" for p in ("weightwatcher", "torch", "numpy", "scipy",
                                                                  "transformers", "threadpoolctl"))
     loads = [r["load1"] for m in results for t in results[m] for r in results[m][t]]
-    lines = [f"Date: {C.today()}. Machine: {C.machine_line()} (shared, noisy: 1-minute load average during the runs "
-             f"{min(loads):.1f}-{max(loads):.1f} on {C.cpu_count()} cores).",
+    lines = [f"Date: {C.today()}. Machine: {C.machine_line()}. 1-minute load average at the starts of the runs "
+             f"{min(loads):.1f}-{max(loads):.1f} on {C.cpu_count()} cores (one child at a time).",
              f"Versions: {versions}, weightlab {C.package_version('weightlab')}.", "",
              "Each tool runs in its own process on the same weights: WeightWatcher loads the model as an nn.Module "
              "and calls `WeightWatcher(model=m).analyze()` (defaults); weightlab calls "
@@ -305,11 +316,10 @@ def render(a, results, total_s: float) -> str:
         "weightlab streams tensors from the file, forms each Gram matrix in float64 (BLAS syrk, blockwise), takes "
         "its eigenvalues (LAPACK; the largest single cost), runs layers on one thread per core with BLAS limited to "
         "one thread (threadpoolctl), and prunes the xmin scan with exact lower bounds. Its start-up (`import torch` "
-        "and weightlab, see *imports*) is a floor of 2-8 s here depending on load, so on small models (EfficientNet-Lite0, "
-        "MiniLM) the wall-time ratio cannot reach 0.2x whatever the analysis costs. On EfficientNet-Lite0 the layers are "
+        "and weightlab, see *imports*) is a floor" + _floor_sentence(results) + ". On EfficientNet-Lite0 the layers are "
         "small (1x1 and depthwise convs), so WeightWatcher's SVDs are cheap too, and weightlab does work WeightWatcher "
-        "does not: CNN Filter DB filter quality for the spatial convs (about 0.2 s of its 1.1-1.3 s analysis, measured "
-        "with `filters=False`) and the ranks of each c_out x (c_in k k) matrix besides the slice ESD. Float32 eigenvalues would not help: on this "
+        "does not: CNN Filter DB filter quality for the spatial convs (`filters=False` "
+        "leaves it out) and the ranks of each c_out x (c_in k k) matrix besides the slice ESD. Float32 eigenvalues would not help: on this "
         "CPU numpy's float32 eigvalsh is no faster than float64, and the float32 Gram matrix would lose the small "
         "singular values that numerical rank needs.",
         "- Multi-threaded OpenBLAS on a busy 2-core machine: when another process holds a core, OpenBLAS's threads "
