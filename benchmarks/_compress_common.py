@@ -242,6 +242,14 @@ def fmt(x, nd=1) -> str:
     return "n/a" if x is None else f"{x:,.{nd}f}"
 
 
+def add_notes(body: str, notes: list[str] | None) -> str:
+    """The section with the operator's --note lines (how the run was done) after its first line."""
+    if not notes:
+        return body
+    first, _, rest = body.partition("\n")
+    return "\n".join([first, *(f"Run note: {n}" for n in notes), rest])
+
+
 def publish(body: str, work: Path, section: str, write: bool, keep: bool) -> int:
     """Print the rendered section, keep a copy in the work folder, write it to RESULTS.md when asked."""
     print("\n" + body)

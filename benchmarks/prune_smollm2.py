@@ -382,6 +382,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--write", action="store_true", help="write RESULTS.md even for a --quick/--only run")
     ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
     ap.add_argument("--keep", help="keep the work folder (ids, masks, per-run JSON) at this path")
+    ap.add_argument("--note", action="append", help="a line on how the run was done, printed under the date (repeatable)")
     ap.add_argument("--render-only", metavar="DIR", nargs="+",
                     help="re-render the section from the results in kept work folder(s) (several: merged in order)")
     CC.add_threads_arg(ap)
@@ -422,7 +423,7 @@ def main(argv: list[str]) -> int:
             print(prof.read_text()[:8000])
     total = time.perf_counter() - t_all
     (work / "total_s.txt").write_text(f"{total}\n{' '.join(_argv_summary(args))}\n")
-    body = render(results, data, work, total, " ".join(_argv_summary(args)) if partial else "")
+    body = CC.add_notes(render(results, data, work, total, " ".join(_argv_summary(args)) if partial else ""), args.note)
     return CC.publish(body, work, SECTION, write, args.keep)
 
 
@@ -454,7 +455,7 @@ def render_only(works: list[Path], args) -> int:
     note = "; ".join(n for n in notes if n)
     if len(works) > 1:
         note = f"{len(works)} invocations merged" + (f": {note}" if note else "")
-    body = render(results, data, works[0], sum(totals), note)
+    body = CC.add_notes(render(results, data, works[0], sum(totals), note), args.note)
     print(body)
     if not args.no_write and not SMOKE:
         C.write_section(SECTION, body)

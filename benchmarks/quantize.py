@@ -398,6 +398,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--write", action="store_true", help="write RESULTS.md even for a partial run")
     ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
     ap.add_argument("--keep", help="keep the work folder (ids, per-run JSON) at this path")
+    ap.add_argument("--note", action="append", help="a line on how the run was done, printed under the date (repeatable)")
     ap.add_argument("--render-only", metavar="DIR", nargs="+",
                     help="re-render the section from kept work folder(s) (several: merged, the first wins)")
     CC.add_threads_arg(ap)
@@ -418,6 +419,7 @@ def main(argv: list[str]) -> int:
         for work in reversed(args.render_only):
             data.update(json.loads((Path(work) / "data.json").read_text()))
         for section, body in _bodies(results, data, total, note, awq_only="--awq-only" in note):
+            body = CC.add_notes(body, args.note)
             print(body)
             if not args.no_write and not SMOKE:
                 C.write_section(section, body)
@@ -453,7 +455,7 @@ def main(argv: list[str]) -> int:
                                 "--timing-only" if args.timing_only else "",
                                 f"--awq-nsamples {args.awq_nsamples}" if args.awq_nsamples else "") if a)
     (work / "total_s.txt").write_text(f"{total}\n{note}\n")
-    bodies = _bodies(results, data, total, note, awq_only=args.awq_only)
+    bodies = [(sec, CC.add_notes(b, args.note)) for sec, b in _bodies(results, data, total, note, awq_only=args.awq_only)]
     for section, body in bodies[:-1]:
         print("\n" + body)
         if write:
