@@ -525,7 +525,7 @@ def render(results: list[dict], data: dict, work: Path, total_s: float, note: st
             pc = r["prune_cpu_s"] / o["prune_cpu_s"]
             rr = r["peak_rss_mib"] / o["peak_rss_mib"]
             md = mask_agreement(work, r["tag"], o["tag"])
-            verdicts.append((r["method"], r["pattern"], pr, pt, pc, ppl, o["eval"]["perplexity"]))
+            verdicts.append((r["method"], r["pattern"], pr, ppl, o["eval"]["perplexity"]))
         eng = engine_mib(r)
         rows.append([r["method"], pat_name(r["pattern"]) if r["method"] != "dense" else "-", tool_label(r),
                      f"**{ppl:.3f}**", _f(r["wall_s"]), _f(r.get("prune_s")), _f(r.get("prune_cpu_s")),
@@ -549,7 +549,7 @@ def render(results: list[dict], data: dict, work: Path, total_s: float, note: st
     lines.append("Targets (weightlab vs llm-compressor, same run): PPL <= llm-compressor x 1.01, and no slower (the "
                  "prune call, wall time, in every round: met only when at least 3 alternating rounds all meet it, "
                  "'not shown' when the rounds straddle the target; CPU time shown as the less noisy check).")
-    for m, p, pr, pt, pc, a, b in verdicts:
+    for m, p, pr, a, b in verdicts:
         wall, cpu = round_ratios(rounds.get((m, p), []))
         lines.append(f"- {m} {pat_name(p)}: PPL {a:.3f} vs {b:.3f} = {pr:.4f}x: "
                      f"**{'met' if pr <= PPL_SLACK else 'NOT met'}**; prune wall per round "

@@ -101,10 +101,9 @@ def child_main(spec_path: str) -> int:
     res["repeat"] = spec.get("repeat", 1)
 
     def evaluate() -> dict:
-        if spec.get("time_only"):  # a timing repeat: its weights are checked equal to repeat 1's by a hash
-            res["weights_sha"] = _weights_sha(targets)
+        res.setdefault("weights_sha", _weights_sha(targets))  # the quantized weights, before any compensation
+        if spec.get("time_only"):  # a timing repeat: its weights are checked equal to repeat 1's by that hash
             return {}
-        res["weights_sha"] = _weights_sha(targets)
         with CC.Phase(res, "eval"):
             if mname == "smollm2":
                 r = CC.eval_perplexity(model, tok, text)
