@@ -343,7 +343,11 @@ def plan(args) -> list[dict]:
 def _timing_rounds(runs: list[dict], repeats: int, only: str | None = None) -> list[dict]:
     """Rounds 2..repeats of every weightlab/llm-compressor pair (or those named in ``only``: 'minilm,smollm2:4'):
     the quantize call only (no evaluation), each round flipping which tool goes first."""
-    keep = [x.split(":") for x in only.split(",")] if only else None
+    keep = [x.strip().split(":") for x in only.split(",")] if only else None
+    for k in keep or []:
+        if k[0] not in MODELS or len(k) > 2 or (len(k) == 2 and k[1] not in {str(b) for b in BITS}):
+            sys.exit(f"--timing-pairs: {':'.join(k)!r} is not MODEL or MODEL:BITS (models {', '.join(MODELS)}; "
+                     f"bits {', '.join(map(str, BITS))})")
     lc = [r for r in runs if r["tool"] == "llm-compressor"
           and (keep is None or any(k[0] == r["model"] and (len(k) == 1 or k[1] == str(r["bits"])) for k in keep))]
     out = []
