@@ -1,5 +1,6 @@
 """Bounded memory (scale.md T2): a synthetic Llama several times larger than the engine's bound is
-compressed with a peak that does not depend on its depth; the whole-model path exceeds that bound."""
+compressed within that bound, with a peak that stops growing after the first blocks; the whole-model
+path exceeds the bound."""
 import json
 import subprocess
 import sys
@@ -51,17 +52,20 @@ RUN = textwrap.dedent('''
     ids = torch.randint(0, 4096, (8, 128), generator=torch.Generator().manual_seed(1))
     base = status()
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak to the current RSS
-    info = {}
+    info, blocks = {}, []
+    def record(i, name, state, codes):
+        blocks.append(status())
+        return state
     if mode == "sequential":
         rep, info = run_sequential("prune" if method == "wanda" else "quantize", src, out, calib=ids, method=method,
-                                   hessian=method != "wanda", show_progress=False,
+                                   hessian=method != "wanda", show_progress=False, on_block_written=record,
                                    **({"sparsity": 0.5} if method == "wanda" else {"bits": 4, "group_size": 128}))
     else:
         m = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
         prune(m, method, 0.5, calib=ids)
     end = status()
     maps = Path("/proc/self/maps").read_text()
-    print(json.dumps({"base": base, "end": end, "estimate": info.get("memory_estimate"),
+    print(json.dumps({"base": base, "end": end, "blocks": blocks, "estimate": info.get("memory_estimate"),
                       "mapped_shards": sum(".safetensors" in line for line in maps.splitlines())}))
 ''')
 
@@ -75,7 +79,7 @@ def _run(code, *args):
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     root = tmp_path_factory.mktemp("big")
-    for layers in (8, 32):
+    for layers in (32,):
         _run(WRITE, root / f"llama{layers}", layers)
     return root
 
@@ -87,15 +91,18 @@ def _peak(r) -> int:
 
 @pytest.mark.parametrize("method", ["wanda", "gptq"])
 def test_peak_memory_does_not_grow_with_depth(synthetic, tmp_path, method):
-    shallow = json.loads(_run(RUN, synthetic / "llama8", tmp_path / "a", "sequential", method))
     deep = json.loads(_run(RUN, synthetic / "llama32", tmp_path / "b", "sequential", method))
     bound = deep["estimate"]["host_bytes"]
     assert _peak(deep) <= 1.1 * bound + 16 * 2**20, (_peak(deep) / 2**20, bound / 2**20)  # the formula, +10 %
-    # four times the layers, the same peak (within one fp32 block, 12 MiB)
-    assert _peak(deep) - _peak(shallow) <= 12 * 2**20, (_peak(deep) / 2**20, _peak(shallow) / 2**20)
-    # the checkpoint's pages are dropped after use: file-backed RSS is code only, the same for both depths
-    assert abs((deep["end"]["RssFile"] - deep["base"]["RssFile"])
-               - (shallow["end"]["RssFile"] - shallow["base"]["RssFile"])) <= 8 * 2**20
+    # within one run, so the few MiB by which glibc's start-up peak differs between processes cancel:
+    # after the first 4 blocks the peak has been reached; 28 more blocks add < 0.3 MiB each
+    early, last = deep["blocks"][3], deep["blocks"][-1]
+    assert len(deep["blocks"]) == 32
+    assert last["VmHWM"] - early["VmHWM"] <= 8 * 2**20, [b["VmHWM"] // 2**20 for b in deep["blocks"]]
+    # the checkpoint's pages are dropped after use, also those the kernel maps around each read fault
+    # (they grew file-backed RSS by 0.08 MiB a block before the reader dropped released neighbours too)
+    assert last["RssFile"] - early["RssFile"] <= 1 * 2**20, [b["RssFile"] / 2**20 for b in deep["blocks"]]
+    assert deep["end"]["RssFile"] - deep["base"]["RssFile"] <= last["RssFile"] - deep["base"]["RssFile"]
     assert deep["mapped_shards"] == 0
 
 

@@ -16,6 +16,7 @@ from .dtypes import ST_TO_TORCH, dtype_name
 from .safetensors_format import SafetensorsHeader, read_header
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+FAULT_AROUND = 64 * 1024  # Linux maps up to this many bytes of cached file pages around a read fault
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,12 @@ class _SafetensorsFile:
         self.path = path
         self.header: SafetensorsHeader = read_header(path)
         self._mm: mmap.mmap | None = None
+        # file order of the tensors and which are released, so a release can also drop its released neighbours'
+        # pages: the kernel maps up to 64 KiB of cached pages around each read fault ("fault-around"), which
+        # re-maps the tail of the tensor released just before; unmerged, these strays grew RSS with depth
+        self._order = sorted(self.header.entries, key=lambda n: self.header.entries[n].begin)
+        self._index = {n: i for i, n in enumerate(self._order)}
+        self._released = [self.header.entries[n].nbytes == 0 for n in self._order]
 
     def infos(self) -> dict[str, TensorInfo]:
         return {n: TensorInfo(n, e.shape, ST_TO_TORCH[e.dtype], self.path.name) for n, e in self.header.entries.items()}
@@ -64,6 +71,7 @@ class _SafetensorsFile:
                 # ACCESS_COPY: pages are shared with the page cache for reading, but a caller
                 # that writes into a returned tensor can never modify the file.
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        self._released[self._index[name]] = False  # live again: its pages are not dropped with a neighbour's
         start = self.header.data_start + e.begin
         itemsize = torch.empty((), dtype=dtype).element_size()
         if start % itemsize:
@@ -71,15 +79,31 @@ class _SafetensorsFile:
             return torch.frombuffer(buf, dtype=dtype).reshape(e.shape)
         return torch.frombuffer(self._mm, dtype=dtype, count=e.nbytes // itemsize, offset=start).reshape(e.shape)
 
-
     def release(self, name: str) -> None:
-        """Tell the kernel the pages of this tensor are no longer needed (re-read if touched again)."""
+        """Tell the kernel the pages of this tensor are no longer needed (re-read if touched again).
+
+        Whole pages only: a page shared with a tensor that is not released is kept, so a caller's
+        in-place edits of a live tensor (copy-on-write pages) are never dropped. Released neighbours
+        within the fault-around reach are dropped along with it.
+        """
         if self._mm is None or not hasattr(self._mm, "madvise"):
             return
-        e = self.header.entries[name]
-        page = mmap.PAGESIZE
-        start = (self.header.data_start + e.begin) // page * page
-        end = self.header.data_start + e.end
+        i = self._index[name]
+        self._released[i] = True
+        entries, order, reach, page = self.header.entries, self._order, FAULT_AROUND, mmap.PAGESIZE
+        first, last = entries[order[i]].begin, entries[order[i]].end
+        lo = hi = i
+        while lo > 0 and self._released[lo - 1] and first - entries[order[lo]].begin < reach:
+            lo -= 1
+        while hi + 1 < len(order) and self._released[hi + 1] and entries[order[hi]].end - last < reach:
+            hi += 1
+        d = self.header.data_start
+        start, end = d + entries[order[lo]].begin, d + entries[order[hi]].end
+        # round outwards only where the neighbour beyond is released too (or there is none)
+        start = start // page * page if lo == 0 or self._released[lo - 1] else -(-start // page) * page
+        end = -(-end // page) * page if hi + 1 == len(order) or self._released[hi + 1] else end // page * page
+        start = max(start, (d + first - reach) // page * page)  # no further than the fault-around reach
+        end = min(end, -(-(d + last + reach) // page) * page, len(self._mm))
         if end > start:
             try:
                 self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
