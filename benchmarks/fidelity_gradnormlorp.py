@@ -205,7 +205,7 @@ def render(mem, loads, acc, rounds, wall) -> str:
         f"{mean_d:+.3f} (same lr): **{verdict(wins, len(gl))}**; at lr / proj_scale: higher in {wins4}/{len(g4)} "
         f"seeds, mean difference {statistics.mean(g4) - statistics.mean(acc['LoRA']):+.3f}: "
         f"**{verdict(wins4, len(g4))}** (seeds on both sides = not shown). A stand-in, not GLUE.",
-        f"- Peak RSS: GradNormLoRP's forward computes the row norms ||W0 + sBA|| from out x r and r x r "
+        "- Peak RSS: GradNormLoRP's forward computes the row norms ||W0 + sBA|| from out x r and r x r "
         "products instead of materializing W' (before that change its peak RSS in this setting was 3640 MiB, "
         "above full fine-tuning's).",
     ])

@@ -335,7 +335,7 @@ def main():
             setattr(args, k, saved["args"][k])
         body = render(saved["res"], saved["fp_acc"], args, saved["loads"], saved["wall"])
     else:
-        D, loads, t0 = data(), [os.getloadavg()[0]], time.time()
+        loads, t0 = [os.getloadavg()[0]], time.time()
         res, fp_acc = {v: [] for v in args.variants}, []
         with multiprocessing.get_context("fork").Pool(args.procs) as pool:  # seeds in parallel, 1 thread each
             for fp, rs in pool.imap(_seed_run, [(s, args) for s in range(args.seeds)]):

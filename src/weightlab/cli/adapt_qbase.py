@@ -46,7 +46,7 @@ def fold(adapter: str = typer.Argument(..., help="weightlab adapter folder train
          out: str = typer.Option(..., "--out", "-o"), force: bool = typer.Option(False, "--force"),
          json_out: str = json_option("the fold report")) -> None:
     """Fold an adapter trained on a 4-bit compressed-tensors base: dense, or re-quantized (RTN or GPTQ)."""
-    from ..adapt.qbase import base_scheme, fold_job
+    from ..adapt.qbase import fold_job
 
     if requantize not in (None, "rtn", "rtn-keep-scales", "gptq"):
         raise ConfigError(f"--requantize {requantize!r}: choose rtn, rtn-keep-scales or gptq (or leave it out for a "
@@ -64,7 +64,6 @@ def fold(adapter: str = typer.Argument(..., help="weightlab adapter folder train
 
 def _fold_gptq(adapter, base, out, dtype, calib, nsamples, seqlen, seed, device, force) -> dict:
     """Dense fold into a hidden folder beside OUT, then the GPTQ quantize job (the base's bits and group size)."""
-    import json
     import time
 
     from ..adapt.qbase import base_scheme, fold_job

@@ -179,6 +179,6 @@ def _attach_internals(res, path: str, heads: str | None, neurons: str | None, de
                 if r["layer"] not in best or r["score"] > best[r["layer"]]["score"]:
                     best[r["layer"]] = r
             rows = [{**r, "top_tokens": [tok.decode([t]) for t in r["top_tokens"]]} for _, r in sorted(best.items())]
-        note = (f"down-projection columns decoded through the final norm and LM head; "
+        note = ("down-projection columns decoded through the final norm and LM head; "
                 + (f"best matches for {neurons!r}" if ids else "the most confident neuron of each layer"))
         attach(res, neurons=rows, neurons_note=note)
