@@ -272,10 +272,15 @@ def test_float32_quotient_rounds_ties_as_compressed_tensors():
 
 
 @pytest.mark.parametrize("shape,group,sym", [((48, 128), 32, True), ((48, 128), 32, False), ((48, 100), 32, True),
-                                             ((48, 128), -1, False)])
-def test_grid_search_fake_quantize_is_rtn(shape, group, sym):
-    """The grid search's vectorized Q(w) equals the final quantizer's RTN bit for bit (also a partial last group)."""
-    w = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-    for dt in ("float16", "float32"):
-        want = rtn(w, 4, group, sym, dt, torch.float32).dequantize()
-        assert torch.equal(A.fake_quantize(w, 4, group, sym, dt), want)
+                                             ((48, 128), -1, False), ((192, 576), 64, True), ((192, 576), 64, False)])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_grid_search_fake_quantize_is_rtn(shape, group, sym, wdtype):
+    """The grid search's vectorized Q(w) equals the final quantizer's RTN bit for bit (also a partial last group,
+    16-bit weights, every scale dtype, and 3 or 4 bits: every symmetric group's largest |w| is a rounding tie)."""
+    w = (torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 0.02).to(wdtype)
+    w[0, :5] = 0.0  # a zero run and an all-zero group (its range is [-1, 1])
+    w[1, :max(group, 1) if group > 0 else shape[1]] = 0.0
+    for bits in (3, 4):
+        for dt in ("float16", "bfloat16", "float32"):
+            want = rtn(w, bits, group, sym, dt, torch.float32).dequantize()
+            assert torch.equal(A.fake_quantize(w, bits, group, sym, dt), want), (bits, dt)
