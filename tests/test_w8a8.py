@@ -285,14 +285,14 @@ def test_refusals(tmp_path, capsys):
     assert "8-bit weights, not 4" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits,scale_dtype", [(8, "float32"), (8, "float16"), (4, "bfloat16")])
 def test_float32_channel_rtn_equals_float64_rtn(dtype, bits, scale_dtype):
-    """SmoothQuant's per-channel RTN (float32, no float64 copies) gives rtn's codes, scales and zeros bit for bit,
-    with the largest |w| of rows on exact half steps (where the quotient's last bit picks the level), all-zero rows
-    and a row of one sign; and the per-channel dequantize broadcasts exactly what the gathered product gives."""
+    """SmoothQuant's per-channel RTN (float32 quotient: rtn's float32 path, no float64 copies) gives the float64
+    path's codes, scales and zeros bit for bit, with the largest |w| of rows on exact half steps (where the
+    quotient's last bit picks the level), all-zero rows and a row of one sign; and the per-channel dequantize
+    broadcasts exactly what the gathered product gives."""
     from weightlab.tensor.quant import rtn
-    from weightlab.tensor.quant8 import rtn_sym_channel
 
     g = torch.Generator().manual_seed(bits)
     W = (torch.randn(64, 96, generator=g) * torch.logspace(-3, 1, 64)[:, None]).to(dtype)
@@ -301,8 +301,8 @@ def test_float32_channel_rtn_equals_float64_rtn(dtype, bits, scale_dtype):
     W[6] = (torch.arange(96) - 48).to(dtype) * (1.0 / half)
     W[7] = 0.0
     W[8] = -W[8].abs()
-    want = rtn(W, bits, -1, True, scale_dtype, quotient_dtype=torch.float32)
-    got = rtn_sym_channel(W, bits, scale_dtype)
+    want = rtn(W.double(), bits, -1, True, scale_dtype, quotient_dtype=torch.float32)  # float64: the general path
+    got = rtn(W, bits, -1, True, scale_dtype, quotient_dtype=torch.float32)
     for f in ("codes", "scales", "zeros", "g_idx"):
         a, b = getattr(got, f), getattr(want, f)
         assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f

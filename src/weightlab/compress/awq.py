@@ -60,7 +60,7 @@ from torch import nn
 from ..engine.calibration import set_weight_matrix, to_device, weight_matrix
 from ..errors import ConfigError
 from ..registry import Regime, register
-from ..tensor.quant import SCALE_DTYPES, find_params, group_index, num_groups, rtn as rtn_solve, to_codes
+from ..tensor.quant import float32_groups_apply, group_index, num_groups, rtn as rtn_solve, rtn_float32_groups
 from .quantize import QUANT_KIND, BlockContext, QuantContext, block_step
 from .smoothing import QUOTIENT, Mapping, SmoothingConfig, quantize_smoothed, resolve, smoothing_needs
 
@@ -202,24 +202,12 @@ def output_mse(parent: nn.Module, kept: list, reference: list, dev) -> float:
 
 
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool, scale_dtype: str) -> torch.Tensor:
-    """``rtn(w, ..., quotient_dtype=QUOTIENT).dequantize()``, bit for bit, without its per-group loop and integer
-    layer (the grid search quantizes every balance layer 20 times per mapping).
-
-    Float32 throughout but for the per-group parameters: a group's min and max are exact in any dtype, so
-    find_params gets rtn's float64 inputs (a (groups, 2) matrix of them); the quotient is float32 in both,
-    and round, + zero point and clamp of a float32 quotient are exact integer steps. rtn's float64 copies of
-    the whole matrix took ~10 % of a SmolLM2 AWQ run."""
-    rows, cols = w.shape
-    gs = cols if group_size <= 0 else group_size
-    if cols % gs or QUOTIENT != torch.float32 or w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    """``rtn(w, ..., quotient_dtype=QUOTIENT).dequantize()``, bit for bit, without its integer layer (the grid
+    search quantizes every balance layer 20 times per mapping)."""
+    if not float32_groups_apply(w, group_size, QUOTIENT):  # e.g. a partial last group: the general path
         return rtn_solve(w, bits, group_size, sym, scale_dtype, quotient_dtype=QUOTIENT).dequantize()
-    g = w.to(torch.float32).reshape(-1, gs)  # one row per (row, group): find_params works row by row, as in rtn
-    ext = torch.stack([g.amin(dim=1), g.amax(dim=1)], dim=1).double()
-    scale, zero = find_params(ext, bits, sym, scale_dtype)
-    stored = scale.to(SCALE_DTYPES[scale_dtype]).float()[:, None]  # exact: a value of the storage dtype
-    zero = zero.float()[:, None]
-    codes = to_codes(g, stored, zero, bits, torch.float32)
-    return (stored * (codes - zero)).reshape(rows, cols)  # AffineQuant.dequantize's float32 arithmetic
+    codes, s, z = rtn_float32_groups(w, bits, group_size, sym, scale_dtype)
+    return (s * (codes - z)).reshape(w.shape)  # AffineQuant.dequantize's float32 arithmetic
 
 
 def pseudo_quantize(w: torch.Tensor, s: torch.Tensor, ctx: BlockContext, dtype: torch.dtype) -> torch.Tensor:

@@ -11,7 +11,6 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..tensor.quant import rtn as rtn_solve
-from ..tensor.quant8 import rtn_sym_channel
 from .gptq import GPTQConfig, gptq as gptq_layer
 from .quantize import QuantContext
 
@@ -45,11 +44,9 @@ def smoothing_needs(cfg: SmoothingConfig) -> tuple:
 
 def quantize_smoothed(ctx: QuantContext):
     """One layer of a smoothed block: GPTQ, or RTN dividing w / scale in float32 as compressed-tensors does (so
-    ties round as in llm-compressor); symmetric per-channel grids take the float32 fast path (same codes)."""
+    ties round as in llm-compressor)."""
     if ctx.cfg.quantizer == "gptq":
         return gptq_layer(ctx)
-    if ctx.sym and ctx.group_size <= 0:
-        return rtn_sym_channel(ctx.weight, ctx.bits, ctx.scale_dtype)
     return rtn_solve(ctx.weight, ctx.bits, ctx.group_size, ctx.sym, ctx.scale_dtype, quotient_dtype=QUOTIENT)
 
 

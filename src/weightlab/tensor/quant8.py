@@ -19,8 +19,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .quant import SCALE_DTYPES, AffineQuant, check_bits, find_params, rtn, to_codes
-
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 INT8_HALF_RANGE = 127.5  # (127 - (-128)) / 2
@@ -57,26 +55,6 @@ def fake_quantize_tokens(x: torch.Tensor, kind: str) -> torch.Tensor:
     """Dynamic per-token quantization (CT strategy 'token'): one scale per row of the last dimension."""
     absmax = x.detach().abs().amax(dim=-1, keepdim=True)
     return fake_quantize(x, scale_from_absmax(absmax, kind), kind)
-
-
-def rtn_sym_channel(W: torch.Tensor, bits: int = 8, scale_dtype: str = "float32") -> AffineQuant:
-    """Symmetric per-channel RTN, bit-identical to ``tensor.quant.rtn(W, bits, -1, True, scale_dtype,
-    quotient_dtype=float32)`` for float32/16 weights, without rtn's float64 copies of the whole matrix.
-
-    Why identical: a row's min and max are exact in any dtype, so find_params gets the same float64 inputs
-    (on a (rows, 2) matrix of them: the per-row arithmetic is rtn's own); the quotient is float32 in both;
-    round, + zero point and clamp of a float32 quotient are exact integer steps in float32 as in float64.
-    It is what compressed-tensors computes (float32), and W8A8's quantize call spent ~2.4 CPU s of 23 in
-    rtn's float64 elementwise work on SmolLM2-135M (4 windows, one thread)."""
-    check_bits(bits)
-    if W.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return rtn(W, bits, -1, True, scale_dtype, quotient_dtype=torch.float32)
-    W32 = W.to(torch.float32)
-    ext = torch.stack([W32.amin(dim=1), W32.amax(dim=1)], dim=1).double()
-    s, z = find_params(ext, bits, True, scale_dtype)
-    codes = to_codes(W32, s.to(torch.float32)[:, None], z.to(torch.float32)[:, None], bits, torch.float32)
-    return AffineQuant(codes.to(torch.uint8), s[:, None].to(SCALE_DTYPES[scale_dtype]), z[:, None].to(torch.uint8),
-                       torch.zeros(W.shape[1], dtype=torch.int32, device=W.device), bits, -1, True)
 
 
 @dataclass
