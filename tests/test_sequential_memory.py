@@ -102,7 +102,7 @@ def test_peak_memory_does_not_grow_with_depth(synthetic, tmp_path, method):
     # the checkpoint's pages are dropped after use, also those the kernel maps around each read fault
     # (they grew file-backed RSS by 0.08 MiB a block before the reader dropped released neighbours too)
     assert last["RssFile"] - early["RssFile"] <= 1 * 2**20, [b["RssFile"] / 2**20 for b in deep["blocks"]]
-    assert deep["end"]["RssFile"] - deep["base"]["RssFile"] <= last["RssFile"] - deep["base"]["RssFile"]
+    assert deep["end"]["RssFile"] <= last["RssFile"] + 2**20  # the copied resident tensors' (4 MiB embedding) too
     assert deep["mapped_shards"] == 0
 
 
